@@ -1,0 +1,3 @@
+from taylorprune.cli import main
+
+main()

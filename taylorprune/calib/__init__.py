@@ -1,0 +1,1 @@
+"""Calibrate: the text and the token windows statistics are collected on."""

@@ -1,0 +1,112 @@
+"""Cut calibration windows of ``seqlen`` tokens out of a corpus.
+
+``random`` is the papers' sampler (SparseGPT/Wanda/GBLM ``get_loaders``): a ``random.Random(seed)`` picks
+one start position per sample in a long text, or, for documents (C4), a random document longer than
+``seqlen`` and a random window inside it. ``sequential`` tokenizes the whole text once and takes the first
+``nsamples`` non-overlapping windows, which makes runs comparable token for token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import asdict, dataclass
+
+import torch
+
+from taylorprune.calib.text import Corpus
+from taylorprune.errors import UserError
+
+SAMPLINGS = ("random", "sequential")
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    """Everything that determines the calibration tokens; recorded in reports and cache metadata."""
+
+    source: str
+    nsamples: int
+    seqlen: int
+    seed: int
+    sampling: str
+    text_sha256: str = ""
+
+    @property
+    def tokens(self) -> int:
+        return self.nsamples * self.seqlen
+
+    def describe(self) -> dict:
+        return dict(asdict(self), tokens=self.tokens)
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Tokenize a whole text once, exactly as ``tokenizer(text, return_tensors="pt")``; returns 1-D ids."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "sequence longer than model_max_length" is expected here
+    try:
+        return tokenizer(text, return_tensors="pt").input_ids[0]
+    finally:
+        transformers.logging.set_verbosity(level)
+
+
+def _too_short(corpus: Corpus, have: int, spec_n: int, seqlen: int) -> UserError:
+    return UserError(
+        f"calibration text {corpus.name} has {have} tokens, too short for {spec_n} windows of {seqlen} "
+        f"tokens; lower --nsamples or --seqlen, or give a longer text"
+    )
+
+
+def _random_from_text(ids: torch.Tensor, n: int, seqlen: int, rng: random.Random, corpus: Corpus):
+    if ids.numel() <= seqlen:
+        raise _too_short(corpus, ids.numel(), n, seqlen)
+    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(n)]
+    return torch.stack([ids[s : s + seqlen] for s in starts])
+
+
+def _random_from_docs(tokenizer, corpus: Corpus, n: int, seqlen: int, rng: random.Random):
+    docs = corpus.docs or ()
+    encoded: dict[int, torch.Tensor] = {}
+    long_enough = None
+    windows = []
+    for _ in range(n):
+        for _attempt in range(100 * max(1, len(docs))):
+            i = rng.randint(0, len(docs) - 1)
+            if i not in encoded:
+                encoded[i] = tokenize(tokenizer, docs[i])
+            if encoded[i].numel() > seqlen:
+                break
+        else:
+            long_enough = long_enough or sum(tokenize(tokenizer, d).numel() > seqlen for d in docs)
+            raise UserError(
+                f"{corpus.name}: {long_enough} documents are longer than {seqlen} tokens; lower --seqlen "
+                "or use --calib-sampling sequential"
+            )
+        ids = encoded[i]
+        start = rng.randint(0, ids.numel() - seqlen - 1)
+        windows.append(ids[start : start + seqlen])
+    return torch.stack(windows)
+
+
+def sample(tokenizer, corpus: Corpus, nsamples: int, seqlen: int, seed: int, sampling: str):
+    """Return (input_ids [nsamples, seqlen], CalibSpec)."""
+    if nsamples < 1:
+        raise UserError(f"--nsamples {nsamples}: must be at least 1")
+    if seqlen < 2:
+        raise UserError(f"--seqlen {seqlen}: must be at least 2")
+    if sampling not in SAMPLINGS:
+        raise UserError(f"--calib-sampling {sampling}: choose random or sequential")
+    text = corpus.joined()
+    if not text.strip():
+        raise UserError(f"calibration text {corpus.name} is empty")
+    spec = CalibSpec(corpus.name, nsamples, seqlen, seed, sampling, hashlib.sha256(text.encode()).hexdigest())
+    rng = random.Random(seed)
+    if sampling == "random" and corpus.docs is not None:
+        return _random_from_docs(tokenizer, corpus, nsamples, seqlen, rng), spec
+    ids = tokenize(tokenizer, text)
+    if sampling == "random":
+        return _random_from_text(ids, nsamples, seqlen, rng, corpus), spec
+    if ids.numel() < nsamples * seqlen:
+        raise _too_short(corpus, ids.numel(), nsamples, seqlen)
+    return ids[: nsamples * seqlen].view(nsamples, seqlen).clone(), spec

@@ -1,0 +1,223 @@
+"""The ``taylorprune`` command line (Typer): run, eval, methods.
+
+Every user-fixable problem ends as one line on stderr and exit code 2 (run failures: 1, interruption:
+130), never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from taylorprune.calib.sampling import SAMPLINGS
+from taylorprune.calib.text import CALIB_SOURCES, EVAL_DATASETS
+from taylorprune.errors import RunError, UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Prune LLaMA-class causal LMs layer by layer and measure what it costs in perplexity.",
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _sigterm(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def guarded() -> Iterator[None]:
+    """Turn known failures into one line and an exit code; SIGTERM behaves like Ctrl-C (cleanup runs)."""
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        yield
+    except UserError as exc:
+        fail(str(exc), 2)
+    except RunError as exc:
+        fail(str(exc), 1)
+    except KeyboardInterrupt:
+        fail("interrupted; nothing was written to the output path", 130)
+    except MemoryError:
+        fail("out of memory; lower --nsamples, --seqlen or --batch-size, or use --dtype bfloat16", 1)
+    except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError":
+            fail("CUDA out of memory; lower --nsamples, --seqlen or --batch-size, or use --device-map auto", 1)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, transient=True,
+    )
+
+
+def _progress_hooks(bar: Progress):
+    from taylorprune.pipeline import Hooks
+
+    state: dict[str, object] = {}
+
+    def phase(name: str) -> None:
+        err.print(f"[dim]•[/] {name}", highlight=False)
+
+    def blocks(total: int) -> Callable[[int], None]:
+        task = bar.add_task("pruning blocks", total=total)
+        return lambda i: bar.update(task, completed=i + 1)
+
+    def windows(i: int, total: int) -> None:
+        if "eval" not in state:
+            state["eval"] = bar.add_task("evaluating windows", total=total)
+        bar.update(state["eval"], completed=i)
+
+    return Hooks(phase=phase, blocks=blocks, windows=windows)
+
+
+def parse_method_options(values: list[str]) -> dict[str, object]:
+    parsed: dict[str, object] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UserError(f"--option {item}: expected KEY=VALUE")
+        try:
+            parsed[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed[key] = raw
+    return parsed
+
+
+@app.command()
+def run(
+    model: str = typer.Option(..., help="HF folder, hub id, .gguf file, or 'demo' (bundled stories260K)."),
+    output: Path = typer.Option(..., help="Folder to write (created atomically; must not exist)."),
+    method: str = typer.Option("wanda", help="Importance score; see `taylorprune methods`."),
+    sparsity: float = typer.Option(None, help="Fraction of weights to prune in each target, e.g. 0.5."),
+    pattern: str = typer.Option(None, help="N:M semi-structured pattern, e.g. 2:4 (keep N of every M)."),
+    group: str = typer.Option("row", help="Unstructured comparison group: row (Wanda) or layer."),
+    targets: str = typer.Option(None, help="Regex on module paths selecting the linears to prune."),
+    calib: str = typer.Option("c4", help=f"Calibration data set: {', '.join(CALIB_SOURCES)}."),
+    calib_file: str = typer.Option(None, help="Calibration text file (.txt, or .jsonl with 'text')."),
+    nsamples: int = typer.Option(128, help="Number of calibration windows."),
+    seqlen: int = typer.Option(None, help="Tokens per window [default: min(2048, max positions)]."),
+    seed: int = typer.Option(0, help="Seed of the calibration sampler."),
+    calib_sampling: str = typer.Option("random", help=f"Window sampler: {', '.join(SAMPLINGS)}."),
+    batch_size: int = typer.Option(1, help="Windows per forward while calibrating."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", help="Compute device: auto, cpu, cuda, cuda:1, ..."),
+    device_map: str = typer.Option(None, help="accelerate device map (auto, balanced, sequential, cpu)."),
+    offload_folder: str = typer.Option(None, help="Folder for accelerate's disk offload."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint."),
+    eval: bool = typer.Option(False, "--eval", help="Evaluate perplexity of the pruned model."),
+    eval_dataset: str = typer.Option("wikitext2", help=f"Eval data set: {', '.join(EVAL_DATASETS)}."),
+    eval_text_file: str = typer.Option(None, help="Evaluate on this text file instead."),
+    eval_seqlen: int = typer.Option(None, help="Eval window length [default: min(2048, max positions)]."),
+    max_windows: int = typer.Option(None, help="Evaluate at most this many windows."),
+    option: list[str] = typer.Option([], help="Method option KEY=VALUE (repeatable)."),
+) -> None:
+    """Prune a model and write it as a Hugging Face folder with taylorprune_report.json."""
+    from taylorprune.pipeline import RunOptions
+    from taylorprune.pipeline import run as run_pipeline
+
+    with guarded():
+        opts = RunOptions(
+            model=model, output=str(output), method=method, sparsity=sparsity, pattern=pattern, group=group,
+            targets=targets, calib=calib, calib_file=calib_file, nsamples=nsamples, seqlen=seqlen, seed=seed,
+            calib_sampling=calib_sampling, batch_size=batch_size, dtype=dtype, device=device,
+            device_map=device_map, offload_folder=offload_folder, overwrite=overwrite,
+            trust_remote_code=trust_remote_code, eval=eval, eval_dataset=eval_dataset,
+            eval_text_file=eval_text_file, eval_seqlen=eval_seqlen, max_windows=max_windows,
+            method_options=parse_method_options(option),
+        )
+        with progress() as bar:
+            report = run_pipeline(opts, _progress_hooks(bar))
+        show_run_summary(report)
+
+
+def show_run_summary(report: dict) -> None:
+    table = Table(title=f"taylorprune {report['method']} · {report['pattern']}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("target linears", str(len(report["linears"])))
+    table.add_row("achieved sparsity", f"{report['achieved_sparsity']:.4f}")
+    for phase, secs in report["phases_s"].items():
+        if "." not in phase:
+            table.add_row(f"{phase} time", f"{secs:.2f} s")
+    table.add_row("peak RSS", f"{report['peak_memory_mib']['rss_mib']:.0f} MiB")
+    if report.get("evaluation"):
+        ev = report["evaluation"]
+        table.add_row(f"perplexity ({ev['dataset']}, {ev['windows']}×{ev['seqlen']})", f"{ev['perplexity']:.3f}")
+    table.add_row("output", report["options"]["output"])
+    out.print(table)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option(..., help="HF folder, hub id, .gguf file, or 'demo'."),
+    dataset: str = typer.Option("wikitext2", help=f"Test split: {', '.join(EVAL_DATASETS)}."),
+    text_file: str = typer.Option(None, help="Evaluate on this text file instead of --dataset."),
+    seqlen: int = typer.Option(None, help="Window length [default: min(2048, max positions)]."),
+    max_windows: int = typer.Option(None, help="Evaluate at most this many windows."),
+    json_out: Path = typer.Option(None, "--json", help="Write the result as JSON here."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, ..."),
+    device_map: str = typer.Option(None, help="accelerate device map (auto, balanced, ...)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint."),
+) -> None:
+    """Perplexity with the papers' protocol: text tokenized once, non-overlapping windows."""
+    from taylorprune import pipeline
+    from taylorprune.modeling import loading
+
+    with guarded():
+        if dataset not in EVAL_DATASETS and not text_file:
+            raise UserError(f"--dataset {dataset}: choose one of {', '.join(EVAL_DATASETS)} or give --text-file")
+        if text_file and not Path(text_file).expanduser().is_file():
+            raise UserError(f"--text-file {text_file}: file not found")
+        dev = pipeline.resolve_device(device)
+        loaded = loading.load(model, dtype, device_map, None, trust_remote_code)
+        with progress() as bar:
+            result = pipeline.evaluate_model(loaded.model, loaded.tokenizer, model, dataset, text_file, seqlen,
+                                             max_windows, dev, _progress_hooks(bar))
+        out.print(f"perplexity {result.perplexity:.4f}  ({result.dataset}, {result.windows} windows × "
+                  f"{result.seqlen} tokens)", highlight=False)
+        if json_out:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+
+
+@app.command()
+def methods() -> None:
+    """List the registered pruning methods and what they need."""
+    from taylorprune.scoring import METHODS
+
+    table = Table(title="registered methods")
+    for col in ("method", "score", "statistics", "paper"):
+        table.add_column(col)
+    for m in sorted(METHODS.values(), key=lambda m: m.name):
+        table.add_row(m.name, m.summary, ", ".join(sorted(m.needs)) or "-", m.paper)
+    out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__" and sys.argv:
+    main()

@@ -1,0 +1,1 @@
+"""Evaluate: perplexity with the protocol of the pruning papers."""

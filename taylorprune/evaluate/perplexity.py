@@ -1,0 +1,78 @@
+"""Perplexity as SparseGPT / Wanda / GBLM-Pruner measure it.
+
+The evaluation text is tokenized once as a whole, cut into non-overlapping windows of ``seqlen`` tokens
+(the remainder is dropped), and each window's mean next-token NLL over its ``seqlen - 1`` shifted
+positions is averaged over windows; PPL = exp(mean NLL). Logits are upcast to fp32 for the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from taylorprune.calib.sampling import tokenize
+from taylorprune.errors import UserError
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    perplexity: float
+    dataset: str
+    seqlen: int
+    windows: int
+    tokens: int
+    model: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def windows_of(ids: torch.Tensor, seqlen: int, max_windows: int | None, name: str) -> torch.Tensor:
+    """[windows, seqlen] non-overlapping windows of a 1-D token tensor; remainder dropped."""
+    if seqlen < 2:
+        raise UserError(f"--seqlen {seqlen}: must be at least 2")
+    count = ids.numel() // seqlen
+    if max_windows is not None:
+        if max_windows < 1:
+            raise UserError(f"--max-windows {max_windows}: must be at least 1")
+        count = min(count, max_windows)
+    if count == 0:
+        raise UserError(f"evaluation text {name} has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    return ids[: count * seqlen].view(count, seqlen)
+
+
+@torch.no_grad()
+def window_nll(model, window: torch.Tensor) -> float:
+    """Mean NLL of one [1, seqlen] window over its shifted tokens."""
+    logits = model(input_ids=window, use_cache=False).logits[:, :-1].to(torch.float32)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1)).item()
+
+
+def perplexity(
+    model,
+    tokenizer,
+    text: str,
+    seqlen: int,
+    dataset: str,
+    model_name: str,
+    max_windows: int | None = None,
+    device: torch.device | str = "cpu",
+    on_window: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """Evaluate ``model`` on ``text``; ``on_window(i, total)`` reports progress."""
+    ids = windows_of(tokenize(tokenizer, text), seqlen, max_windows, dataset)
+    nlls = []
+    for i, window in enumerate(ids):
+        nll = window_nll(model, window.unsqueeze(0).to(device))
+        if not math.isfinite(nll):
+            nll = float("inf")
+        nlls.append(nll)
+        if on_window:
+            on_window(i + 1, len(ids))
+    mean = sum(nlls) / len(nlls)
+    ppl = math.exp(mean) if mean < 709.0 else float("inf")
+    return EvalResult(ppl, dataset, seqlen, len(ids), int(ids.numel()), model_name)

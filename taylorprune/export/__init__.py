@@ -1,0 +1,1 @@
+"""Save: an atomically written Hugging Face folder plus the JSON report."""

@@ -1,0 +1,78 @@
+"""Write the pruned model as a plain Hugging Face folder (safetensors) and verify what was written.
+
+The folder loads with ``AutoModelForCausalLM.from_pretrained`` (and vLLM) as is: no ``sparsity_config`` or
+quantization entries in config.json, tokenizer files alongside.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from taylorprune.errors import RunError
+
+REPORT_NAME = "taylorprune_report.json"
+
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    """``save_pretrained`` of model and tokenizer into ``folder``."""
+    for key in ("sparsity_config", "quantization_config"):
+        if hasattr(model.config, key):
+            delattr(model.config, key)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def write_report(folder: Path, report: dict) -> None:
+    (folder / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def read_tensors_zeros(folder: Path, names: list[str]) -> dict[str, float]:
+    """Sparsity of the named tensors as stored in the folder's safetensors files (read lazily)."""
+    wanted = {f"{n}.weight": n for n in names}
+    found: dict[str, float] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if key in wanted:
+                    t = f.get_tensor(key)
+                    found[wanted[key]] = float((t == 0).sum().item()) / t.numel()
+    return found
+
+
+def verify(folder: Path, linears: list[dict]) -> None:
+    """Re-read the written weights and check every pruned linear has the sparsity the report claims."""
+    stored = read_tensors_zeros(folder, [r["name"] for r in linears])
+    for r in linears:
+        got = stored.get(r["name"])
+        if got is None:
+            raise RunError(f"verification failed: {r['name']}.weight is missing from the written folder")
+        if abs(got - r["sparsity"]) > 1e-9:
+            raise RunError(
+                f"verification failed: {r['name']} has sparsity {got:.6f} on disk, {r['sparsity']:.6f} in memory"
+            )
+
+
+def estimate_bytes(model) -> int:
+    """Size of the model's tensors as written (tied weights counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen or t.device.type == "meta":
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak RSS of this process (and peak CUDA allocation when a GPU is used), in MiB."""
+    import resource
+
+    peak = {"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak

@@ -1,0 +1,1 @@
+"""Load: checkpoints in, and where their decoder blocks and prunable linears are."""

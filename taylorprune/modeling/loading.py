@@ -1,0 +1,165 @@
+"""Load a causal LM and its tokenizer from a local folder, a hub id, a GGUF file, or the built-in demo.
+
+Loading goes through ``transformers`` (and accelerate when ``device_map`` is given). Without a device map the
+model is materialised on the CPU and the engine streams one decoder block at a time to the compute device,
+which is what lets a model larger than the GPU prune on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from taylorprune.errors import UserError
+
+DEMO_NAMES = ("demo", "stories260K")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Loaded:
+    """A model ready for pruning, with where it came from."""
+
+    model: nn.Module
+    tokenizer: object
+    source: str
+    gguf_file: str | None = None
+
+    @property
+    def local_dir(self) -> Path | None:
+        path = Path(self.source)
+        return path if path.is_dir() else None
+
+
+def demo_dir() -> Path:
+    """The bundled stories260K folder (MIT, karpathy/tinyllamas)."""
+    return Path(str(resources.files("taylorprune") / "assets" / "stories260K"))
+
+
+def resolve_source(model: str) -> tuple[str, str | None]:
+    """Turn ``--model`` into (folder or hub id, gguf file name or None); refuse paths that do not exist."""
+    if model in DEMO_NAMES:
+        return str(demo_dir()), None
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"--model {model}: GGUF file not found")
+        return str(path.parent.resolve()), path.name
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"--model {model}: expected a model folder, a hub id or a .gguf file")
+        if not (path / "config.json").is_file():
+            raise UserError(f"--model {model}: folder has no config.json (not a Hugging Face model folder)")
+        return str(path.resolve()), None
+    if model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model:
+        raise UserError(f"--model {model}: no such folder or file")
+    return model, None
+
+
+def torch_dtype(name: str) -> torch.dtype | str:
+    if name == "auto":
+        return "auto"
+    if name not in DTYPES:
+        raise UserError(f"--dtype {name}: choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _check_weights_present(folder: Path) -> None:
+    """Refuse pickle-only or weightless folders before transformers gets a chance to unpickle anything."""
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+        raise UserError(
+            f"{folder} holds only pickle checkpoints (.bin/.pt); taylorprune loads safetensors only, because "
+            "unpickling runs code from the file. Convert it first (e.g. save_pretrained in a trusted session)"
+        )
+    raise UserError(f"{folder} has a config.json but no *.safetensors weights")
+
+
+def _strip_gguf_quantizer(model: nn.Module, dtype: torch.dtype | str) -> nn.Module:
+    """Rebuild a GGUF-loaded model as a plain one: transformers refuses to save a model tagged as gguf."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    target = model.dtype if dtype == "auto" else dtype
+    config.dtype = target
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=target)
+    plain.load_state_dict({k: v.to(target) for k, v in model.state_dict().items()}, assign=True)
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    return plain.eval()
+
+
+def load(
+    model: str,
+    dtype: str = "auto",
+    device_map: str | None = None,
+    offload_folder: str | None = None,
+    trust_remote_code: bool = False,
+) -> Loaded:
+    """Load model and tokenizer; every failure a user can cause becomes a one-line ``UserError``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source, gguf_file = resolve_source(model)
+    torch_dt = torch_dtype(dtype)
+    common = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        common["gguf_file"] = gguf_file
+    elif Path(source).is_dir():
+        _check_weights_present(Path(source))
+    try:
+        config = AutoConfig.from_pretrained(source, **common)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--model {model}: cannot read its config ({_first_line(exc)})") from None
+    kwargs = dict(common, dtype=torch_dt)
+    if device_map:
+        kwargs.update(device_map=device_map, offload_folder=offload_folder)
+    if not gguf_file:
+        kwargs["use_safetensors"] = True
+    try:
+        with _quiet_transformers():
+            net = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    except ValueError as exc:
+        raise UserError(f"--model {model}: not a causal LM taylorprune can load ({_first_line(exc)})") from None
+    except OSError as exc:
+        raise UserError(f"--model {model}: cannot load weights ({_first_line(exc)})") from None
+    except Exception as exc:  # safetensors raises its own errors for corrupt or truncated files
+        if type(exc).__name__ in {"SafetensorError", "HeaderTooLarge", "MetadataIncompleteBuffer"}:
+            raise UserError(f"--model {model}: corrupt or truncated safetensors ({_first_line(exc)})") from None
+        raise
+    if gguf_file:
+        net = _strip_gguf_quantizer(net, torch_dt)
+    net.eval()
+    net.requires_grad_(False)
+    return Loaded(net, tokenizer, source, gguf_file)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+class _quiet_transformers:
+    """Silence transformers' info/warning chatter (progress bars of its own) while loading."""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        self._level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        logging.getLogger("accelerate").setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(self._level)

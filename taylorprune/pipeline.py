@@ -1,0 +1,249 @@
+"""The ``run`` data flow end to end: load → calibrate → score → mask → update → save → evaluate.
+
+The CLI only parses options into ``RunOptions`` and renders progress; everything else happens here so
+tests and benchmark scripts drive exactly what users run.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import taylorprune
+from taylorprune.calib import sampling, text
+from taylorprune.errors import UserError
+from taylorprune.evaluate.perplexity import EvalResult, perplexity
+from taylorprune.export import atomic, save
+from taylorprune.modeling import loading
+from taylorprune.modeling.layout import find_layout
+from taylorprune.prune.blocks import BlockRunner
+from taylorprune.prune.engine import PruneResult, prune_layers
+from taylorprune.prune.masks import parse_pattern
+from taylorprune.scoring import get_method
+
+MAX_DEFAULT_SEQLEN = 2048
+
+
+@dataclass
+class RunOptions:
+    """Every option of ``taylorprune run``; recorded verbatim in the report."""
+
+    model: str
+    output: str
+    method: str = "wanda"
+    sparsity: float | None = None
+    pattern: str | None = None
+    group: str = "row"
+    targets: str | None = None
+    calib: str = "c4"
+    calib_file: str | None = None
+    nsamples: int = 128
+    seqlen: int | None = None
+    seed: int = 0
+    calib_sampling: str = "random"
+    batch_size: int = 1
+    dtype: str = "auto"
+    device: str = "auto"
+    device_map: str | None = None
+    offload_folder: str | None = None
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    eval: bool = False
+    eval_dataset: str = "wikitext2"
+    eval_text_file: str | None = None
+    eval_seqlen: int | None = None
+    max_windows: int | None = None
+    method_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Hooks:
+    """Progress callbacks the CLI plugs in (all optional)."""
+
+    phase: Callable[[str], None] = lambda name: None
+    blocks: Callable[[int], Callable[[int], None]] = lambda total: (lambda i: None)
+    windows: Callable[[int, int], None] | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def max_positions(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def resolve_seqlen(requested: int | None, model, flag: str = "--seqlen") -> int:
+    """Default min(2048, max_position_embeddings): never the raw 131072 of Llama-3."""
+    limit = max_positions(model)
+    if requested is None:
+        return min(MAX_DEFAULT_SEQLEN, limit or MAX_DEFAULT_SEQLEN)
+    if requested < 2:
+        raise UserError(f"{flag} {requested}: must be at least 2")
+    if limit and requested > limit:
+        raise UserError(f"{flag} {requested}: the model supports at most {limit} positions")
+    return requested
+
+
+def load_calibration(opts: RunOptions, tokenizer, seqlen: int):
+    corpus = text.read_file(opts.calib_file) if opts.calib_file else text.calibration_corpus(opts.calib)
+    return sampling.sample(tokenizer, corpus, opts.nsamples, seqlen, opts.seed, opts.calib_sampling)
+
+
+def eval_text(dataset: str, text_file: str | None) -> tuple[str, str]:
+    """(text, name) for evaluation: a local file or a named test split."""
+    if text_file:
+        corpus = text.read_file(text_file)
+        return corpus.joined(), str(Path(text_file).name)
+    return text.evaluation_text(dataset), dataset
+
+
+def evaluate_model(model, tokenizer, name, dataset, text_file, seqlen, max_windows, device, hooks) -> EvalResult:
+    body, label = eval_text(dataset, text_file)
+    seqlen = resolve_seqlen(seqlen, model)
+    if not getattr(model, "hf_device_map", None):
+        model.to(device)
+    return perplexity(model, tokenizer, body, seqlen, label, name, max_windows, device, hooks.windows)
+
+
+def validate(opts: RunOptions) -> None:
+    """Everything that can be checked before loading anything heavy."""
+    get_method(opts.method)
+    parse_pattern(opts.sparsity, opts.pattern, opts.group)
+    if opts.nsamples < 1:
+        raise UserError(f"--nsamples {opts.nsamples}: must be at least 1")
+    if opts.seqlen is not None and opts.seqlen < 2:
+        raise UserError(f"--seqlen {opts.seqlen}: must be at least 2")
+    if opts.batch_size < 1:
+        raise UserError(f"--batch-size {opts.batch_size}: must be at least 1")
+    if opts.calib_sampling not in sampling.SAMPLINGS:
+        raise UserError(f"--calib-sampling {opts.calib_sampling}: choose random or sequential")
+    if opts.calib_file is None and opts.calib not in text.CALIB_SOURCES:
+        raise UserError(f"--calib {opts.calib}: choose one of {', '.join(text.CALIB_SOURCES)}")
+    if opts.calib_file and not Path(opts.calib_file).expanduser().is_file():
+        raise UserError(f"--calib-file {opts.calib_file}: file not found")
+    if opts.eval_text_file and not Path(opts.eval_text_file).expanduser().is_file():
+        raise UserError(f"--eval-text-file {opts.eval_text_file}: file not found")
+    resolve_device(opts.device)
+    loading.torch_dtype(opts.dtype)
+    source, gguf = loading.resolve_source(opts.model)
+    inputs = [Path(source)] if Path(source).exists() else []
+    atomic.check_output(Path(opts.output), inputs, opts.overwrite)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {"taylorprune": taylorprune.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+@dataclass
+class Pruned:
+    """A pruned model still in memory, with everything its report needs."""
+
+    opts: RunOptions
+    loaded: loading.Loaded
+    method: object
+    pattern: object
+    spec: sampling.CalibSpec | None
+    result: PruneResult
+    phases: dict[str, float]
+    evaluation: dict | None = None
+
+
+def prune(opts: RunOptions, hooks: Hooks | None = None) -> Pruned:
+    """Load, calibrate and prune in memory (no output written)."""
+    hooks = hooks or Hooks()
+    validate(opts)
+    torch.manual_seed(opts.seed)
+    method = get_method(opts.method)
+    pattern = parse_pattern(opts.sparsity, opts.pattern, opts.group)
+    device = resolve_device(opts.device)
+    phases: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    hooks.phase("loading model")
+    loaded = loading.load(opts.model, opts.dtype, opts.device_map, opts.offload_folder, opts.trust_remote_code)
+    layout = find_layout(loaded.model, opts.targets)
+    atomic.check_free_space(Path(opts.output), save.estimate_bytes(loaded.model))
+    phases["load"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    calib_ids, spec = None, None
+    if method.needs:
+        hooks.phase("tokenizing calibration text")
+        seqlen = resolve_seqlen(opts.seqlen, loaded.model)
+        calib_ids, spec = load_calibration(opts, loaded.tokenizer, seqlen)
+    phases["calibration_data"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    hooks.phase(f"pruning with {method.name} ({pattern.describe()})")
+    runner = BlockRunner(loaded.model, layout, device, opts.batch_size)
+    result = prune_layers(runner, layout, method, pattern, calib_ids, opts.method_options,
+                          on_block=hooks.blocks(len(layout.blocks)))
+    phases["prune"] = time.perf_counter() - t0
+    phases.update({f"prune.{k}": v for k, v in result.timings.items()})
+    pruned = Pruned(opts, loaded, method, pattern, spec, result, phases)
+    if opts.eval:
+        t0 = time.perf_counter()
+        hooks.phase("evaluating perplexity")
+        pruned.evaluation = evaluate_model(
+            loaded.model, loaded.tokenizer, opts.output, opts.eval_dataset, opts.eval_text_file,
+            opts.eval_seqlen, opts.max_windows, device, hooks,
+        ).to_dict()
+        phases["eval"] = time.perf_counter() - t0
+    return pruned
+
+
+def write(pruned: Pruned, hooks: Hooks | None = None) -> dict:
+    """Write the pruned model atomically, verify it on disk, and return the report written with it."""
+    hooks = hooks or Hooks()
+    opts = pruned.opts
+    t0 = time.perf_counter()
+    hooks.phase(f"writing {opts.output}")
+    report = build_report(pruned)
+    with atomic.atomic_dir(Path(opts.output), opts.overwrite) as tmp:
+        save.save_model(pruned.loaded.model, pruned.loaded.tokenizer, tmp)
+        save.verify(tmp, pruned.result.linears)
+        report["phases_s"]["save"] = time.perf_counter() - t0
+        report["peak_memory_mib"] = save.peak_memory()
+        save.write_report(tmp, report)
+    return report
+
+
+def run(opts: RunOptions, hooks: Hooks | None = None) -> dict:
+    """Prune ``opts.model`` and write ``opts.output``; returns the report that was written."""
+    return write(prune(opts, hooks), hooks)
+
+
+def build_report(p: Pruned) -> dict:
+    opts, method, pattern, result = p.opts, p.method, p.pattern, p.result
+    return {
+        "method": method.name,
+        "paper": method.paper,
+        "pattern": pattern.describe(),
+        "sparsity": pattern.sparsity,
+        "achieved_sparsity": result.sparsity,
+        "options": asdict(opts),
+        "source": {"model": opts.model, "resolved": p.loaded.source, "gguf_file": p.loaded.gguf_file},
+        "calibration": p.spec.describe() if p.spec else None,
+        "linears": result.linears,
+        "evaluation": p.evaluation,
+        "phases_s": p.phases,
+        "peak_memory_mib": save.peak_memory(),
+        "versions": versions(),
+    }

@@ -1,0 +1,1 @@
+"""Prune: masks from scores, weight updates, and the layer-by-layer engine."""

@@ -1,0 +1,123 @@
+"""Run a decoder stack one block at a time on captured hidden states.
+
+The block inputs (hidden states of block 0 and, for every block, the keyword arguments the model passes
+it: attention mask, ``position_embeddings``, ``position_ids``...) are recorded by temporarily replacing each
+block's ``forward`` with a pass-through recorder and running the model's own base forward. This reuses the
+model's own mask and rotary code (so sliding-window / per-layer-type masks and GQA work unchanged) and
+costs only the embedding. The KV cache is dropped from the recorded arguments and ``use_cache`` forced off,
+so no call ever sees keys left by another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from taylorprune.modeling.layout import Layout
+
+_DROP = {"cache", "past_key_values", "past_key_value"}
+
+
+def _detach(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detach(v) for v in value)
+    return value
+
+
+class BlockRunner:
+    """Captures block inputs for a batch of token windows and runs single blocks over them."""
+
+    def __init__(self, model: nn.Module, layout: Layout, device: torch.device, batch_size: int = 1) -> None:
+        self.model = model
+        self.layout = layout
+        self.device = torch.device(device)
+        self.batch_size = max(1, batch_size)
+        # Without an accelerate device map the model lives on the CPU and blocks are streamed to the device.
+        self.stream = self.device.type != "cpu" and not getattr(model, "hf_device_map", None)
+        self.block_kwargs: list[dict] = [{} for _ in layout.blocks]
+
+    # -- capture ------------------------------------------------------------------------------------
+    def _recorder(self, i: int, sink: list[torch.Tensor]):
+        def forward(hidden_states, *args, **kwargs):
+            if i == 0:
+                sink.append(hidden_states.detach())
+            if not self.block_kwargs[i]:
+                clean = {k: _detach(v) for k, v in kwargs.items() if k not in _DROP}
+                clean["use_cache"] = False
+                self.block_kwargs[i] = clean
+            return hidden_states
+
+        return forward
+
+    @contextlib.contextmanager
+    def _recording(self, sink: list[torch.Tensor]) -> Iterator[None]:
+        saved = [blk.__dict__.get("forward") for blk in self.layout.blocks]
+        for i, blk in enumerate(self.layout.blocks):
+            blk.forward = self._recorder(i, sink)
+        try:
+            yield
+        finally:
+            for blk, old in zip(self.layout.blocks, saved, strict=True):
+                if old is None:
+                    del blk.forward
+                else:
+                    blk.forward = old
+
+    def _non_block_modules(self) -> list[nn.Module]:
+        base = self.model.base_model
+        return [m for m in base.children() if m is not self.layout.blocks]
+
+    @torch.no_grad()
+    def capture(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Return block-0 inputs [n, seqlen, hidden] on the compute device; record every block's kwargs."""
+        sink: list[torch.Tensor] = []
+        self.block_kwargs = [{} for _ in self.layout.blocks]
+        moved = self._non_block_modules() if self.stream else []
+        for m in moved:
+            m.to(self.device)
+        try:
+            with self._recording(sink):
+                # The first window alone: recorded masks then have batch 1 and broadcast over any batch.
+                chunks = [input_ids[:1]] + list(input_ids[1:].split(self.batch_size))
+                for chunk in chunks:
+                    if chunk.numel():
+                        self.model.base_model(input_ids=chunk.to(self.input_device), use_cache=False)
+        finally:
+            for m in moved:
+                m.to("cpu")
+        return torch.cat(sink).to(self.device)
+
+    @property
+    def input_device(self) -> torch.device:
+        if self.stream:
+            return self.device
+        return self.model.get_input_embeddings().weight.device
+
+    # -- running blocks ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def on_device(self, i: int) -> Iterator[nn.Module]:
+        """Block ``i`` on the compute device for the duration (streamed back to CPU afterwards)."""
+        block = self.layout.blocks[i]
+        if self.stream:
+            block.to(self.device)
+        try:
+            yield block
+        finally:
+            if self.stream:
+                block.to("cpu")
+
+    def call(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        """One forward of block ``i`` on a batch of hidden states (autograd follows the caller's mode)."""
+        out = self.layout.blocks[i](hidden, **self.block_kwargs[i])
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def run(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Outputs of block ``i`` for all windows, batched; the block must already be on its device."""
+        outs = [self.call(i, chunk).to(hidden.device) for chunk in hidden.split(self.batch_size)]
+        return torch.cat(outs)

@@ -1,0 +1,98 @@
+"""The layer-by-layer engine (SparseGPT / Wanda style).
+
+Block inputs are captured once; then for each block in turn: collect the statistics the method needs from
+forward hooks on its linears, score, mask (and optionally update) each linear, and re-run the now-pruned
+block to produce the next block's inputs. So every block is calibrated on the outputs of the already
+pruned blocks before it. A method that needs no calibration statistics (magnitude) skips the forwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from taylorprune.modeling.layout import Layout
+from taylorprune.prune.blocks import BlockRunner
+from taylorprune.prune.masks import Pattern, build_mask
+from taylorprune.scoring.registry import Method
+from taylorprune.scoring.stats import BLOCK_STATS, collect_hooks
+
+
+@dataclass
+class PruneResult:
+    """Per-linear outcome and timings of the engine."""
+
+    linears: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        total = sum(r["numel"] for r in self.linears)
+        return sum(r["zeros"] for r in self.linears) / max(total, 1)
+
+
+def _tick(timings: dict[str, float], key: str, since: float) -> float:
+    now = time.perf_counter()
+    timings[key] = timings.get(key, 0.0) + now - since
+    return now
+
+
+def prune_layers(
+    runner: BlockRunner,
+    layout: Layout,
+    method: Method,
+    pattern: Pattern,
+    calib_ids: torch.Tensor | None,
+    options: Mapping[str, object] | None = None,
+    model_stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    keep_masks: bool = False,
+    on_block: Callable[[int], None] | None = None,
+) -> PruneResult:
+    """Prune every target linear of ``layout`` in place, block after block."""
+    options = options or {}
+    model_stats = model_stats or {}
+    block_needs = frozenset(n for n in method.needs if n in BLOCK_STATS)
+    result = PruneResult()
+    t = time.perf_counter()
+    hidden = runner.capture(calib_ids) if block_needs else None
+    t = _tick(result.timings, "capture", t)
+    last = len(layout.blocks) - 1
+    for i, targets in enumerate(layout.targets):
+        with runner.on_device(i):
+            stats: dict[str, dict[str, torch.Tensor]] = {}
+            if block_needs and targets:
+                accs, handles = collect_hooks({tg.path: tg.module for tg in targets}, block_needs)
+                try:
+                    runner.run(i, hidden)
+                finally:
+                    for h in handles:
+                        h.remove()
+                stats = {p: {k: a.result() for k, a in d.items()} for p, d in accs.items()}
+            t = _tick(result.timings, "statistics", t)
+            for tg in targets:
+                merged = {**model_stats.get(tg.path, {}), **stats.get(tg.path, {})}
+                result.linears.append(_prune_linear(tg.path, tg.module, method, pattern, merged, options))
+                if keep_masks:
+                    result.masks[tg.path] = tg.module.weight.detach().ne(0).cpu()
+            t = _tick(result.timings, "score_and_mask", t)
+            if hidden is not None and i < last:
+                hidden = runner.run(i, hidden)
+            t = _tick(result.timings, "propagate", t)
+        if on_block:
+            on_block(i)
+    return result
+
+
+@torch.no_grad()
+def _prune_linear(path, linear, method: Method, pattern: Pattern, stats, options) -> dict:
+    weight = linear.weight
+    scores = method.score(weight.detach().to(torch.float32), stats, options)
+    keep = build_mask(scores, pattern, path)
+    weight.masked_fill_(~keep.to(weight.device), 0)
+    zeros = int((weight == 0).sum().item())
+    return {"name": path, "shape": list(weight.shape), "numel": weight.numel(), "zeros": zeros,
+            "sparsity": zeros / weight.numel()}

@@ -1,0 +1,31 @@
+"""Wanda: S_ij = |W_ij| · ‖X_j‖₂, compared within each output row.
+
+Sun, Liu, Bair, Kolter, "A Simple and Effective Pruning Approach for Large Language Models",
+arXiv:2306.11695 (ICLR 2024). ‖X_j‖₂ is the norm of input feature j over all calibration tokens; the
+reference divides the squared norm by the number of sequences, which does not change a per-row or
+per-matrix ranking, and we keep that scale so GBLM's sum with a gradient term matches its reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from taylorprune.scoring.registry import register
+
+
+def activation_term(weight: torch.Tensor, act_norm_sq: torch.Tensor) -> torch.Tensor:
+    """|W| · sqrt(scaler_row), broadcast over output rows (shared with gradient-based scores)."""
+    return weight.abs() * act_norm_sq.sqrt().unsqueeze(0)
+
+
+@register(
+    "wanda",
+    needs=("act_norm_sq",),
+    summary="|W|·‖X‖₂ (weights and activations)",
+    paper="Sun et al., arXiv:2306.11695",
+)
+def wanda(weight: torch.Tensor, stats: Mapping[str, torch.Tensor], options: Mapping[str, object]):
+    """A weight matters when it is large *and* its input feature carries large activations."""
+    return activation_term(weight, stats["act_norm_sq"])
