@@ -78,16 +78,16 @@ def _progress_hooks(bar: Progress):
     def phase(name: str) -> None:
         err.print(f"[dim]•[/] {name}", highlight=False)
 
-    def blocks(total: int) -> Callable[[int], None]:
-        task = bar.add_task("pruning blocks", total=total)
-        return lambda i: bar.update(task, completed=i + 1)
+    def task(name: str, total: int) -> Callable[[int], None]:
+        handle = bar.add_task(name, total=total)
+        return lambda i: bar.update(handle, completed=i + 1)
 
     def windows(i: int, total: int) -> None:
         if "eval" not in state:
             state["eval"] = bar.add_task("evaluating windows", total=total)
         bar.update(state["eval"], completed=i)
 
-    return Hooks(phase=phase, blocks=blocks, windows=windows)
+    return Hooks(phase=phase, task=task, windows=windows)
 
 
 def parse_method_options(values: list[str]) -> dict[str, object]:
@@ -130,7 +130,12 @@ def run(
     eval_text_file: str = typer.Option(None, help="Evaluate on this text file instead."),
     eval_seqlen: int = typer.Option(None, help="Eval window length [default: min(2048, max positions)]."),
     max_windows: int = typer.Option(None, help="Evaluate at most this many windows."),
-    option: list[str] = typer.Option([], help="Method option KEY=VALUE (repeatable)."),
+    alpha: float = typer.Option(1.0, help="gblm: weight of the gradient term (paper's α = alpha × grad-scale)."),
+    grad_norm: str = typer.Option("l2", help="gblm: reduce per-sample gradients over samples with l1 or l2."),
+    grad_scale: float = typer.Option(100.0, help="Per-sample gradient scale (GBLM uses 100)."),
+    grad_cache: str = typer.Option(None, help="Gradient cache (.safetensors): reused when it matches, else written."),
+    grad_checkpointing: bool = typer.Option(False, help="Gradient checkpointing in the gradient pass (long seqs)."),
+    option: list[str] = typer.Option([], help="Extra method option KEY=VALUE (repeatable)."),
 ) -> None:
     """Prune a model and write it as a Hugging Face folder with taylorprune_report.json."""
     from taylorprune.pipeline import RunOptions
@@ -144,7 +149,10 @@ def run(
             device_map=device_map, offload_folder=offload_folder, overwrite=overwrite,
             trust_remote_code=trust_remote_code, eval=eval, eval_dataset=eval_dataset,
             eval_text_file=eval_text_file, eval_seqlen=eval_seqlen, max_windows=max_windows,
-            method_options=parse_method_options(option),
+            method_options=dict(
+                alpha=alpha, grad_norm=grad_norm, grad_scale=grad_scale, grad_cache=grad_cache,
+                grad_checkpointing=grad_checkpointing, **parse_method_options(option),
+            ),
         )
         with progress() as bar:
             report = run_pipeline(opts, _progress_hooks(bar))

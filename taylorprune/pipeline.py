@@ -24,7 +24,7 @@ from taylorprune.modeling.layout import find_layout
 from taylorprune.prune.blocks import BlockRunner
 from taylorprune.prune.engine import PruneResult, prune_layers
 from taylorprune.prune.masks import parse_pattern
-from taylorprune.scoring import get_method
+from taylorprune.scoring import get_method, model_stats
 
 MAX_DEFAULT_SEQLEN = 2048
 
@@ -66,8 +66,9 @@ class Hooks:
     """Progress callbacks the CLI plugs in (all optional)."""
 
     phase: Callable[[str], None] = lambda name: None
-    blocks: Callable[[int], Callable[[int], None]] = lambda total: (lambda i: None)
+    task: Callable[[str, int], Callable[[int], None]] = lambda name, total: (lambda i: None)
     windows: Callable[[int, int], None] | None = None
+    events: list[str] = field(default_factory=list)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -137,6 +138,14 @@ def validate(opts: RunOptions) -> None:
         raise UserError(f"--calib-file {opts.calib_file}: file not found")
     if opts.eval_text_file and not Path(opts.eval_text_file).expanduser().is_file():
         raise UserError(f"--eval-text-file {opts.eval_text_file}: file not found")
+    mo = opts.method_options
+    if mo.get("grad_norm", "l2") not in ("l1", "l2"):
+        raise UserError(f"--grad-norm {mo['grad_norm']}: choose l1 or l2")
+    if float(mo.get("grad_scale", 100.0)) <= 0:
+        raise UserError(f"--grad-scale {mo['grad_scale']}: must be positive")
+    for key in ("grad_cache",):
+        if mo.get(key) and Path(mo[key]).expanduser().is_dir():
+            raise UserError(f"--{key.replace('_', '-')} {mo[key]}: is a folder; give a .safetensors file path")
     resolve_device(opts.device)
     loading.torch_dtype(opts.dtype)
     source, gguf = loading.resolve_source(opts.model)
@@ -191,10 +200,19 @@ def prune(opts: RunOptions, hooks: Hooks | None = None) -> Pruned:
     phases["calibration_data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    dense_stats = {}
+    if any(model_stats.is_model_stat(n) for n in method.needs):
+        hooks.phase("model-scope statistics on the dense model")
+        ctx = model_stats.Context(loaded.model, layout, calib_ids, spec, opts.method_options, device, hooks.task,
+                                  hooks.events)
+        dense_stats = model_stats.collect(method.needs, ctx)
+    phases["model_statistics"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
     hooks.phase(f"pruning with {method.name} ({pattern.describe()})")
     runner = BlockRunner(loaded.model, layout, device, opts.batch_size)
-    result = prune_layers(runner, layout, method, pattern, calib_ids, opts.method_options,
-                          on_block=hooks.blocks(len(layout.blocks)))
+    result = prune_layers(runner, layout, method, pattern, calib_ids, opts.method_options, dense_stats,
+                          on_block=hooks.task("pruning blocks", len(layout.blocks)))
     phases["prune"] = time.perf_counter() - t0
     phases.update({f"prune.{k}": v for k, v in result.timings.items()})
     pruned = Pruned(opts, loaded, method, pattern, spec, result, phases)

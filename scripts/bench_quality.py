@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Quality/cost benchmark on SmolLM2-135M: every configured method at 50% and 2:4, plus dense.
+
+Protocol (issue #2): calibration 128 × 512 sequential windows of WikiText-2 validation, evaluation on the
+first 40 windows × 512 tokens of the WikiText-2 raw test split. Each configuration runs as its own
+`taylorprune run` process so peak RSS is per run. Results accumulate in docs/bench_results.json (rerun
+a subset with --only) and the table is rewritten to docs/BENCHMARKS.md.
+
+    python scripts/bench_quality.py                      # everything
+    python scripts/bench_quality.py --only wanda,gblm-l2 # some rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+GGUF = SHARED / "models" / "smollm2-135m-instruct-q4_1" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+CALIB = SHARED / "data" / "wikitext-2" / "valid.txt"
+TEST = SHARED / "data" / "wikitext-2-raw" / "test.txt"
+RESULTS = ROOT / "docs" / "bench_results.json"
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+
+CALIB_ARGS = ["--calib-file", str(CALIB), "--calib-sampling", "sequential", "--nsamples", "128", "--seqlen", "512"]
+EVAL_ARGS = ["--eval-text-file", str(TEST), "--eval-seqlen", "512", "--max-windows", "40"]
+PATTERNS = {"50%": ["--sparsity", "0.5"], "2:4": ["--pattern", "2:4"]}
+
+# name -> extra `run` arguments; later issues add rows here.
+CONFIGS: dict[str, list[str]] = {
+    "magnitude": ["--method", "magnitude"],
+    "wanda": ["--method", "wanda"],
+}
+
+
+def dense_folder(work: Path) -> Path:
+    """SmolLM2 dequantized once from GGUF to an fp32 HF folder (loading GGUF costs ~25 s a time)."""
+    folder = work / "smollm2-135m-dense"
+    if not (folder / "config.json").is_file():
+        from taylorprune.export.save import save_model
+        from taylorprune.modeling.loading import load
+
+        loaded = load(str(GGUF))
+        save_model(loaded.model, loaded.tokenizer, folder)
+    return folder
+
+
+def taylorprune(*args: str) -> None:
+    cmd = [sys.executable, "-m", "taylorprune", *args]
+    print("+ taylorprune", " ".join(args), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def run_dense(model: Path, work: Path) -> dict:
+    out = work / "dense.json"
+    t0 = time.perf_counter()
+    taylorprune("eval", "--model", str(model), "--text-file", str(TEST), "--seqlen", "512", "--max-windows", "40",
+                "--json", str(out), "--device", "cpu")
+    ev = json.loads(out.read_text())
+    return {"name": "dense", "pattern": "-", "ppl": ev["perplexity"], "prune_s": 0.0, "rss_mib": None,
+            "eval_s": time.perf_counter() - t0, "windows": ev["windows"]}
+
+
+def run_config(model: Path, work: Path, name: str, extra: list[str], pattern: str) -> dict:
+    out = work / f"{name}-{pattern.replace(':', 'of').replace('%', '')}"
+    taylorprune("run", "--model", str(model), *extra, *PATTERNS[pattern], *CALIB_ARGS, *EVAL_ARGS,
+                "--device", "cpu", "--output", str(out), "--overwrite", "--eval")
+    rep = json.loads((out / "taylorprune_report.json").read_text())
+    return {"name": name, "pattern": pattern, "ppl": rep["evaluation"]["perplexity"],
+            "prune_s": rep["phases_s"]["prune"], "rss_mib": rep["peak_memory_mib"]["rss_mib"],
+            "phases_s": rep["phases_s"], "achieved_sparsity": rep["achieved_sparsity"],
+            "windows": rep["evaluation"]["windows"], "args": extra}
+
+
+def render(results: dict) -> str:
+    rows = sorted(results.values(), key=lambda r: (r["pattern"] != "-", r["pattern"], r["ppl"]))
+    lines = [
+        "# Benchmarks",
+        "",
+        "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32, 30 layers, 210 target linears), CPU (2 cores).",
+        "Calibration: 128 × 512 sequential windows of WikiText-2 validation. Evaluation: first 40 windows × 512",
+        "tokens of the WikiText-2 raw test split. Prune time is the `prune` phase of the report (calibration",
+        "forwards, statistics, scoring, masking, propagation); peak RSS is the whole `taylorprune run` process.",
+        "",
+        "Made by `python scripts/bench_quality.py` (raw numbers in `docs/bench_results.json`).",
+        "",
+        "| method | pattern | PPL (40×512) | prune time (s) | peak RSS (MiB) |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        rss = f"{r['rss_mib']:.0f}" if r.get("rss_mib") else "-"
+        lines.append(f"| {r['name']} | {r['pattern']} | {r['ppl']:.2f} | {r['prune_s']:.1f} | {rss} |")
+    extra = ROOT / "docs" / "benchmarks_notes.md"
+    if extra.is_file():
+        lines += ["", extra.read_text().rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", help="comma-separated config names (and 'dense') to (re)run")
+    ap.add_argument("--work", default="/tmp/taylorprune-bench", help="scratch folder for models")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    wanted = set(args.only.split(",")) if args.only else {"dense", *CONFIGS}
+    model = dense_folder(work)
+    if "dense" in wanted:
+        results["dense"] = run_dense(model, work)
+    for name, extra in CONFIGS.items():
+        if name not in wanted:
+            continue
+        for pattern in PATTERNS:
+            results[f"{name} {pattern}"] = run_config(model, work, name, extra, pattern)
+            RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+            DOC.write_text(render(results))
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    DOC.write_text(render(results))
+    print(DOC.read_text())
+
+
+if __name__ == "__main__":
+    main()

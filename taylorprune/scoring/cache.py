@@ -1,0 +1,93 @@
+"""Statistic caches in safetensors: one fp32 tensor per target linear and statistic, named
+``<module path>.<stat>`` (e.g. ``model.layers.0.mlp.up_proj.grad_l2``), with metadata saying how they were made.
+
+A cache is reused only when its metadata matches the current run on every identity key; a mismatch is an
+error that names what differs, never a silent reuse. Statistics a matching cache lacks are computed and the
+file is rewritten (atomically) with the union.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import taylorprune
+from taylorprune.errors import UserError
+from taylorprune.modeling.layout import Layout
+
+Stats = dict[str, dict[str, torch.Tensor]]
+
+
+def model_fingerprint(model, layout: Layout) -> str:
+    """Identity of the dense weights: config plus shape and fp64 sum/abs-sum of every target weight."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for tg in layout.all_targets:
+        w = tg.module.weight.detach()
+        h.update(f"{tg.path}{tuple(w.shape)}{w.double().sum().item():.12e}{w.double().abs().sum().item():.12e}"
+                 .encode())
+    return h.hexdigest()
+
+
+def _read(path: Path) -> tuple[dict[str, str], Stats]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            stats: Stats = {}
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                module, _, stat = key.rpartition(".")
+                stats.setdefault(module, {})[stat] = f.get_tensor(key)
+    except Exception as exc:
+        raise UserError(f"cache {path} is not a readable safetensors file ({exc}); delete it") from None
+    return meta, stats
+
+
+def _write(path: Path, meta: dict[str, str], stats: Stats) -> None:
+    tensors = {f"{module}.{stat}": t.contiguous() for module, d in stats.items() for stat, t in d.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cached(
+    path: str | None,
+    identity: dict[str, str],
+    needed: frozenset[str],
+    targets: list[str],
+    compute: Callable[[frozenset[str]], Stats],
+    on_hit: Callable[[], None] | None = None,
+) -> Stats:
+    """Return ``needed`` statistics for ``targets``, from the cache at ``path`` when it matches."""
+    if not path:
+        return compute(needed)
+    file = Path(path).expanduser()
+    have: Stats = {}
+    if file.exists():
+        meta, have = _read(file)
+        diffs = [f"{k}: cache {meta.get(k)!r} vs run {v!r}" for k, v in identity.items() if meta.get(k) != v]
+        if diffs:
+            raise UserError(f"cache {file} was made differently ({'; '.join(diffs)}); delete it or use another file")
+    missing = frozenset(s for s in needed if any(s not in have.get(t, {}) for t in targets))
+    if not missing:
+        if on_hit:
+            on_hit()
+        return {t: {s: have[t][s] for s in needed} for t in targets}
+    fresh = compute(missing)
+    for t, d in fresh.items():
+        have.setdefault(t, {}).update(d)
+    stats_meta = sorted({s for d in have.values() for s in d})
+    _write(file, dict(identity, stats=",".join(stats_meta), taylorprune=taylorprune.__version__), have)
+    return {t: {s: have[t][s] for s in needed} for t in targets}
