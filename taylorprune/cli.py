@@ -135,6 +135,14 @@ def run(
     grad_scale: float = typer.Option(100.0, help="Per-sample gradient scale (GBLM uses 100)."),
     grad_cache: str = typer.Option(None, help="Gradient cache (.safetensors): reused when it matches, else written."),
     grad_checkpointing: bool = typer.Option(False, help="Gradient checkpointing in the gradient pass (long seqs)."),
+    update: str = typer.Option("none", help="Weight update after masking: none, or obs (SparseGPT's OBS)."),
+    percdamp: float = typer.Option(0.01, help="sparsegpt/obs: damping as a fraction of mean diag(H)."),
+    blocksize: int = typer.Option(128, help="sparsegpt/obs: columns per lazy-update block."),
+    save_scores: str = typer.Option(None, help="Write each target's fp32 scores (.safetensors, module paths)."),
+    hvp_scope: str = typer.Option("model", help="oba: Hessian of the whole model's loss, or per block (large models)."),
+    hvp_mode: str = typer.Option("fwd-rev", help="oba: fwd-rev (torch.func jvp of grad) or double-backward."),
+    hvp_cache: str = typer.Option(None, help="oba (model scope): HVP cache (.safetensors), like --grad-cache."),
+    oba_first_order: bool = typer.Option(False, help="oba: add the first-order term g·δθ (off, as OBA)."),
     option: list[str] = typer.Option([], help="Extra method option KEY=VALUE (repeatable)."),
 ) -> None:
     """Prune a model and write it as a Hugging Face folder with taylorprune_report.json."""
@@ -148,10 +156,13 @@ def run(
             calib_sampling=calib_sampling, batch_size=batch_size, dtype=dtype, device=device,
             device_map=device_map, offload_folder=offload_folder, overwrite=overwrite,
             trust_remote_code=trust_remote_code, eval=eval, eval_dataset=eval_dataset,
-            eval_text_file=eval_text_file, eval_seqlen=eval_seqlen, max_windows=max_windows,
+            eval_text_file=eval_text_file, eval_seqlen=eval_seqlen, max_windows=max_windows, update=update,
+            save_scores=save_scores,
             method_options=dict(
                 alpha=alpha, grad_norm=grad_norm, grad_scale=grad_scale, grad_cache=grad_cache,
-                grad_checkpointing=grad_checkpointing, **parse_method_options(option),
+                grad_checkpointing=grad_checkpointing, percdamp=percdamp, blocksize=blocksize, hvp_scope=hvp_scope,
+                hvp_mode=hvp_mode, hvp_cache=hvp_cache, oba_first_order=oba_first_order,
+                **parse_method_options(option),
             ),
         )
         with progress() as bar:

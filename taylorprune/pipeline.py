@@ -24,7 +24,9 @@ from taylorprune.modeling.layout import find_layout
 from taylorprune.prune.blocks import BlockRunner
 from taylorprune.prune.engine import PruneResult, prune_layers
 from taylorprune.prune.masks import parse_pattern
+from taylorprune.prune.update import get_update
 from taylorprune.scoring import get_method, model_stats
+from taylorprune.scoring.hvp import HVP_MODES
 
 MAX_DEFAULT_SEQLEN = 2048
 
@@ -58,6 +60,8 @@ class RunOptions:
     eval_text_file: str | None = None
     eval_seqlen: int | None = None
     max_windows: int | None = None
+    update: str = "none"
+    save_scores: str | None = None
     method_options: dict = field(default_factory=dict)
 
 
@@ -122,7 +126,10 @@ def evaluate_model(model, tokenizer, name, dataset, text_file, seqlen, max_windo
 
 def validate(opts: RunOptions) -> None:
     """Everything that can be checked before loading anything heavy."""
-    get_method(opts.method)
+    method = get_method(opts.method)
+    get_update(opts.update)
+    if method.solver is not None and opts.update != "none":
+        raise UserError(f"--method {opts.method} updates weights itself; drop --update {opts.update}")
     parse_pattern(opts.sparsity, opts.pattern, opts.group)
     if opts.nsamples < 1:
         raise UserError(f"--nsamples {opts.nsamples}: must be at least 1")
@@ -139,11 +146,20 @@ def validate(opts: RunOptions) -> None:
     if opts.eval_text_file and not Path(opts.eval_text_file).expanduser().is_file():
         raise UserError(f"--eval-text-file {opts.eval_text_file}: file not found")
     mo = opts.method_options
+    method.needs_for(mo)  # validates scope options
+    if mo.get("hvp_mode", "fwd-rev") not in HVP_MODES:
+        raise UserError(f"--hvp-mode {mo['hvp_mode']}: choose one of {', '.join(HVP_MODES)}")
     if mo.get("grad_norm", "l2") not in ("l1", "l2"):
         raise UserError(f"--grad-norm {mo['grad_norm']}: choose l1 or l2")
     if float(mo.get("grad_scale", 100.0)) <= 0:
         raise UserError(f"--grad-scale {mo['grad_scale']}: must be positive")
-    for key in ("grad_cache",):
+    if not 0 <= float(mo.get("percdamp", 0.01)) < 10:
+        raise UserError(f"--percdamp {mo['percdamp']}: expected a small non-negative fraction such as 0.01")
+    if int(mo.get("blocksize", 128)) < 1:
+        raise UserError(f"--blocksize {mo['blocksize']}: must be at least 1")
+    if opts.save_scores and Path(opts.save_scores).expanduser().is_dir():
+        raise UserError(f"--save-scores {opts.save_scores}: is a folder; give a .safetensors file path")
+    for key in ("grad_cache", "hvp_cache"):
         if mo.get(key) and Path(mo[key]).expanduser().is_dir():
             raise UserError(f"--{key.replace('_', '-')} {mo[key]}: is a folder; give a .safetensors file path")
     resolve_device(opts.device)
@@ -180,6 +196,8 @@ def prune(opts: RunOptions, hooks: Hooks | None = None) -> Pruned:
     validate(opts)
     torch.manual_seed(opts.seed)
     method = get_method(opts.method)
+    update = get_update(opts.update)
+    needs = method.needs_for(opts.method_options) | update.needs
     pattern = parse_pattern(opts.sparsity, opts.pattern, opts.group)
     device = resolve_device(opts.device)
     phases: dict[str, float] = {}
@@ -193,7 +211,7 @@ def prune(opts: RunOptions, hooks: Hooks | None = None) -> Pruned:
 
     t0 = time.perf_counter()
     calib_ids, spec = None, None
-    if method.needs:
+    if needs:
         hooks.phase("tokenizing calibration text")
         seqlen = resolve_seqlen(opts.seqlen, loaded.model)
         calib_ids, spec = load_calibration(opts, loaded.tokenizer, seqlen)
@@ -201,18 +219,21 @@ def prune(opts: RunOptions, hooks: Hooks | None = None) -> Pruned:
 
     t0 = time.perf_counter()
     dense_stats = {}
-    if any(model_stats.is_model_stat(n) for n in method.needs):
+    if any(model_stats.is_model_stat(n) for n in needs):
         hooks.phase("model-scope statistics on the dense model")
         ctx = model_stats.Context(loaded.model, layout, calib_ids, spec, opts.method_options, device, hooks.task,
                                   hooks.events)
-        dense_stats = model_stats.collect(method.needs, ctx)
+        dense_stats = model_stats.collect(needs, ctx)
     phases["model_statistics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     hooks.phase(f"pruning with {method.name} ({pattern.describe()})")
     runner = BlockRunner(loaded.model, layout, device, opts.batch_size)
+    scores: dict[str, torch.Tensor] | None = {} if opts.save_scores else None
     result = prune_layers(runner, layout, method, pattern, calib_ids, opts.method_options, dense_stats,
-                          on_block=hooks.task("pruning blocks", len(layout.blocks)))
+                          on_block=hooks.task("pruning blocks", len(layout.blocks)), update=update, scores=scores)
+    if scores is not None:
+        save.write_tensors(Path(opts.save_scores), scores, {"method": method.name, "pattern": pattern.describe()})
     phases["prune"] = time.perf_counter() - t0
     phases.update({f"prune.{k}": v for k, v in result.timings.items()})
     pruned = Pruned(opts, loaded, method, pattern, spec, result, phases)
@@ -252,6 +273,7 @@ def build_report(p: Pruned) -> dict:
     opts, method, pattern, result = p.opts, p.method, p.pattern, p.result
     return {
         "method": method.name,
+        "update": opts.update,
         "paper": method.paper,
         "pattern": pattern.describe(),
         "sparsity": pattern.sparsity,

@@ -56,6 +56,25 @@ def verify(folder: Path, linears: list[dict]) -> None:
             )
 
 
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically (temporary file beside it, then rename)."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    path = path.expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def estimate_bytes(model) -> int:
     """Size of the model's tensors as written (tied weights counted once)."""
     seen: set[int] = set()

@@ -8,17 +8,21 @@ pruned blocks before it. A method that needs no calibration statistics (magnitud
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
+from taylorprune.errors import RunError
 from taylorprune.modeling.layout import Layout
 from taylorprune.prune.blocks import BlockRunner
 from taylorprune.prune.masks import Pattern, build_mask
+from taylorprune.prune.update import UPDATES, Update
+from taylorprune.scoring.hvp import eager_attention
 from taylorprune.scoring.registry import Method
-from taylorprune.scoring.stats import BLOCK_STATS, collect_hooks
+from taylorprune.scoring.stats import BLOCK_FN_STATS, BLOCK_STATS, collect_hooks
 
 
 @dataclass
@@ -51,14 +55,31 @@ def prune_layers(
     model_stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     keep_masks: bool = False,
     on_block: Callable[[int], None] | None = None,
+    update: Update | None = None,
+    scores: dict[str, torch.Tensor] | None = None,
 ) -> PruneResult:
-    """Prune every target linear of ``layout`` in place, block after block."""
+    """Prune every target linear of ``layout`` in place, block after block.
+
+    ``update`` reconstructs kept weights after masking (default: none); ``scores``, when a dict, receives each
+    linear's fp32 importance scores (CPU) under its module path.
+    """
     options = options or {}
     model_stats = model_stats or {}
-    block_needs = frozenset(n for n in method.needs if n in BLOCK_STATS)
+    update = update or UPDATES["none"]
+    needs = method.needs_for(options) | update.needs
+    block_needs = frozenset(n for n in needs if n in BLOCK_STATS)
+    fn_needs = sorted(n for n in needs if n in BLOCK_FN_STATS)
+    # Block-scope HVPs differentiate through attention: capture and run everything with eager attention.
+    with eager_attention(runner.model) if fn_needs else contextlib.nullcontext():
+        return _prune_blocks(runner, layout, method, pattern, calib_ids, options, model_stats, keep_masks, on_block,
+                             update, scores, block_needs, fn_needs)
+
+
+def _prune_blocks(runner, layout, method, pattern, calib_ids, options, model_stats, keep_masks, on_block, update,
+                  scores, block_needs, fn_needs) -> PruneResult:
     result = PruneResult()
     t = time.perf_counter()
-    hidden = runner.capture(calib_ids) if block_needs else None
+    hidden = runner.capture(calib_ids) if block_needs or fn_needs else None
     t = _tick(result.timings, "capture", t)
     last = len(layout.blocks) - 1
     for i, targets in enumerate(layout.targets):
@@ -72,10 +93,15 @@ def prune_layers(
                     for h in handles:
                         h.remove()
                 stats = {p: {k: a.result() for k, a in d.items()} for p, d in accs.items()}
+            for name in fn_needs:
+                if targets:
+                    for path, d in BLOCK_FN_STATS[name](runner, i, hidden, targets, options).items():
+                        stats.setdefault(path, {}).update(d)
             t = _tick(result.timings, "statistics", t)
             for tg in targets:
                 merged = {**model_stats.get(tg.path, {}), **stats.get(tg.path, {})}
-                result.linears.append(_prune_linear(tg.path, tg.module, method, pattern, merged, options))
+                result.linears.append(_prune_linear(tg.path, tg.module, method, pattern, merged, options, update,
+                                                    scores))
                 if keep_masks:
                     result.masks[tg.path] = tg.module.weight.detach().ne(0).cpu()
             t = _tick(result.timings, "score_and_mask", t)
@@ -88,11 +114,22 @@ def prune_layers(
 
 
 @torch.no_grad()
-def _prune_linear(path, linear, method: Method, pattern: Pattern, stats, options) -> dict:
+def _prune_linear(path, linear, method: Method, pattern: Pattern, stats, options, update: Update, sink) -> dict:
     weight = linear.weight
-    scores = method.score(weight.detach().to(torch.float32), stats, options)
-    keep = build_mask(scores, pattern, path)
-    weight.masked_fill_(~keep.to(weight.device), 0)
+    w32 = weight.detach().to(torch.float32)
+    if method.solver is not None:
+        new, score = method.solver(w32, stats, pattern, options, path)
+        if not torch.isfinite(new).all():
+            raise RunError(f"{path}: {method.name} produced non-finite weights; try --dtype float32 or more --nsamples")
+    else:
+        score = method.score(w32, stats, options)
+        keep = build_mask(score, pattern, path)
+        new = update.apply(w32, keep, pattern, stats, options, path)
+        if not torch.isfinite(new).all():
+            raise RunError(f"{path}: --update {update.name} produced non-finite weights; try more --nsamples")
+    weight.copy_(new.to(weight.dtype))
+    if sink is not None:
+        sink[path] = score.detach().to(torch.float32).cpu().contiguous()
     zeros = int((weight == 0).sum().item())
     return {"name": path, "shape": list(weight.shape), "numel": weight.numel(), "zeros": zeros,
             "sparsity": zeros / weight.numel()}

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import taylorprune
 from taylorprune.errors import UserError
+from taylorprune.export.save import write_tensors
 from taylorprune.modeling.layout import Layout
 
 Stats = dict[str, dict[str, torch.Tensor]]
@@ -51,15 +49,7 @@ def _read(path: Path) -> tuple[dict[str, str], Stats]:
 
 def _write(path: Path, meta: dict[str, str], stats: Stats) -> None:
     tensors = {f"{module}.{stat}": t.contiguous() for module, d in stats.items() for stat, t in d.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_tensors(path, tensors, meta)
 
 
 def cached(

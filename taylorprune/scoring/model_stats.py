@@ -16,6 +16,7 @@ from taylorprune.calib.sampling import CalibSpec
 from taylorprune.modeling.layout import Layout
 from taylorprune.scoring import cache
 from taylorprune.scoring.gradients import GRAD_STATS, gradient_pass
+from taylorprune.scoring.hvp import MODEL_HVP_STATS, model_hvp_pass
 
 Stats = dict[str, dict[str, torch.Tensor]]
 
@@ -60,7 +61,21 @@ def _gradient_identity(ctx: Context) -> dict[str, str]:
     }
 
 
-PROVIDERS: list[Provider] = [Provider(GRAD_STATS, _gradients, "grad_cache", _gradient_identity)]
+def _hvps(ctx: Context, needed: frozenset[str]) -> Stats:
+    tick = ctx.progress("Hessian-vector products (samples)", len(ctx.calib_ids))
+    ctx.events.append("hvp_pass")
+    return model_hvp_pass(ctx.model, ctx.layout, ctx.calib_ids, str(ctx.options.get("hvp_mode", "fwd-rev")),
+                          ctx.device, tick)
+
+
+def _hvp_identity(ctx: Context) -> dict[str, str]:
+    return dict(_gradient_identity(ctx), kind="hvp", grad_scale="1.0")
+
+
+PROVIDERS: list[Provider] = [
+    Provider(GRAD_STATS, _gradients, "grad_cache", _gradient_identity),
+    Provider(MODEL_HVP_STATS, _hvps, "hvp_cache", _hvp_identity),
+]
 
 
 def is_model_stat(name: str) -> bool:

@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from taylorprune.scoring.hvp import block_hvp_stats
+
 
 class ActNormSq:
     """Σ over calibration tokens of x_j², divided by the number of calibration sequences.
@@ -32,7 +34,28 @@ class ActNormSq:
         return self.sumsq / max(self.nseq, 1)
 
 
-BLOCK_STATS: dict[str, Callable[[nn.Linear], object]] = {"act_norm_sq": ActNormSq}
+class Hessian:
+    """SparseGPT's layer Hessian H = 2XXᵀ/N over all calibration tokens, N the number of sequences."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        n = linear.in_features
+        self.xxt = torch.zeros(n, n, dtype=torch.float32, device=linear.weight.device)
+        self.nseq = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().to(torch.float32)
+        self.nseq += x.shape[0] if x.dim() == 3 else 1
+        flat = x.reshape(-1, x.shape[-1])
+        self.xxt.addmm_(flat.T, flat)
+
+    def result(self) -> torch.Tensor:
+        return self.xxt * (2.0 / max(self.nseq, 1))
+
+
+BLOCK_STATS: dict[str, Callable[[nn.Linear], object]] = {"act_norm_sq": ActNormSq, "hessian": Hessian}
+
+# Statistics of a whole block (not of one linear's inputs): fn(runner, block index, inputs, targets, options).
+BLOCK_FN_STATS: dict[str, Callable[..., dict]] = {"oba_block_hvp": block_hvp_stats}
 
 
 def collect_hooks(linears: dict[str, nn.Linear], needs: frozenset[str]) -> tuple[dict, list]:

@@ -1,0 +1,100 @@
+"""Optimal Brain Surgeon reconstruction as SparseGPT performs it.
+
+Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot", ICML 2023
+(arXiv:2301.00774), Algorithm 1: with H = 2XXᵀ/N (fp32), dead inputs (H_jj = 0) neutralised, damping
+λ = percdamp · mean(diag H), the upper Cholesky factor U of H⁻¹ gives the OBS quantities row by row. Columns
+are processed left to right in blocks of ``blocksize``; inside a block each pruned weight's error
+err = w / U_jj is propagated to the remaining columns of the block immediately, and to all later columns
+once per block (the lazy batch update).
+
+Two ways to choose what is pruned:
+- adaptive (SparseGPT itself): at the start of each block (or every M columns for N:M), prune by the OBS
+  saliency w² / U_jj² of the *already updated* weights;
+- fixed: the mask comes from another score (``--update obs``, the "ablate" variants in Wanda's code); OBS
+  then only reconstructs the kept weights and never changes the mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from taylorprune.errors import RunError
+from taylorprune.prune.masks import Pattern, _prune_lowest
+
+DAMP_RETRIES = (1.0, 10.0, 100.0)
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, name: str = "") -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + λI)⁻¹; escalate λ ×10, ×100 when H is not positive definite."""
+    diag_mean = torch.diag(hessian).mean()
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    for factor in DAMP_RETRIES:
+        damp = percdamp * factor * diag_mean
+        try:
+            lower = torch.linalg.cholesky(hessian + damp * eye)
+            inv = torch.cholesky_inverse(lower)
+            return torch.linalg.cholesky(inv, upper=True), float(percdamp * factor)
+        except torch.linalg.LinAlgError:
+            continue
+    raise RunError(f"{name}: Hessian not positive definite even with damping ×100; raise --percdamp or --nsamples")
+
+
+def _adaptive_block_mask(w1: torch.Tensor, d: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """SparseGPT's unstructured choice for one block: lowest w²/d² over the whole block (pruned = True)."""
+    saliency = w1.pow(2) / d.pow(2).unsqueeze(0)
+    k = int(saliency.numel() * pattern.sparsity)
+    return ~_prune_lowest(saliency.reshape(1, -1), k).reshape(saliency.shape)
+
+
+def obs_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    pattern: Pattern,
+    keep: torch.Tensor | None = None,
+    percdamp: float = 0.01,
+    blocksize: int = 128,
+    name: str = "",
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Return (pruned and reconstructed weight fp32, saliency used for the choice, info).
+
+    ``keep`` given: fixed mask (only reconstruction). Otherwise SparseGPT's adaptive mask for ``pattern``.
+    """
+    W = weight.detach().to(torch.float32).clone()
+    H = hessian.to(torch.float32).clone()
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    if keep is None:
+        W[:, dead] = 0  # inputs that never fire: the weight is irrelevant, SparseGPT zeroes it
+    U, damp = inverse_hessian_factor(H, percdamp, name)
+    pruned = torch.zeros_like(W, dtype=torch.bool) if keep is None else ~keep.to(W.device)
+    if pattern.is_nm:  # N:M groups must not straddle two blocks
+        blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
+    saliency = torch.zeros_like(W)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        d = torch.diag(U1)
+        Err1 = torch.zeros_like(W1)
+        if keep is None and not pattern.is_nm:
+            pruned[:, i1:i2] = _adaptive_block_mask(W1, d, pattern)
+            saliency[:, i1:i2] = W1.pow(2) / d.pow(2).unsqueeze(0)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if keep is None and pattern.is_nm and col % pattern.m == 0:
+                span = slice(i, min(i + pattern.m, i2 - i1))
+                sal = W1[:, span].pow(2) / d[span].pow(2).unsqueeze(0)
+                saliency[:, i1 + span.start : i1 + span.stop] = sal
+                width = sal.shape[1]
+                pruned[:, i1 + span.start : i1 + span.stop] = ~_prune_lowest(sal, max(0, width - pattern.n))
+            w = W1[:, i]
+            q = torch.where(pruned[:, col], torch.zeros_like(w), w)
+            err = (w - q) / d[i]
+            W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    W[pruned] = 0
+    return W, saliency, {"percdamp_used": damp, "dead_inputs": int(dead.sum())}
