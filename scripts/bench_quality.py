@@ -27,7 +27,7 @@ TEST = SHARED / "data" / "wikitext-2-raw" / "test.txt"
 RESULTS = ROOT / "docs" / "bench_results.json"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 
-CALIB_ARGS = ["--calib-file", str(CALIB), "--calib-sampling", "sequential", "--nsamples", "128", "--seqlen", "512"]
+CALIB_ARGS = ["--calib-file", str(CALIB), "--calib-sampling", "sequential", "--seqlen", "512"]
 EVAL_ARGS = ["--eval-text-file", str(TEST), "--eval-seqlen", "512", "--max-windows", "40"]
 PATTERNS = {"50%": ["--sparsity", "0.5"], "2:4": ["--pattern", "2:4"]}
 
@@ -41,6 +41,21 @@ CONFIGS: dict[str, list[str]] = {
     "fisher": ["--method", "fisher", "--grad-cache", GRAD_CACHE],
     "taylor": ["--method", "taylor", "--grad-cache", GRAD_CACHE],
 }
+# Second-order methods are several times costlier per window on 2 CPU cores: they calibrate on 32 × 512
+# windows (with a wanda row at the same size for reference). Same evaluation.
+SMALL = ["--nsamples", "32"]
+HVP_CACHE = "{work}/hvp-cache.safetensors"
+GRAD_CACHE_SMALL = "{work}/grad-cache-32.safetensors"
+CONFIGS.update({
+    "wanda (32 win)": ["--method", "wanda", *SMALL],
+    "sparsegpt (32 win)": ["--method", "sparsegpt", *SMALL],
+    "wanda+obs (32 win)": ["--method", "wanda", "--update", "obs", *SMALL],
+    "gblm-l2+obs (32 win)": ["--method", "gblm", "--update", "obs", "--grad-cache", GRAD_CACHE_SMALL, *SMALL],
+    "oba-block (32 win)": ["--method", "oba", "--hvp-scope", "block", *SMALL],
+    "oba-model (32 win)": ["--method", "oba", "--hvp-scope", "model", "--hvp-cache", HVP_CACHE, *SMALL],
+    "oba-model+obs (32 win)": ["--method", "oba", "--hvp-scope", "model", "--hvp-cache", HVP_CACHE, "--update", "obs",
+                               *SMALL],
+})
 
 
 def dense_folder(work: Path) -> Path:
@@ -72,8 +87,10 @@ def run_dense(model: Path, work: Path) -> dict:
 
 
 def run_config(model: Path, work: Path, name: str, extra: list[str], pattern: str) -> dict:
-    out = work / f"{name}-{pattern.replace(':', 'of').replace('%', '')}"
+    slug = "".join(c if c.isalnum() else "-" for c in name)
+    out = work / f"{slug}-{pattern.replace(':', 'of').replace('%', '')}"
     extra = [a.format(work=work) for a in extra]
+    extra = extra if "--nsamples" in extra else [*extra, "--nsamples", "128"]
     taylorprune("run", "--model", str(model), *extra, *PATTERNS[pattern], *CALIB_ARGS, *EVAL_ARGS,
                 "--device", "cpu", "--output", str(out), "--overwrite", "--eval")
     rep = json.loads((out / "taylorprune_report.json").read_text())
@@ -81,7 +98,8 @@ def run_config(model: Path, work: Path, name: str, extra: list[str], pattern: st
             "prune_s": rep["phases_s"]["prune"], "rss_mib": rep["peak_memory_mib"]["rss_mib"],
             "model_stats_s": rep["phases_s"].get("model_statistics", 0.0),
             "phases_s": rep["phases_s"], "achieved_sparsity": rep["achieved_sparsity"],
-            "windows": rep["evaluation"]["windows"], "args": extra}
+            "windows": rep["evaluation"]["windows"], "args": extra,
+            "calib_windows": (rep["calibration"] or {}).get("nsamples", 0)}
 
 
 def render(results: dict) -> str:
@@ -90,7 +108,8 @@ def render(results: dict) -> str:
         "# Benchmarks",
         "",
         "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32, 30 layers, 210 target linears), CPU (2 cores).",
-        "Calibration: 128 × 512 sequential windows of WikiText-2 validation. Evaluation: first 40 windows × 512",
+        "Calibration: 128 × 512 sequential windows of WikiText-2 validation (32 × 512 where the calib column says",
+        "so; magnitude uses none). Evaluation: first 40 windows × 512",
         "tokens of the WikiText-2 raw test split. Prune time is the `prune` phase of the report (calibration",
         "forwards, statistics, scoring, masking, propagation); peak RSS is the whole `taylorprune run` process.",
         "",
@@ -99,13 +118,15 @@ def render(results: dict) -> str:
         "Gradient methods share one gradient cache: the first run that needs a statistic computes it (its",
         "`dense stats` column is the gradient pass), later runs read it (a few tenths of a second).",
         "",
-        "| method | pattern | PPL (40×512) | dense stats (s) | prune time (s) | peak RSS (MiB) |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| method | pattern | calib | PPL (40×512) | dense stats (s) | prune time (s) | peak RSS (MiB) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         rss = f"{r['rss_mib']:.0f}" if r.get("rss_mib") else "-"
         stats = f"{r.get('model_stats_s', 0.0):.1f}"
-        lines.append(f"| {r['name']} | {r['pattern']} | {r['ppl']:.2f} | {stats} | {r['prune_s']:.1f} | {rss} |")
+        calib = r.get("calib_windows") or "-"
+        cells = [r["name"], r["pattern"], calib, f"{r['ppl']:.2f}", stats, f"{r['prune_s']:.1f}", rss]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     grad = ROOT / "docs" / "bench_gradients.json"
     if grad.is_file():
         g = json.loads(grad.read_text())

@@ -38,21 +38,23 @@ class _Accumulator:
             self.sums["grad_sum"] = zeros()
 
     def __call__(self, param: nn.Parameter) -> None:
-        g = param.grad.to(torch.float32) * self.scale
+        """Fold the just-accumulated ``.grad`` into the sums in place, then free it (no extra copies)."""
+        g = param.grad
         param.grad = None
-        if not torch.isfinite(g).all():
-            raise RunError(
-                f"{self.path}: non-finite gradient (fp16 overflow?); rerun with --dtype bfloat16 or float32"
-            )
-        if "grad_l1" in self.sums:
-            self.sums["grad_l1"].add_(g.abs())
+        g = g.to(torch.float32) if g.dtype != torch.float32 else g
+        g.mul_(self.scale)
         if "grad_l2" in self.sums:
             self.sums["grad_l2"].addcmul_(g, g)
         if "grad_sum" in self.sums:
             self.sums["grad_sum"].add_(g)
+        if "grad_l1" in self.sums:
+            self.sums["grad_l1"].add_(g.abs_())
 
     def result(self) -> dict[str, torch.Tensor]:
         out = dict(self.sums)
+        for name, t in out.items():
+            if not torch.isfinite(t).all():
+                raise RunError(f"{self.path}: non-finite {name} (fp16 overflow?); use --dtype bfloat16 or float32")
         if "grad_l2" in out:
             out["grad_l2"] = out["grad_l2"].sqrt_()
         return {k: v.cpu() for k, v in out.items()}
