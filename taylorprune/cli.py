@@ -234,9 +234,18 @@ def methods() -> None:
     out.print(table)
 
 
+def _register_extra_commands() -> None:
+    """check / inspect / sweep live in taylorprune.report; they register themselves on ``app``."""
+    from taylorprune.report.commands import register
+
+    register(app)
+
+
 def main() -> None:
     app()
 
+
+_register_extra_commands()
 
 if __name__ == "__main__" and sys.argv:
     main()

@@ -1,0 +1,1 @@
+"""Report: compare results for CI (check), inspect written folders, sweep methods × sparsities."""
