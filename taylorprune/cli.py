@@ -7,6 +7,7 @@ Every user-fixable problem ends as one line on stderr and exit code 2 (run failu
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import signal
 import sys
@@ -37,6 +38,12 @@ def fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _phase_name() -> str:
+    from taylorprune.pipeline import CURRENT_PHASE
+
+    return CURRENT_PHASE["name"]
+
+
 def _sigterm(_signum, _frame) -> None:
     raise KeyboardInterrupt
 
@@ -54,10 +61,16 @@ def guarded() -> Iterator[None]:
     except KeyboardInterrupt:
         fail("interrupted; nothing was written to the output path", 130)
     except MemoryError:
-        fail("out of memory; lower --nsamples, --seqlen or --batch-size, or use --dtype bfloat16", 1)
+        fail(f"out of memory while {_phase_name()}; lower --nsamples, --seqlen or --batch-size, use "
+             "--grad-checkpointing or --hvp-scope block, or --dtype bfloat16", 1)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            fail(f"disk full while {_phase_name()}; nothing was written to the output path", 1)
+        raise
     except Exception as exc:
         if type(exc).__name__ == "OutOfMemoryError":
-            fail("CUDA out of memory; lower --nsamples, --seqlen or --batch-size, or use --device-map auto", 1)
+            fail(f"CUDA out of memory while {_phase_name()}; lower --nsamples, --seqlen or --batch-size, use "
+                 "--grad-checkpointing or --hvp-scope block, or --device-map auto", 1)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -6,9 +6,10 @@ tests and benchmark scripts drive exactly what users run.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 import taylorprune
 from taylorprune.calib import sampling, text
 from taylorprune.errors import UserError
-from taylorprune.evaluate.perplexity import EvalResult, perplexity
+from taylorprune.evaluate.perplexity import EvalResult, perplexity_of_windows, windows_of
 from taylorprune.export import atomic, save
 from taylorprune.modeling import loading
 from taylorprune.modeling.layout import find_layout
@@ -63,6 +64,9 @@ class RunOptions:
     update: str = "none"
     save_scores: str | None = None
     method_options: dict = field(default_factory=dict)
+
+
+CURRENT_PHASE = {"name": "starting"}  # read by the CLI to say where an out-of-memory error happened
 
 
 @dataclass
@@ -116,12 +120,22 @@ def eval_text(dataset: str, text_file: str | None) -> tuple[str, str]:
     return text.evaluation_text(dataset), dataset
 
 
-def evaluate_model(model, tokenizer, name, dataset, text_file, seqlen, max_windows, device, hooks) -> EvalResult:
+def eval_windows(model, tokenizer, dataset, text_file, seqlen, max_windows) -> tuple[torch.Tensor, str]:
+    """Tokenize the evaluation text once and cut its windows (fails early when the text is too short)."""
     body, label = eval_text(dataset, text_file)
-    seqlen = resolve_seqlen(seqlen, model)
+    return windows_of(sampling.tokenize(tokenizer, body), resolve_seqlen(seqlen, model, "--eval-seqlen"),
+                      max_windows, label), label
+
+
+def evaluate_windows(model, windows, label, name, device, hooks) -> EvalResult:
     if not getattr(model, "hf_device_map", None):
         model.to(device)
-    return perplexity(model, tokenizer, body, seqlen, label, name, max_windows, device, hooks.windows)
+    return perplexity_of_windows(model, windows, label, name, device, hooks.windows)
+
+
+def evaluate_model(model, tokenizer, name, dataset, text_file, seqlen, max_windows, device, hooks) -> EvalResult:
+    windows, label = eval_windows(model, tokenizer, dataset, text_file, seqlen, max_windows)
+    return evaluate_windows(model, windows, label, name, device, hooks)
 
 
 def validate(opts: RunOptions) -> None:
@@ -167,6 +181,22 @@ def validate(opts: RunOptions) -> None:
     source, gguf = loading.resolve_source(opts.model)
     inputs = [Path(source)] if Path(source).exists() else []
     atomic.check_output(Path(opts.output), inputs, opts.overwrite)
+    for flag, value in (("--save-scores", opts.save_scores), ("--grad-cache", mo.get("grad_cache")),
+                        ("--hvp-cache", mo.get("hvp_cache"))):
+        if value and any(src.resolve() in Path(value).expanduser().resolve().parents for src in inputs if src.is_dir()):
+            raise UserError(f"{flag} {value}: inside the input model folder, which taylorprune never writes to")
+    config = loading.load_config(opts.model, opts.trust_remote_code)
+    limit = getattr(config, "max_position_embeddings", None)
+    for flag, value in (("--seqlen", opts.seqlen), ("--eval-seqlen", opts.eval_seqlen)):
+        if value is not None and limit and value > limit:
+            raise UserError(f"{flag} {value}: the model supports at most {limit} positions")
+    if opts.eval_seqlen is not None and opts.eval_seqlen < 2:
+        raise UserError(f"--eval-seqlen {opts.eval_seqlen}: must be at least 2")
+    if opts.max_windows is not None and opts.max_windows < 1:
+        raise UserError(f"--max-windows {opts.max_windows}: must be at least 1")
+    size = loading.input_bytes(opts.model)
+    if size is not None:
+        atomic.check_free_space(Path(opts.output), size)
 
 
 def versions() -> dict[str, str]:
@@ -190,61 +220,56 @@ class Pruned:
     evaluation: dict | None = None
 
 
+@contextlib.contextmanager
+def _phase(hooks: Hooks, phases: dict[str, float], key: str, label: str) -> Iterator[None]:
+    """Announce, time and remember the current phase (the CLI names it in out-of-memory errors)."""
+    CURRENT_PHASE["name"] = label
+    hooks.phase(label)
+    t0 = time.perf_counter()
+    yield
+    phases[key] = phases.get(key, 0.0) + time.perf_counter() - t0
+
+
 def prune(opts: RunOptions, hooks: Hooks | None = None) -> Pruned:
     """Load, calibrate and prune in memory (no output written)."""
     hooks = hooks or Hooks()
     validate(opts)
     torch.manual_seed(opts.seed)
-    method = get_method(opts.method)
-    update = get_update(opts.update)
+    method, update = get_method(opts.method), get_update(opts.update)
     needs = method.needs_for(opts.method_options) | update.needs
     pattern = parse_pattern(opts.sparsity, opts.pattern, opts.group)
     device = resolve_device(opts.device)
     phases: dict[str, float] = {}
+    calib_ids, spec, windows, dense_stats = None, None, None, {}
 
-    t0 = time.perf_counter()
-    hooks.phase("loading model")
-    loaded = loading.load(opts.model, opts.dtype, opts.device_map, opts.offload_folder, opts.trust_remote_code)
-    layout = find_layout(loaded.model, opts.targets)
-    atomic.check_free_space(Path(opts.output), save.estimate_bytes(loaded.model))
-    phases["load"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    calib_ids, spec = None, None
-    if needs:
-        hooks.phase("tokenizing calibration text")
-        seqlen = resolve_seqlen(opts.seqlen, loaded.model)
-        calib_ids, spec = load_calibration(opts, loaded.tokenizer, seqlen)
-    phases["calibration_data"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    dense_stats = {}
+    with _phase(hooks, phases, "load", "loading model"):
+        loaded = loading.load(opts.model, opts.dtype, opts.device_map, opts.offload_folder, opts.trust_remote_code)
+        layout = find_layout(loaded.model, opts.targets)
+        atomic.check_free_space(Path(opts.output), save.estimate_bytes(loaded.model))
+    with _phase(hooks, phases, "calibration_data", "tokenizing calibration and evaluation text"):
+        if needs:
+            calib_ids, spec = load_calibration(opts, loaded.tokenizer, resolve_seqlen(opts.seqlen, loaded.model))
+        if opts.eval:  # before any heavy work: a too-short evaluation text fails now, not after pruning
+            windows = eval_windows(loaded.model, loaded.tokenizer, opts.eval_dataset, opts.eval_text_file,
+                                   opts.eval_seqlen, opts.max_windows)
     if any(model_stats.is_model_stat(n) for n in needs):
-        hooks.phase("model-scope statistics on the dense model")
-        ctx = model_stats.Context(loaded.model, layout, calib_ids, spec, opts.method_options, device, hooks.task,
-                                  hooks.events)
-        dense_stats = model_stats.collect(needs, ctx)
-    phases["model_statistics"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    hooks.phase(f"pruning with {method.name} ({pattern.describe()})")
-    runner = BlockRunner(loaded.model, layout, device, opts.batch_size)
-    scores: dict[str, torch.Tensor] | None = {} if opts.save_scores else None
-    result = prune_layers(runner, layout, method, pattern, calib_ids, opts.method_options, dense_stats,
-                          on_block=hooks.task("pruning blocks", len(layout.blocks)), update=update, scores=scores)
-    if scores is not None:
-        save.write_tensors(Path(opts.save_scores), scores, {"method": method.name, "pattern": pattern.describe()})
-    phases["prune"] = time.perf_counter() - t0
+        with _phase(hooks, phases, "model_statistics", "model-scope statistics on the dense model"):
+            ctx = model_stats.Context(loaded.model, layout, calib_ids, spec, opts.method_options, device, hooks.task,
+                                      hooks.events)
+            dense_stats = model_stats.collect(needs, ctx)
+    with _phase(hooks, phases, "prune", f"pruning with {method.name} ({pattern.describe()})"):
+        runner = BlockRunner(loaded.model, layout, device, opts.batch_size)
+        scores: dict[str, torch.Tensor] | None = {} if opts.save_scores else None
+        result = prune_layers(runner, layout, method, pattern, calib_ids, opts.method_options, dense_stats,
+                              on_block=hooks.task("pruning blocks", len(layout.blocks)), update=update,
+                              scores=scores)
+        if scores is not None:
+            save.write_tensors(Path(opts.save_scores), scores, {"method": method.name, "pattern": pattern.describe()})
     phases.update({f"prune.{k}": v for k, v in result.timings.items()})
     pruned = Pruned(opts, loaded, method, pattern, spec, result, phases)
-    if opts.eval:
-        t0 = time.perf_counter()
-        hooks.phase("evaluating perplexity")
-        pruned.evaluation = evaluate_model(
-            loaded.model, loaded.tokenizer, opts.output, opts.eval_dataset, opts.eval_text_file,
-            opts.eval_seqlen, opts.max_windows, device, hooks,
-        ).to_dict()
-        phases["eval"] = time.perf_counter() - t0
+    if windows is not None:
+        with _phase(hooks, phases, "eval", "evaluating perplexity"):
+            pruned.evaluation = evaluate_windows(loaded.model, *windows, opts.output, device, hooks).to_dict()
     return pruned
 
 
@@ -253,6 +278,7 @@ def write(pruned: Pruned, hooks: Hooks | None = None) -> dict:
     hooks = hooks or Hooks()
     opts = pruned.opts
     t0 = time.perf_counter()
+    CURRENT_PHASE["name"] = "writing the output"
     hooks.phase(f"writing {opts.output}")
     report = build_report(pruned)
     with atomic.atomic_dir(Path(opts.output), opts.overwrite) as tmp:

@@ -65,6 +65,19 @@ def perplexity(
 ) -> EvalResult:
     """Evaluate ``model`` on ``text``; ``on_window(i, total)`` reports progress."""
     ids = windows_of(tokenize(tokenizer, text), seqlen, max_windows, dataset)
+    return perplexity_of_windows(model, ids, dataset, model_name, device, on_window)
+
+
+def perplexity_of_windows(
+    model,
+    ids: torch.Tensor,
+    dataset: str,
+    model_name: str,
+    device: torch.device | str = "cpu",
+    on_window: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """Perplexity over pre-cut [windows, seqlen] token windows."""
+    seqlen = ids.shape[1]
     nlls = []
     for i, window in enumerate(ids):
         nll = window_nll(model, window.unsqueeze(0).to(device))

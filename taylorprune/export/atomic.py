@@ -30,6 +30,8 @@ def check_output(output: Path, inputs: list[Path], overwrite: bool) -> None:
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--output {output}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK):
         raise UserError(f"--output {output}: {parent} is not writable")
 

@@ -98,6 +98,44 @@ def _strip_gguf_quantizer(model: nn.Module, dtype: torch.dtype | str) -> nn.Modu
     return plain.eval()
 
 
+def load_config(model: str, trust_remote_code: bool = False):
+    """Read only the config (cheap): refuse what is not a causal LM before any weight is loaded."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    source, gguf_file = resolve_source(model)
+    common = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        common["gguf_file"] = gguf_file
+    elif Path(source).is_dir():
+        _check_weights_present(Path(source))
+    try:
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(source, **common)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"--model {model}: cannot read its config ({_first_line(exc)})") from None
+    archs = getattr(config, "architectures", None) or []
+    # The architecture the checkpoint was saved as decides: a BertModel is not a causal LM even though
+    # transformers can build a BertLMHeadModel from its config.
+    causal = any(a.endswith("ForCausalLM") for a in archs) or (
+        not archs and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    )
+    if not causal:
+        raise UserError(
+            f"--model {model}: {config.model_type} ({', '.join(archs) or 'no architecture'}) is not a decoder-only "
+            "causal LM; supported are models AutoModelForCausalLM loads (LLaMA, Mistral, Qwen2, Gemma, ...)"
+        )
+    return config
+
+
+def input_bytes(model: str) -> int | None:
+    """Size of a local checkpoint's weight files (the output is about as large); None when unknown."""
+    source, gguf_file = resolve_source(model)
+    if gguf_file or not Path(source).is_dir():
+        return None
+    return sum(f.stat().st_size for f in Path(source).glob("*.safetensors"))
+
+
 def load(
     model: str,
     dtype: str = "auto",
