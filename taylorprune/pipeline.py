@@ -7,6 +7,7 @@ tests and benchmark scripts drive exactly what users run.
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -26,8 +27,9 @@ from taylorprune.prune.blocks import BlockRunner
 from taylorprune.prune.engine import PruneResult, prune_layers
 from taylorprune.prune.masks import parse_pattern
 from taylorprune.prune.update import get_update
-from taylorprune.scoring import get_method, model_stats
+from taylorprune.scoring import cache, get_method, model_stats
 from taylorprune.scoring.hvp import HVP_MODES
+from taylorprune.scoring.stats import BLOCK_FN_STATS
 
 MAX_DEFAULT_SEQLEN = 2048
 
@@ -220,6 +222,34 @@ class Pruned:
     evaluation: dict | None = None
 
 
+class BlockStatCache:
+    """``--hvp-cache`` for block-scope HVPs: they depend on how the blocks before were pruned, so the identity
+    holds the whole pruning recipe besides model and calibration."""
+
+    def __init__(self, opts: RunOptions, model, layout, spec, needs: frozenset[str], hooks: Hooks) -> None:
+        self.path = opts.method_options.get("hvp_cache") if any(n in BLOCK_FN_STATS for n in needs) else None
+        self.identity: dict[str, str] = {}
+        self.stats: dict[str, dict[str, torch.Tensor]] = {}
+        if self.path:
+            recipe = {k: v for k, v in asdict(opts).items() if k in RECIPE_KEYS}
+            recipe["method_options"] = {k: opts.method_options.get(k) for k in ("percdamp", "blocksize", "hvp_scope")}
+            self.identity = {"kind": "hvp-block", "model": cache.model_fingerprint(model, layout),
+                             "calibration": json.dumps({k: v for k, v in spec.describe().items() if k != "source"},
+                                                       sort_keys=True),
+                             "recipe": json.dumps(recipe, sort_keys=True), "dtype": str(next(model.parameters()).dtype)}
+            self.stats = cache.load_matching(self.path, self.identity)
+            self._known = {p: set(d) for p, d in self.stats.items()}
+            if self.stats:
+                hooks.events.append("hvp_cache_hit")
+
+    def save(self) -> None:
+        if self.path and {p: set(d) for p, d in self.stats.items()} != self._known:
+            cache.store(self.path, self.identity, self.stats)
+
+
+RECIPE_KEYS = ("method", "sparsity", "pattern", "group", "targets", "update", "batch_size")
+
+
 @contextlib.contextmanager
 def _phase(hooks: Hooks, phases: dict[str, float], key: str, label: str) -> Iterator[None]:
     """Announce, time and remember the current phase (the CLI names it in out-of-memory errors)."""
@@ -260,9 +290,11 @@ def prune(opts: RunOptions, hooks: Hooks | None = None) -> Pruned:
     with _phase(hooks, phases, "prune", f"pruning with {method.name} ({pattern.describe()})"):
         runner = BlockRunner(loaded.model, layout, device, opts.batch_size)
         scores: dict[str, torch.Tensor] | None = {} if opts.save_scores else None
+        block_cache = BlockStatCache(opts, loaded.model, layout, spec, needs, hooks)
         result = prune_layers(runner, layout, method, pattern, calib_ids, opts.method_options, dense_stats,
                               on_block=hooks.task("pruning blocks", len(layout.blocks)), update=update,
-                              scores=scores)
+                              scores=scores, fn_cache=block_cache.stats)
+        block_cache.save()
         if scores is not None:
             save.write_tensors(Path(opts.save_scores), scores, {"method": method.name, "pattern": pattern.describe()})
     phases.update({f"prune.{k}": v for k, v in result.timings.items()})

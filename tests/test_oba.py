@@ -130,3 +130,31 @@ def test_cli_oba_model_scope_with_hvp_cache(tmp_path, stories_dir):
     r = runner.invoke(app, ["run", *common, "--seed", "3", "--calib-sampling", "random", "--sparsity", "0.5",
                             "--output", str(tmp_path / "c")])
     assert r.exit_code == 2 and "calibration" in r.output
+
+
+def test_block_scope_hvp_cache_reused_only_for_the_same_recipe(tmp_path, tiny_dirs, monkeypatch):
+    from taylorprune.errors import UserError
+    from taylorprune.scoring import stats as stats_mod
+
+    cache = tmp_path / "hb.safetensors"
+
+    def opts(sparsity):
+        return pipeline.RunOptions(model=str(tiny_dirs["llama"]), output=str(tmp_path / "o"), method="oba",
+                                   sparsity=sparsity, calib_file=str(VALID), calib_sampling="sequential",
+                                   nsamples=2, seqlen=16,
+                                   method_options={"hvp_scope": "block", "hvp_cache": str(cache)})
+
+    first = pipeline.prune(opts(0.5))
+    with safe_open(str(cache), "pt") as f:
+        assert f.metadata()["kind"] == "hvp-block"
+        assert {k.rsplit(".", 1)[1] for k in f.keys()} == {"oba_block_hvp"}
+    monkeypatch.setitem(stats_mod.BLOCK_FN_STATS, "oba_block_hvp",
+                        lambda *a: pytest.fail("block HVP recomputed on a cache hit"))
+    hooks = pipeline.Hooks()
+    second = pipeline.prune(opts(0.5), hooks)
+    assert hooks.events == ["hvp_cache_hit"]
+    for lin in first.result.linears:
+        a = first.loaded.model.get_submodule(lin["name"]).weight
+        assert torch.equal(a, second.loaded.model.get_submodule(lin["name"]).weight)
+    with pytest.raises(UserError, match="recipe"):
+        pipeline.prune(opts(0.6))

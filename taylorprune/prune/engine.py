@@ -57,11 +57,14 @@ def prune_layers(
     on_block: Callable[[int], None] | None = None,
     update: Update | None = None,
     scores: dict[str, torch.Tensor] | None = None,
+    fn_cache: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> PruneResult:
     """Prune every target linear of ``layout`` in place, block after block.
 
     ``update`` reconstructs kept weights after masking (default: none); ``scores``, when a dict, receives each
-    linear's fp32 importance scores (CPU) under its module path.
+    linear's fp32 importance scores (CPU) under its module path. ``fn_cache`` holds block-function statistics
+    (block-scope HVPs) already known for a target: they are used instead of computed, and what is computed is
+    added to it.
     """
     options = options or {}
     model_stats = model_stats or {}
@@ -72,11 +75,11 @@ def prune_layers(
     # Block-scope HVPs differentiate through attention: capture and run everything with eager attention.
     with eager_attention(runner.model) if fn_needs else contextlib.nullcontext():
         return _prune_blocks(runner, layout, method, pattern, calib_ids, options, model_stats, keep_masks, on_block,
-                             update, scores, block_needs, fn_needs)
+                             update, scores, block_needs, fn_needs, {} if fn_cache is None else fn_cache)
 
 
 def _prune_blocks(runner, layout, method, pattern, calib_ids, options, model_stats, keep_masks, on_block, update,
-                  scores, block_needs, fn_needs) -> PruneResult:
+                  scores, block_needs, fn_needs, fn_cache) -> PruneResult:
     result = PruneResult()
     t = time.perf_counter()
     hidden = runner.capture(calib_ids) if block_needs or fn_needs else None
@@ -94,9 +97,11 @@ def _prune_blocks(runner, layout, method, pattern, calib_ids, options, model_sta
                         h.remove()
                 stats = {p: {k: a.result() for k, a in d.items()} for p, d in accs.items()}
             for name in fn_needs:
-                if targets:
+                if targets and any(name not in fn_cache.get(tg.path, {}) for tg in targets):
                     for path, d in BLOCK_FN_STATS[name](runner, i, hidden, targets, options).items():
-                        stats.setdefault(path, {}).update(d)
+                        fn_cache.setdefault(path, {}).update(d)
+                for tg in targets:
+                    stats.setdefault(tg.path, {})[name] = fn_cache[tg.path][name]
             t = _tick(result.timings, "statistics", t)
             for tg in targets:
                 merged = {**model_stats.get(tg.path, {}), **stats.get(tg.path, {})}

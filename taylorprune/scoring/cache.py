@@ -52,6 +52,27 @@ def _write(path: Path, meta: dict[str, str], stats: Stats) -> None:
     write_tensors(path, tensors, meta)
 
 
+def load_matching(path: str | None, identity: dict[str, str]) -> Stats:
+    """Statistics of a cache file whose metadata matches ``identity`` ({} when there is no file)."""
+    if not path or not Path(path).expanduser().exists():
+        return {}
+    file = Path(path).expanduser()
+    meta, have = _read(file)
+    _check_identity(file, meta, identity)
+    return have
+
+
+def store(path: str, identity: dict[str, str], stats: Stats) -> None:
+    names = sorted({s for d in stats.values() for s in d})
+    _write(Path(path).expanduser(), dict(identity, stats=",".join(names), taylorprune=taylorprune.__version__), stats)
+
+
+def _check_identity(file: Path, meta: dict[str, str], identity: dict[str, str]) -> None:
+    diffs = [f"{k}: cache {meta.get(k)!r} vs run {v!r}" for k, v in identity.items() if meta.get(k) != v]
+    if diffs:
+        raise UserError(f"cache {file} was made differently ({'; '.join(diffs)}); delete it or use another file")
+
+
 def cached(
     path: str | None,
     identity: dict[str, str],
@@ -67,9 +88,7 @@ def cached(
     have: Stats = {}
     if file.exists():
         meta, have = _read(file)
-        diffs = [f"{k}: cache {meta.get(k)!r} vs run {v!r}" for k, v in identity.items() if meta.get(k) != v]
-        if diffs:
-            raise UserError(f"cache {file} was made differently ({'; '.join(diffs)}); delete it or use another file")
+        _check_identity(file, meta, identity)
     missing = frozenset(s for s in needed if any(s not in have.get(t, {}) for t in targets))
     if not missing:
         if on_hit:
@@ -78,6 +97,5 @@ def cached(
     fresh = compute(missing)
     for t, d in fresh.items():
         have.setdefault(t, {}).update(d)
-    stats_meta = sorted({s for d in have.values() for s in d})
-    _write(file, dict(identity, stats=",".join(stats_meta), taylorprune=taylorprune.__version__), have)
+    store(str(file), identity, have)
     return {t: {s: have[t][s] for s in needed} for t in targets}
