@@ -31,7 +31,6 @@ class PruneResult:
 
     linears: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def sparsity(self) -> float:
@@ -45,6 +44,21 @@ def _tick(timings: dict[str, float], key: str, since: float) -> float:
     return now
 
 
+@dataclass
+class Job:
+    """What the engine does to every target: method, pattern, update, and where statistics come from."""
+
+    method: Method
+    pattern: Pattern
+    update: Update
+    options: Mapping[str, object]
+    model_stats: Mapping[str, Mapping[str, torch.Tensor]]
+    scores: dict[str, torch.Tensor] | None
+    fn_cache: dict[str, dict[str, torch.Tensor]]
+    block_needs: frozenset[str] = frozenset()
+    fn_needs: tuple[str, ...] = ()
+
+
 def prune_layers(
     runner: BlockRunner,
     layout: Layout,
@@ -53,7 +67,6 @@ def prune_layers(
     calib_ids: torch.Tensor | None,
     options: Mapping[str, object] | None = None,
     model_stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
-    keep_masks: bool = False,
     on_block: Callable[[int], None] | None = None,
     update: Update | None = None,
     scores: dict[str, torch.Tensor] | None = None,
@@ -67,48 +80,28 @@ def prune_layers(
     added to it.
     """
     options = options or {}
-    model_stats = model_stats or {}
     update = update or UPDATES["none"]
     needs = method.needs_for(options) | update.needs
-    block_needs = frozenset(n for n in needs if n in BLOCK_STATS)
-    fn_needs = sorted(n for n in needs if n in BLOCK_FN_STATS)
+    job = Job(method, pattern, update, options, model_stats or {}, scores, {} if fn_cache is None else fn_cache,
+              frozenset(n for n in needs if n in BLOCK_STATS), tuple(sorted(n for n in needs if n in BLOCK_FN_STATS)))
     # Block-scope HVPs differentiate through attention: capture and run everything with eager attention.
-    with eager_attention(runner.model) if fn_needs else contextlib.nullcontext():
-        return _prune_blocks(runner, layout, method, pattern, calib_ids, options, model_stats, keep_masks, on_block,
-                             update, scores, block_needs, fn_needs, {} if fn_cache is None else fn_cache)
+    with eager_attention(runner.model) if job.fn_needs else contextlib.nullcontext():
+        return _prune_blocks(runner, layout, calib_ids, job, on_block)
 
 
-def _prune_blocks(runner, layout, method, pattern, calib_ids, options, model_stats, keep_masks, on_block, update,
-                  scores, block_needs, fn_needs, fn_cache) -> PruneResult:
+def _prune_blocks(runner: BlockRunner, layout: Layout, calib_ids, job: Job, on_block) -> PruneResult:
     result = PruneResult()
     t = time.perf_counter()
-    hidden = runner.capture(calib_ids) if block_needs or fn_needs else None
+    hidden = runner.capture(calib_ids) if job.block_needs or job.fn_needs else None
     t = _tick(result.timings, "capture", t)
     last = len(layout.blocks) - 1
     for i, targets in enumerate(layout.targets):
         with runner.on_device(i):
-            stats: dict[str, dict[str, torch.Tensor]] = {}
-            if block_needs and targets:
-                accs, handles = collect_hooks({tg.path: tg.module for tg in targets}, block_needs)
-                try:
-                    runner.run(i, hidden)
-                finally:
-                    for h in handles:
-                        h.remove()
-                stats = {p: {k: a.result() for k, a in d.items()} for p, d in accs.items()}
-            for name in fn_needs:
-                if targets and any(name not in fn_cache.get(tg.path, {}) for tg in targets):
-                    for path, d in BLOCK_FN_STATS[name](runner, i, hidden, targets, options).items():
-                        fn_cache.setdefault(path, {}).update(d)
-                for tg in targets:
-                    stats.setdefault(tg.path, {})[name] = fn_cache[tg.path][name]
+            stats = _block_statistics(runner, i, hidden, targets, job) if targets else {}
             t = _tick(result.timings, "statistics", t)
             for tg in targets:
-                merged = {**model_stats.get(tg.path, {}), **stats.get(tg.path, {})}
-                result.linears.append(_prune_linear(tg.path, tg.module, method, pattern, merged, options, update,
-                                                    scores))
-                if keep_masks:
-                    result.masks[tg.path] = tg.module.weight.detach().ne(0).cpu()
+                merged = {**job.model_stats.get(tg.path, {}), **stats.get(tg.path, {})}
+                result.linears.append(_prune_linear(tg.path, tg.module, merged, job))
             t = _tick(result.timings, "score_and_mask", t)
             if hidden is not None and i < last:
                 hidden = runner.run(i, hidden)
@@ -118,23 +111,43 @@ def _prune_blocks(runner, layout, method, pattern, calib_ids, options, model_sta
     return result
 
 
+def _block_statistics(runner: BlockRunner, i: int, hidden, targets, job: Job) -> dict[str, dict[str, torch.Tensor]]:
+    """Hook statistics of block ``i``'s linears, plus block-function statistics (cached or computed)."""
+    stats: dict[str, dict[str, torch.Tensor]] = {}
+    if job.block_needs:
+        accs, handles = collect_hooks({tg.path: tg.module for tg in targets}, job.block_needs)
+        try:
+            runner.run(i, hidden)
+        finally:
+            for h in handles:
+                h.remove()
+        stats = {p: {k: a.result() for k, a in d.items()} for p, d in accs.items()}
+    for name in job.fn_needs:
+        if any(name not in job.fn_cache.get(tg.path, {}) for tg in targets):
+            for path, d in BLOCK_FN_STATS[name](runner, i, hidden, targets, job.options).items():
+                job.fn_cache.setdefault(path, {}).update(d)
+        for tg in targets:
+            stats.setdefault(tg.path, {})[name] = job.fn_cache[tg.path][name]
+    return stats
+
+
 @torch.no_grad()
-def _prune_linear(path, linear, method: Method, pattern: Pattern, stats, options, update: Update, sink) -> dict:
+def _prune_linear(path: str, linear, stats, job: Job) -> dict:
     weight = linear.weight
     w32 = weight.detach().to(torch.float32)
-    if method.solver is not None:
-        new, score = method.solver(w32, stats, pattern, options, path)
-        if not torch.isfinite(new).all():
-            raise RunError(f"{path}: {method.name} produced non-finite weights; try --dtype float32 or more --nsamples")
+    if job.method.solver is not None:
+        new, score = job.method.solver(w32, stats, job.pattern, job.options, path)
+        what = job.method.name
     else:
-        score = method.score(w32, stats, options)
-        keep = build_mask(score, pattern, path)
-        new = update.apply(w32, keep, pattern, stats, options, path)
-        if not torch.isfinite(new).all():
-            raise RunError(f"{path}: --update {update.name} produced non-finite weights; try more --nsamples")
+        score = job.method.score(w32, stats, job.options)
+        keep = build_mask(score, job.pattern, path)
+        new = job.update.apply(w32, keep, job.pattern, stats, job.options, path)
+        what = f"--update {job.update.name}"
+    if not torch.isfinite(new).all():
+        raise RunError(f"{path}: {what} produced non-finite weights; try --dtype float32 or more --nsamples")
     weight.copy_(new.to(weight.dtype))
-    if sink is not None:
-        sink[path] = score.detach().to(torch.float32).cpu().contiguous()
+    if job.scores is not None:
+        job.scores[path] = score.detach().to(torch.float32).cpu().contiguous()
     zeros = int((weight == 0).sum().item())
     return {"name": path, "shape": list(weight.shape), "numel": weight.numel(), "zeros": zeros,
             "sparsity": zeros / weight.numel()}
