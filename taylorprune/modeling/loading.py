@@ -144,19 +144,12 @@ def load(
     trust_remote_code: bool = False,
 ) -> Loaded:
     """Load model and tokenizer; every failure a user can cause becomes a one-line ``UserError``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    config = load_config(model, trust_remote_code)
     source, gguf_file = resolve_source(model)
     torch_dt = torch_dtype(dtype)
-    common = {"trust_remote_code": trust_remote_code}
-    if gguf_file:
-        common["gguf_file"] = gguf_file
-    elif Path(source).is_dir():
-        _check_weights_present(Path(source))
-    try:
-        config = AutoConfig.from_pretrained(source, **common)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"--model {model}: cannot read its config ({_first_line(exc)})") from None
+    common = {"trust_remote_code": trust_remote_code, **({"gguf_file": gguf_file} if gguf_file else {})}
     kwargs = dict(common, dtype=torch_dt)
     if device_map:
         kwargs.update(device_map=device_map, offload_folder=offload_folder)
