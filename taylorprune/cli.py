@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -71,7 +72,11 @@ def guarded() -> Iterator[None]:
         if type(exc).__name__ == "OutOfMemoryError":
             fail(f"CUDA out of memory while {_phase_name()}; lower --nsamples, --seqlen or --batch-size, use "
                  "--grad-checkpointing or --hvp-scope block, or --device-map auto", 1)
-        raise
+        if os.environ.get("TAYLORPRUNE_DEBUG"):
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        fail(f"unexpected {type(exc).__name__} while {_phase_name()}: {detail} (set TAYLORPRUNE_DEBUG=1 for the "
+             "traceback)", 1)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

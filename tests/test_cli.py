@@ -122,3 +122,18 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
     assert res.exit_code == 2
     assert needle in res.output and "Traceback" not in res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_gguf_input_is_dequantized_and_saved_as_plain_folder(tmp_path, stories_dir):
+    from transformers import AutoModelForCausalLM
+
+    gguf = stories_dir / "stories260K.gguf"
+    if not gguf.is_file():
+        pytest.skip("stories260K.gguf absent")
+    res = invoke("run", "--model", gguf, "--method", "magnitude", "--sparsity", "0.5", "--output", tmp_path / "g")
+    assert res.exit_code == 0, res.output
+    config = json.loads((tmp_path / "g" / "config.json").read_text())
+    assert "quantization_config" not in config
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "g")
+    w = model.model.layers[0].mlp.up_proj.weight
+    assert ((w == 0).sum(1) == w.shape[1] // 2).all()

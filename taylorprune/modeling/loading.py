@@ -147,6 +147,9 @@ def load(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = load_config(model, trust_remote_code)
+    pad = getattr(config, "pad_token_id", None)
+    if isinstance(pad, int) and not 0 <= pad < getattr(config, "vocab_size", pad + 1):
+        config.pad_token_id = None  # some GGUF conversions (llama2.c) carry a pad id outside the vocabulary
     source, gguf_file = resolve_source(model)
     torch_dt = torch_dtype(dtype)
     common = {"trust_remote_code": trust_remote_code, **({"gguf_file": gguf_file} if gguf_file else {})}
@@ -158,7 +161,7 @@ def load(
     try:
         with _quiet_transformers():
             net = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(source, **common)
+            tokenizer = _load_tokenizer(AutoTokenizer, source, common)
     except ValueError as exc:
         raise UserError(f"--model {model}: not a causal LM taylorprune can load ({_first_line(exc)})") from None
     except OSError as exc:
@@ -172,6 +175,18 @@ def load(
     net.eval()
     net.requires_grad_(False)
     return Loaded(net, tokenizer, source, gguf_file)
+
+
+def _load_tokenizer(auto, source: str, common: dict):
+    """The tokenizer of the checkpoint; for a GGUF whose embedded vocabulary transformers cannot read, the
+    tokenizer files beside it (llama2.c conversions carry special-token ids outside their vocabulary)."""
+    try:
+        return auto.from_pretrained(source, **common)
+    except (IndexError, KeyError, ValueError) as exc:
+        beside = Path(source)
+        if "gguf_file" in common and ((beside / "tokenizer.json").is_file() or (beside / "tokenizer.model").is_file()):
+            return auto.from_pretrained(source, trust_remote_code=common["trust_remote_code"])
+        raise UserError(f"cannot load the tokenizer of {source} ({_first_line(exc)})") from None
 
 
 def _first_line(exc: BaseException) -> str:
