@@ -275,6 +275,10 @@ def prune(opts: RunOptions, hooks: Hooks | None = None) -> Pruned:
     with _phase(hooks, phases, "load", "loading model"):
         loaded = loading.load(opts.model, opts.dtype, opts.device_map, opts.offload_folder, opts.trust_remote_code)
         layout = find_layout(loaded.model, opts.targets)
+        if any(t.module.weight.device.type == "meta" for t in layout.all_targets):
+            raise UserError("--device-map placed decoder blocks on disk (offloaded); they cannot be pruned in place. "
+                            "Give the CPU enough memory (--device-map cpu, or no --device-map) and let taylorprune "
+                            "stream blocks to the GPU")
         atomic.check_free_space(Path(opts.output), save.estimate_bytes(loaded.model))
     with _phase(hooks, phases, "calibration_data", "tokenizing calibration and evaluation text"):
         if needs:

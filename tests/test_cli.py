@@ -137,3 +137,11 @@ def test_gguf_input_is_dequantized_and_saved_as_plain_folder(tmp_path, stories_d
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "g")
     w = model.model.layers[0].mlp.up_proj.weight
     assert ((w == 0).sum(1) == w.shape[1] // 2).all()
+
+
+def test_accelerate_device_map_path(tmp_path, stories_dir):
+    res = invoke("run", "--model", stories_dir, "--method", "wanda", "--sparsity", "0.5", *CALIB, "--device-map", "cpu",
+                 "--output", tmp_path / "dm")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "dm" / "taylorprune_report.json").read_text())
+    assert rep["achieved_sparsity"] == pytest.approx(0.5)
