@@ -344,6 +344,7 @@ def build_report(p: Pruned) -> dict:
         "source": {"model": opts.model, "resolved": p.loaded.source, "gguf_file": p.loaded.gguf_file},
         "calibration": p.spec.describe() if p.spec else None,
         "linears": result.linears,
+        "warnings": result.warnings,
         "evaluation": p.evaluation,
         "phases_s": p.phases,
         "peak_memory_mib": save.peak_memory(),

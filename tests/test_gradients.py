@@ -178,3 +178,15 @@ def test_cli_acceptance_gblm_cache_written_then_reused(tmp_path, stories_dir):
 def test_model_stat_registry_knows_gradients():
     assert all(model_stats.is_model_stat(s) for s in ("grad_l1", "grad_l2", "grad_sum"))
     assert not model_stats.is_model_stat("act_norm_sq")
+
+
+def test_fp16_models_accumulate_in_fp32_with_loss_scaling(tiny_dirs):
+    x = ids(2)
+    ref_model = loading.load(str(tiny_dirs["llama"])).model
+    ref = gradient_pass(ref_model, find_layout(ref_model), x, frozenset({"grad_l2"}))
+    half = loading.load(str(tiny_dirs["llama"]), dtype="float16").model
+    got = gradient_pass(half, find_layout(half), x, frozenset({"grad_l2"}))
+    for path, d in got.items():
+        assert d["grad_l2"].dtype == torch.float32 and torch.isfinite(d["grad_l2"]).all()
+        expected = ref[path]["grad_l2"]
+        torch.testing.assert_close(d["grad_l2"], expected, rtol=0.05, atol=1e-3 * expected.max())

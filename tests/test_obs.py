@@ -78,6 +78,17 @@ def test_cholesky_failure_escalates_damping_and_dead_inputs_are_handled():
     assert (pruned[:, 3] == 0).all()
 
 
+def test_indefinite_hessian_falls_back_to_plain_masking_with_a_warning(tmp_path, tiny_dirs, monkeypatch):
+    import taylorprune.prune.obs as obs
+
+    monkeypatch.setattr(obs, "DAMP_RETRIES", ())  # every Cholesky "fails"
+    res = pipeline.prune(run_opts(tmp_path, tiny_dirs["llama"], method="sparsegpt", pattern="2:4"))
+    assert len(res.result.warnings) == len(res.result.linears)
+    assert "fell back" in res.result.warnings[0]
+    for lin in res.result.linears:
+        assert check_nm(res.loaded.model.get_submodule(lin["name"]).weight, 2, 4)
+
+
 def run_opts(tmp_path, model, **kw):
     return pipeline.RunOptions(model=str(model), output=str(tmp_path / "o"), calib_file=str(VALID),
                                calib_sampling="sequential", nsamples=4, seqlen=32, **kw)

@@ -19,6 +19,7 @@ from taylorprune.errors import RunError
 from taylorprune.modeling.layout import Layout
 from taylorprune.prune.blocks import BlockRunner
 from taylorprune.prune.masks import Pattern, build_mask
+from taylorprune.prune.obs import CholeskyFailed
 from taylorprune.prune.update import UPDATES, Update
 from taylorprune.scoring.hvp import eager_attention
 from taylorprune.scoring.registry import Method
@@ -31,6 +32,7 @@ class PruneResult:
 
     linears: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def sparsity(self) -> float:
@@ -101,7 +103,7 @@ def _prune_blocks(runner: BlockRunner, layout: Layout, calib_ids, job: Job, on_b
             t = _tick(result.timings, "statistics", t)
             for tg in targets:
                 merged = {**job.model_stats.get(tg.path, {}), **stats.get(tg.path, {})}
-                result.linears.append(_prune_linear(tg.path, tg.module, merged, job))
+                result.linears.append(_prune_linear(tg.path, tg.module, merged, job, result.warnings))
             t = _tick(result.timings, "score_and_mask", t)
             if hidden is not None and i < last:
                 hidden = runner.run(i, hidden)
@@ -132,17 +134,23 @@ def _block_statistics(runner: BlockRunner, i: int, hidden, targets, job: Job) ->
 
 
 @torch.no_grad()
-def _prune_linear(path: str, linear, stats, job: Job) -> dict:
+def _prune_linear(path: str, linear, stats, job: Job, warnings: list[str]) -> dict:
     weight = linear.weight
     w32 = weight.detach().to(torch.float32)
-    if job.method.solver is not None:
-        new, score = job.method.solver(w32, stats, job.pattern, job.options, path)
-        what = job.method.name
-    else:
-        score = job.method.score(w32, stats, job.options)
-        keep = build_mask(score, job.pattern, path)
-        new = job.update.apply(w32, keep, job.pattern, stats, job.options, path)
-        what = f"--update {job.update.name}"
+    try:
+        if job.method.solver is not None:
+            new, score = job.method.solver(w32, stats, job.pattern, job.options, path)
+            what = job.method.name
+        else:
+            score = job.method.score(w32, stats, job.options)
+            keep = build_mask(score, job.pattern, path)
+            new = job.update.apply(w32, keep, job.pattern, stats, job.options, path)
+            what = f"--update {job.update.name}"
+    except CholeskyFailed as exc:  # keep going on a long run: plain masking for this one linear, recorded
+        score = w32.abs() if job.method.solver is not None else score
+        new = w32 * build_mask(score, job.pattern, path)
+        what = "fallback masking"
+        warnings.append(f"{exc}; fell back to masking without weight update (by |W| for a solver method)")
     if not torch.isfinite(new).all():
         raise RunError(f"{path}: {what} produced non-finite weights; try --dtype float32 or more --nsamples")
     weight.copy_(new.to(weight.dtype))

@@ -24,6 +24,10 @@ from taylorprune.prune.masks import Pattern, _prune_lowest
 DAMP_RETRIES = (1.0, 10.0, 100.0)
 
 
+class CholeskyFailed(RunError):
+    """H stayed indefinite with damping ×100: the engine falls back to plain masking for that linear."""
+
+
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, name: str = "") -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + λI)⁻¹; escalate λ ×10, ×100 when H is not positive definite."""
     diag_mean = torch.diag(hessian).mean()
@@ -36,7 +40,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, name: str = "
             return torch.linalg.cholesky(inv, upper=True), float(percdamp * factor)
         except torch.linalg.LinAlgError:
             continue
-    raise RunError(f"{name}: Hessian not positive definite even with damping ×100; raise --percdamp or --nsamples")
+    raise CholeskyFailed(f"{name}: Hessian not positive definite even with damping ×100")
 
 
 def _adaptive_block_mask(w1: torch.Tensor, d: torch.Tensor, pattern: Pattern) -> torch.Tensor:

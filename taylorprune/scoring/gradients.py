@@ -23,13 +23,14 @@ from taylorprune.errors import RunError
 from taylorprune.modeling.layout import Layout
 
 GRAD_STATS = ("grad_l1", "grad_l2", "grad_sum")
+FP16_LOSS_SCALE = 1024.0
 
 
 class _Accumulator:
     """fp32 reductions of one weight's scaled per-sample gradients."""
 
     def __init__(self, path: str, weight: nn.Parameter, stats: frozenset[str], scale: float) -> None:
-        self.path, self.scale = path, scale
+        self.path, self.scale = path, scale  # ``scale`` also undoes the loss scaling of fp16 models
         zeros = lambda: torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # noqa: E731
         self.sums = {"grad_l1": zeros()} if "grad_l1" in stats else {}
         if "grad_l2" in stats:
@@ -81,12 +82,14 @@ def gradient_pass(
     handles = []
     was_training = model.training
     home = next(model.parameters()).device
+    # fp16 gradients underflow: scale the loss up (fp32 loss), undo it in fp32 inside the accumulators.
+    loss_scale = FP16_LOSS_SCALE if next(model.parameters()).dtype == torch.float16 else 1.0
     if device is not None and not getattr(model, "hf_device_map", None):
         model.to(device)  # the backward needs the whole model on one device (or an accelerate device map)
     input_device = model.get_input_embeddings().weight.device
     try:
         for tg in layout.all_targets:
-            acc = _Accumulator(tg.path, tg.module.weight, stats, scale)
+            acc = _Accumulator(tg.path, tg.module.weight, stats, scale / loss_scale)
             accs[tg.path] = acc
             tg.module.weight.requires_grad_(True)
             handles.append(tg.module.weight.register_post_accumulate_grad_hook(acc))
@@ -100,7 +103,7 @@ def gradient_pass(
             loss = causal_lm_loss(model, ids.unsqueeze(0).to(input_device))
             if not torch.isfinite(loss):
                 raise RunError(f"calibration window {i}: non-finite loss ({loss.item()}); check --dtype")
-            loss.backward()
+            (loss * loss_scale).backward()
             if on_sample:
                 on_sample(i)
     finally:
