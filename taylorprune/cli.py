@@ -161,6 +161,7 @@ def run(
     hvp_mode: str = typer.Option("fwd-rev", help="oba: fwd-rev (torch.func jvp of grad) or double-backward."),
     hvp_cache: str = typer.Option(None, help="oba (model scope): HVP cache (.safetensors), like --grad-cache."),
     oba_first_order: bool = typer.Option(False, help="oba: add the first-order term g·δθ (off, as OBA)."),
+    plots: bool = typer.Option(False, "--plots", help="Also write layer_sparsity.png into the output."),
     option: list[str] = typer.Option([], help="Extra method option KEY=VALUE (repeatable)."),
 ) -> None:
     """Prune a model and write it as a Hugging Face folder with taylorprune_report.json."""
@@ -175,7 +176,7 @@ def run(
             device_map=device_map, offload_folder=offload_folder, overwrite=overwrite,
             trust_remote_code=trust_remote_code, eval=eval, eval_dataset=eval_dataset,
             eval_text_file=eval_text_file, eval_seqlen=eval_seqlen, max_windows=max_windows, update=update,
-            save_scores=save_scores,
+            save_scores=save_scores, plots=plots,
             method_options=dict(
                 alpha=alpha, grad_norm=grad_norm, grad_scale=grad_scale, grad_cache=grad_cache,
                 grad_checkpointing=grad_checkpointing, percdamp=percdamp, blocksize=blocksize, hvp_scope=hvp_scope,

@@ -7,6 +7,7 @@ tests and benchmark scripts drive exactly what users run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import platform
 import time
@@ -19,7 +20,7 @@ import torch
 import taylorprune
 from taylorprune.calib import sampling, text
 from taylorprune.errors import UserError
-from taylorprune.evaluate.perplexity import EvalResult, perplexity_of_windows, windows_of
+from taylorprune.evaluate.perplexity import EvalResult, perplexity_of_windows, tokenizer_fingerprint, windows_of
 from taylorprune.export import atomic, save
 from taylorprune.modeling import loading
 from taylorprune.modeling.layout import find_layout
@@ -65,6 +66,7 @@ class RunOptions:
     max_windows: int | None = None
     update: str = "none"
     save_scores: str | None = None
+    plots: bool = False
     method_options: dict = field(default_factory=dict)
 
 
@@ -129,15 +131,16 @@ def eval_windows(model, tokenizer, dataset, text_file, seqlen, max_windows) -> t
                       max_windows, label), label
 
 
-def evaluate_windows(model, windows, label, name, device, hooks) -> EvalResult:
+def evaluate_windows(model, tokenizer, windows, label, name, device, hooks) -> EvalResult:
     if not getattr(model, "hf_device_map", None):
         model.to(device)
-    return perplexity_of_windows(model, windows, label, name, device, hooks.windows)
+    result = perplexity_of_windows(model, windows, label, name, device, hooks.windows)
+    return dataclasses.replace(result, tokenizer=tokenizer_fingerprint(tokenizer))
 
 
 def evaluate_model(model, tokenizer, name, dataset, text_file, seqlen, max_windows, device, hooks) -> EvalResult:
     windows, label = eval_windows(model, tokenizer, dataset, text_file, seqlen, max_windows)
-    return evaluate_windows(model, windows, label, name, device, hooks)
+    return evaluate_windows(model, tokenizer, windows, label, name, device, hooks)
 
 
 def validate(opts: RunOptions) -> None:
@@ -305,7 +308,8 @@ def prune(opts: RunOptions, hooks: Hooks | None = None) -> Pruned:
     pruned = Pruned(opts, loaded, method, pattern, spec, result, phases)
     if windows is not None:
         with _phase(hooks, phases, "eval", "evaluating perplexity"):
-            pruned.evaluation = evaluate_windows(loaded.model, *windows, opts.output, device, hooks).to_dict()
+            pruned.evaluation = evaluate_windows(loaded.model, loaded.tokenizer, *windows, opts.output, device,
+                                                 hooks).to_dict()
     return pruned
 
 
@@ -323,6 +327,10 @@ def write(pruned: Pruned, hooks: Hooks | None = None) -> dict:
         report["phases_s"]["save"] = time.perf_counter() - t0
         report["peak_memory_mib"] = save.peak_memory()
         save.write_report(tmp, report)
+        if opts.plots:
+            from taylorprune.report.plots import plot_layer_sparsity
+
+            plot_layer_sparsity(report, tmp / "layer_sparsity.png")
     return report
 
 

@@ -85,7 +85,7 @@ def test_eval_json_and_run_eval_agree(runs, tmp_path):
                  "--max-windows", "3", "--json", out)
     assert res.exit_code == 0, res.output
     got = json.loads(out.read_text())
-    assert set(got) == {"perplexity", "dataset", "seqlen", "windows", "tokens", "model"}
+    assert set(got) == {"perplexity", "dataset", "seqlen", "windows", "tokens", "model", "tokenizer"}
     report = json.loads((runs["s50"] / "taylorprune_report.json").read_text())
     assert got["perplexity"] == pytest.approx(report["evaluation"]["perplexity"], rel=1e-9)
     assert got["tokens"] == 3 * 128
@@ -145,3 +145,10 @@ def test_accelerate_device_map_path(tmp_path, stories_dir):
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "dm" / "taylorprune_report.json").read_text())
     assert rep["achieved_sparsity"] == pytest.approx(0.5)
+
+
+def test_run_plots_writes_layer_sparsity_png(tmp_path, stories_dir):
+    res = invoke("run", "--model", stories_dir, "--method", "magnitude", "--sparsity", "0.5", "--plots",
+                 "--output", tmp_path / "p")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "p" / "layer_sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

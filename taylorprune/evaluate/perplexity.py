@@ -7,9 +7,11 @@ positions is averaged over windows; PPL = exp(mean NLL). Logits are upcast to fp
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +28,16 @@ class EvalResult:
     windows: int
     tokens: int
     model: str
+    tokenizer: str = ""  # vocabulary fingerprint: same windows × seqlen can still mean different tokens
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Short hash of the vocabulary, so results made with different tokenizers are never compared."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def windows_of(ids: torch.Tensor, seqlen: int, max_windows: int | None, name: str) -> torch.Tensor:
@@ -65,7 +74,8 @@ def perplexity(
 ) -> EvalResult:
     """Evaluate ``model`` on ``text``; ``on_window(i, total)`` reports progress."""
     ids = windows_of(tokenize(tokenizer, text), seqlen, max_windows, dataset)
-    return perplexity_of_windows(model, ids, dataset, model_name, device, on_window)
+    result = perplexity_of_windows(model, ids, dataset, model_name, device, on_window)
+    return replace(result, tokenizer=tokenizer_fingerprint(tokenizer))
 
 
 def perplexity_of_windows(

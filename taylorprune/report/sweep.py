@@ -1,0 +1,294 @@
+"""``taylorprune sweep``: methods × sparsities (and N:M patterns) on one model and one calibration set.
+
+Every grid point is a fresh ``pipeline.prune`` of the dense model, so points never contaminate each other;
+gradients and HVPs are model-scope statistics of the *dense* model, so a shared cache file makes them a
+one-off cost for the whole grid. Models stay in memory unless ``--keep-models`` asks for them on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from taylorprune import pipeline
+from taylorprune.calib.text import EVAL_DATASETS
+from taylorprune.errors import RunError, UserError
+from taylorprune.prune.masks import parse_pattern
+from taylorprune.report import jsonio, plots
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+PLOT = "ppl_vs_sparsity.png"
+CACHE_DIR = ".sweep-cache"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point: a method with an unstructured sparsity or an N:M pattern."""
+
+    method: str
+    pattern: str
+    sparsity: float
+
+    @property
+    def name(self) -> str:
+        if self.pattern == "unstructured":
+            return f"{self.method}_s{self.sparsity:g}"
+        n, m = self.pattern.split(":")
+        return f"{self.method}_{n}of{m}"
+
+
+@dataclass
+class Sweep:
+    """Everything a sweep needs; ``run`` holds the per-point options shared by every grid point."""
+
+    run: pipeline.RunOptions
+    out: Path
+    points: list[Point]
+    keep_models: bool = False
+    user_caches: set[str] = field(default_factory=set)
+
+
+def split(text: str, flag: str) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise UserError(f"{flag} {text!r}: give a comma-separated list")
+    return list(dict.fromkeys(items))
+
+
+def parse_methods(text: str) -> list[str]:
+    from taylorprune.scoring import METHODS
+
+    methods = split(text, "--methods")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"--methods {','.join(unknown)}: unknown; registered methods: {', '.join(sorted(METHODS))}")
+    return methods
+
+
+def parse_sparsities(text: str) -> list[float]:
+    values = []
+    for item in split(text, "--sparsities"):
+        try:
+            value = float(item)
+        except ValueError:
+            raise UserError(f"--sparsities {item}: not a number (e.g. 0.3,0.5,0.7)") from None
+        if not 0.0 < value < 1.0:
+            raise UserError(f"--sparsities {item}: must be between 0 and 1 (exclusive)")
+        values.append(value)
+    return sorted(set(values))
+
+
+def parse_patterns(text: str) -> list[str]:
+    patterns = split(text, "--patterns")
+    for p in patterns:
+        if p != "unstructured":
+            try:
+                parse_pattern(None, p)
+            except UserError:
+                raise UserError(f"--patterns {p}: expected unstructured or N:M with 0 < N < M, e.g. 2:4") from None
+    return patterns
+
+
+def grid(methods: list[str], sparsities: list[float], patterns: list[str]) -> list[Point]:
+    """method × (each sparsity for unstructured, the pattern once for N:M), in the order given."""
+    if "unstructured" in patterns and not sparsities:
+        raise UserError("--patterns unstructured needs --sparsities")
+    points = []
+    for method in methods:
+        for p in patterns:
+            if p == "unstructured":
+                points.extend(Point(method, p, s) for s in sparsities)
+            else:
+                n, m = (int(x) for x in p.split(":"))
+                points.append(Point(method, p, 1.0 - n / m))
+    return points
+
+
+def point_options(sweep: Sweep, point: Point) -> pipeline.RunOptions:
+    """The ``run`` options of one point; its output folder is only written with --keep-models."""
+    nm = point.pattern != "unstructured"
+    return replace(sweep.run, method=point.method, sparsity=None if nm else point.sparsity,
+                   pattern=point.pattern if nm else None, output=str(sweep.out / "models" / point.name),
+                   overwrite=sweep.run.overwrite or not sweep.keep_models, eval=True)
+
+
+def validate(sweep: Sweep) -> None:
+    """Fail before loading anything: every point's options, the eval data, and the --out folder."""
+    opts = sweep.run
+    if opts.eval_text_file is None and opts.eval_dataset not in EVAL_DATASETS:
+        raise UserError(f"--eval-dataset {opts.eval_dataset}: choose one of {', '.join(EVAL_DATASETS)} "
+                        "or give --eval-text-file")
+    out = sweep.out.expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {sweep.out}: exists and is not a folder")
+    if (out / RESULTS_JSON).exists() and not opts.overwrite:
+        raise UserError(f"--out {sweep.out} already holds {RESULTS_JSON}; pass --overwrite to replace it")
+    model = Path(opts.model).expanduser()
+    if model.is_dir() and (out == model.resolve() or model.resolve() in out.parents):
+        raise UserError(f"--out {sweep.out} is inside the model folder {opts.model}; choose a separate folder")
+    for point in sweep.points:
+        pipeline.validate(point_options(sweep, point))
+
+
+def with_shared_caches(opts: pipeline.RunOptions, out: Path) -> tuple[pipeline.RunOptions, set[str]]:
+    """Point --grad-cache/--hvp-cache into out/.sweep-cache unless the user chose files (then kept).
+
+    Block-scope HVPs depend on how the earlier blocks of *this* point were pruned, so no file can serve the
+    whole grid: they get no cache, and a user-given one is refused rather than failing at the second point.
+    """
+    mo = dict(opts.method_options)
+    user = {k for k in ("grad_cache", "hvp_cache") if mo.get(k)}
+    block_scope = str(mo.get("hvp_scope", "model")) == "block"
+    if block_scope and "hvp_cache" in user:
+        raise UserError("--option hvp_cache with hvp_scope=block: block-scope HVPs differ at every grid point, "
+                        "so one cache file cannot serve a sweep; drop hvp_cache")
+    mo["grad_cache"] = mo.get("grad_cache") or str(out / CACHE_DIR / "gradients.safetensors")
+    mo["hvp_cache"] = mo.get("hvp_cache") or (None if block_scope else str(out / CACHE_DIR / "hvps.safetensors"))
+    return replace(opts, method_options=mo), user
+
+
+def remove_own_caches(sweep: Sweep) -> None:
+    """Delete the caches the sweep made for itself; caches the user named are theirs to keep."""
+    for key in ("grad_cache", "hvp_cache"):
+        path = sweep.run.method_options.get(key)
+        if path and key not in sweep.user_caches:
+            Path(path).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        (sweep.out.expanduser() / CACHE_DIR).rmdir()
+
+
+HooksFor = Callable[[int, str], pipeline.Hooks]
+
+
+def evaluate_dense(sweep: Sweep, hooks: pipeline.Hooks) -> dict:
+    """The reference row: the unpruned model through the same evaluation as every point."""
+    from taylorprune.modeling import loading
+    from taylorprune.modeling.layout import find_layout
+
+    opts = sweep.run
+    hooks.phase("loading model")
+    loaded = loading.load(opts.model, opts.dtype, opts.device_map, opts.offload_folder, opts.trust_remote_code)
+    targets = find_layout(loaded.model, opts.targets).all_targets
+    numel = sum(t.module.weight.numel() for t in targets)
+    zeros = sum(int((t.module.weight == 0).sum().item()) for t in targets)
+    hooks.phase("evaluating perplexity")
+    result = pipeline.evaluate_model(loaded.model, loaded.tokenizer, opts.model, opts.eval_dataset,
+                                     opts.eval_text_file, opts.eval_seqlen, opts.max_windows,
+                                     pipeline.resolve_device(opts.device), hooks)
+    return {"name": "dense", "method": "dense", "pattern": "dense", "sparsity": 0.0,
+            "achieved_sparsity": zeros / max(numel, 1), "perplexity": result.perplexity, "prune_s": 0.0,
+            "model_statistics_s": 0.0, "model_dir": None, "evaluation": result.to_dict()}
+
+
+def run_point(sweep: Sweep, point: Point, hooks: pipeline.Hooks) -> dict:
+    """Prune one point from the dense model, evaluate it, and write it only with --keep-models."""
+    opts = point_options(sweep, point)
+    t0 = time.perf_counter()
+    try:
+        pruned = pipeline.prune(opts, hooks)
+    except RunError as exc:  # one diverging point (non-finite scores) must not throw away the whole grid
+        return failed_row(point, str(exc), time.perf_counter() - t0)
+    row = {"name": point.name, "method": point.method, "pattern": point.pattern, "sparsity": point.sparsity,
+           "achieved_sparsity": pruned.result.sparsity, "perplexity": pruned.evaluation["perplexity"],
+           "prune_s": pruned.phases.get("prune", 0.0),
+           "model_statistics_s": pruned.phases.get("model_statistics", 0.0), "model_dir": None,
+           "calibration": pruned.spec.describe() if pruned.spec else None, "evaluation": pruned.evaluation,
+           "cache_hits": [e.removesuffix("_hit") for e in hooks.events if e.endswith("_hit")]}
+    if sweep.keep_models:
+        pipeline.write(pruned, hooks)
+        row["model_dir"] = opts.output
+    row["total_s"] = time.perf_counter() - t0
+    del pruned
+    gc.collect()
+    return row
+
+
+def failed_row(point: Point, error: str, seconds: float) -> dict:
+    """A grid point that could not be pruned: kept in the table (nan), reported, and excluded from the plot."""
+    return {"name": point.name, "method": point.method, "pattern": point.pattern, "sparsity": point.sparsity,
+            "achieved_sparsity": math.nan, "perplexity": math.nan, "prune_s": 0.0, "model_statistics_s": 0.0,
+            "model_dir": None, "calibration": None, "evaluation": None, "cache_hits": [], "total_s": seconds,
+            "error": error}
+
+
+def run_sweep(sweep: Sweep, hooks_for: HooksFor, on_row: Callable[[dict], None] = lambda row: None) -> dict:
+    """Dense reference, then every grid point; returns (and writes) the results."""
+    validate(sweep)
+    out = sweep.out.expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    remove_own_caches(sweep)  # left over by an interrupted sweep: possibly of another model or calibration
+    try:
+        dense = evaluate_dense(sweep, hooks_for(0, "dense"))
+        on_row(dense)
+        rows = []
+        for i, point in enumerate(sweep.points, start=1):
+            rows.append(run_point(sweep, point, hooks_for(i, point.name)))
+            on_row(rows[-1])
+    finally:
+        remove_own_caches(sweep)
+    results = build_results(sweep, dense, rows)
+    write_results(results, out)
+    failed = [r for r in rows if r.get("error")]
+    if failed:
+        raise RunError(f"{len(failed)} of {len(rows)} grid points failed (results written to {out}): "
+                       f"{failed[0]['name']}: {failed[0]['error']}")
+    return results
+
+
+def build_results(sweep: Sweep, dense: dict, rows: list[dict]) -> dict:
+    ev = dense["evaluation"]
+    return {
+        "model": sweep.run.model,
+        "evaluation": {k: ev[k] for k in ("dataset", "seqlen", "windows", "tokens")},
+        "calibration": next((r["calibration"] for r in rows if r.get("calibration")), None),
+        "dense": dense,
+        "rows": rows,
+        "versions": pipeline.versions(),
+    }
+
+
+def write_results(results: dict, out: Path) -> None:
+    """results.json (strict JSON: a collapsed model's inf perplexity is null), results.md, the plot."""
+    jsonio.dump(results, out / RESULTS_JSON)
+    (out / RESULTS_MD).write_text(markdown(results))
+    ev = results["evaluation"]
+    plots.plot_sweep(results["rows"], results["dense"], model_label(results["model"]), out / PLOT,
+                     f"{ev['dataset']}, {ev['windows']}×{ev['seqlen']}")
+
+
+def model_label(model: str) -> str:
+    """'stories260K' for a folder path, the hub id as given otherwise."""
+    path = Path(model).expanduser()
+    return path.resolve().name if path.exists() else model
+
+
+def markdown(results: dict) -> str:
+    ev = results["evaluation"]
+    dense = results["dense"]["perplexity"]
+    lines = [
+        f"# Sweep: {model_label(results['model'])}",
+        "",
+        f"Perplexity on {ev['dataset']} ({ev['windows']} windows × {ev['seqlen']} tokens); dense {_fmt(dense)}.",
+        "",
+        "| method | pattern | sparsity | achieved | perplexity | vs dense | prune s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in [results["dense"], *results["rows"]]:
+        ratio = r["perplexity"] / dense if math.isfinite(dense) and dense > 0 else math.nan
+        lines.append(f"| {r['method']} | {r['pattern']} | {r['sparsity']:.2f} | {r['achieved_sparsity']:.4f} | "
+                     f"{_fmt(r['perplexity'])} | {_fmt(ratio, '×')} | {r['prune_s'] + r['model_statistics_s']:.2f} |")
+    failed = [r for r in results["rows"] if r.get("error")]
+    if failed:
+        lines += ["", "Failed points:", ""] + [f"- {r['name']}: {r['error']}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float, suffix: str = "") -> str:
+    return f"{value:.3f}{suffix}" if math.isfinite(value) else str(value)
+
