@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from taylorprune.calib.sampling import SAMPLINGS
-from taylorprune.calib.text import CALIB_SOURCES, EVAL_DATASETS
+from taylorprune import cli_options as opt
+from taylorprune.calib.text import EVAL_DATASETS
 from taylorprune.errors import RunError, UserError
 
 app = typer.Typer(
@@ -52,7 +52,9 @@ def _sigterm(_signum, _frame) -> None:
 @contextlib.contextmanager
 def guarded() -> Iterator[None]:
     """Turn known failures into one line and an exit code; SIGTERM behaves like Ctrl-C (cleanup runs)."""
-    previous = signal.signal(signal.SIGTERM, _sigterm)
+    # Install both explicitly: a process started in the background inherits SIGINT as ignored.
+    previous = {sig: signal.signal(sig, handler) for sig, handler in
+                ((signal.SIGTERM, _sigterm), (signal.SIGINT, signal.default_int_handler))}
     try:
         yield
     except UserError as exc:
@@ -78,7 +80,8 @@ def guarded() -> Iterator[None]:
         fail(f"unexpected {type(exc).__name__} while {_phase_name()}: {detail} (set TAYLORPRUNE_DEBUG=1 for the "
              "traceback)", 1)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def progress() -> Progress:
@@ -123,31 +126,31 @@ def parse_method_options(values: list[str]) -> dict[str, object]:
 
 @app.command()
 def run(
-    model: str = typer.Option(..., help="HF folder, hub id, .gguf file, or 'demo' (bundled stories260K)."),
+    model: opt.Model,
     output: Path = typer.Option(..., help="Folder to write (created atomically; must not exist)."),
     method: str = typer.Option("wanda", help="Importance score; see `taylorprune methods`."),
     sparsity: float = typer.Option(None, help="Fraction of weights to prune in each target, e.g. 0.5."),
     pattern: str = typer.Option(None, help="N:M semi-structured pattern, e.g. 2:4 (keep N of every M)."),
-    group: str = typer.Option("row", help="Unstructured comparison group: row (Wanda) or layer."),
-    targets: str = typer.Option(None, help="Regex on module paths selecting the linears to prune."),
-    calib: str = typer.Option("c4", help=f"Calibration data set: {', '.join(CALIB_SOURCES)}."),
-    calib_file: str = typer.Option(None, help="Calibration text file (.txt, or .jsonl with 'text')."),
-    nsamples: int = typer.Option(128, help="Number of calibration windows."),
-    seqlen: int = typer.Option(None, help="Tokens per window [default: min(2048, max positions)]."),
-    seed: int = typer.Option(0, help="Seed of the calibration sampler."),
-    calib_sampling: str = typer.Option("random", help=f"Window sampler: {', '.join(SAMPLINGS)}."),
-    batch_size: int = typer.Option(1, help="Windows per forward while calibrating."),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
-    device: str = typer.Option("auto", help="Compute device: auto, cpu, cuda, cuda:1, ..."),
+    group: opt.Group = "row",
+    targets: opt.Targets = None,
+    calib: opt.Calib = "c4",
+    calib_file: opt.CalibFile = None,
+    nsamples: opt.NSamples = 128,
+    seqlen: opt.SeqLen = None,
+    seed: opt.Seed = 0,
+    calib_sampling: opt.CalibSampling = "random",
+    batch_size: opt.BatchSize = 1,
+    dtype: opt.DType = "auto",
+    device: opt.Device = "auto",
     device_map: str = typer.Option(None, help="accelerate device map (auto, balanced, sequential, cpu)."),
     offload_folder: str = typer.Option(None, help="Folder for accelerate's disk offload."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
-    trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint."),
+    trust_remote_code: opt.TrustRemoteCode = False,
     eval: bool = typer.Option(False, "--eval", help="Evaluate perplexity of the pruned model."),
-    eval_dataset: str = typer.Option("wikitext2", help=f"Eval data set: {', '.join(EVAL_DATASETS)}."),
-    eval_text_file: str = typer.Option(None, help="Evaluate on this text file instead."),
-    eval_seqlen: int = typer.Option(None, help="Eval window length [default: min(2048, max positions)]."),
-    max_windows: int = typer.Option(None, help="Evaluate at most this many windows."),
+    eval_dataset: opt.EvalDataset = "wikitext2",
+    eval_text_file: opt.EvalTextFile = None,
+    eval_seqlen: opt.EvalSeqLen = None,
+    max_windows: opt.MaxWindows = None,
     alpha: float = typer.Option(1.0, help="gblm: weight of the gradient term (paper's α = alpha × grad-scale)."),
     grad_norm: str = typer.Option("l2", help="gblm: reduce per-sample gradients over samples with l1 or l2."),
     grad_scale: float = typer.Option(100.0, help="Per-sample gradient scale (GBLM uses 100)."),
@@ -162,7 +165,7 @@ def run(
     hvp_cache: str = typer.Option(None, help="oba (model scope): HVP cache (.safetensors), like --grad-cache."),
     oba_first_order: bool = typer.Option(False, help="oba: add the first-order term g·δθ (off, as OBA)."),
     plots: bool = typer.Option(False, "--plots", help="Also write layer_sparsity.png into the output."),
-    option: list[str] = typer.Option([], help="Extra method option KEY=VALUE (repeatable)."),
+    option: opt.MethodOption = None,
 ) -> None:
     """Prune a model and write it as a Hugging Face folder with taylorprune_report.json."""
     from taylorprune.pipeline import RunOptions
@@ -181,7 +184,7 @@ def run(
                 alpha=alpha, grad_norm=grad_norm, grad_scale=grad_scale, grad_cache=grad_cache,
                 grad_checkpointing=grad_checkpointing, percdamp=percdamp, blocksize=blocksize, hvp_scope=hvp_scope,
                 hvp_mode=hvp_mode, hvp_cache=hvp_cache, oba_first_order=oba_first_order,
-                **parse_method_options(option),
+                **parse_method_options(option or []),
             ),
         )
         with progress() as bar:
@@ -208,16 +211,16 @@ def show_run_summary(report: dict) -> None:
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Option(..., help="HF folder, hub id, .gguf file, or 'demo'."),
+    model: opt.Model,
     dataset: str = typer.Option("wikitext2", help=f"Test split: {', '.join(EVAL_DATASETS)}."),
     text_file: str = typer.Option(None, help="Evaluate on this text file instead of --dataset."),
     seqlen: int = typer.Option(None, help="Window length [default: min(2048, max positions)]."),
-    max_windows: int = typer.Option(None, help="Evaluate at most this many windows."),
+    max_windows: opt.MaxWindows = None,
     json_out: Path = typer.Option(None, "--json", help="Write the result as JSON here."),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, ..."),
+    dtype: opt.DType = "auto",
+    device: opt.Device = "auto",
     device_map: str = typer.Option(None, help="accelerate device map (auto, balanced, ...)."),
-    trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint."),
+    trust_remote_code: opt.TrustRemoteCode = False,
 ) -> None:
     """Perplexity with the papers' protocol: text tokenized once, non-overlapping windows."""
     from taylorprune import pipeline

@@ -13,8 +13,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from taylorprune.calib.sampling import SAMPLINGS
-from taylorprune.calib.text import CALIB_SOURCES, EVAL_DATASETS
+from taylorprune import cli_options as opt
+from taylorprune.calib.text import EVAL_DATASETS
 
 DEFAULT_SPARSITIES = "0.3,0.5,0.6,0.7"
 
@@ -186,29 +186,29 @@ def _num(value, digits: int = 4) -> str:
 
 
 def sweep(
-    model: str = typer.Option(..., help="HF folder, hub id, .gguf file, or 'demo'."),
+    model: opt.Model,
     out_dir: Path = typer.Option(..., "--out", help="Folder for results.json, results.md, ppl_vs_sparsity.png."),
     methods: str = typer.Option("magnitude,wanda", help="Comma-separated methods (see `taylorprune methods`)."),
     sparsities: str = typer.Option(DEFAULT_SPARSITIES, help="Comma-separated unstructured sparsities."),
     patterns: str = typer.Option("unstructured", help="Comma-separated: unstructured and/or N:M (e.g. 2:4)."),
-    group: str = typer.Option("row", help="Unstructured comparison group: row or layer."),
-    targets: str = typer.Option(None, help="Regex on module paths selecting the linears to prune."),
-    calib: str = typer.Option("c4", help=f"Calibration data set: {', '.join(CALIB_SOURCES)}."),
-    calib_file: str = typer.Option(None, help="Calibration text file (.txt, or .jsonl with 'text')."),
-    nsamples: int = typer.Option(128, help="Number of calibration windows."),
-    seqlen: int = typer.Option(None, help="Calibration tokens per window [default: min(2048, max positions)]."),
-    seed: int = typer.Option(0, help="Seed of the calibration sampler."),
-    calib_sampling: str = typer.Option("random", help=f"Window sampler: {', '.join(SAMPLINGS)}."),
-    batch_size: int = typer.Option(1, help="Windows per forward while calibrating."),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
-    device: str = typer.Option("auto", help="Compute device: auto, cpu, cuda, ..."),
-    eval_dataset: str = typer.Option("wikitext2", help=f"Eval data set: {', '.join(EVAL_DATASETS)}."),
-    eval_text_file: str = typer.Option(None, help="Evaluate on this text file instead."),
-    eval_seqlen: int = typer.Option(None, help="Eval window length [default: min(2048, max positions)]."),
-    max_windows: int = typer.Option(None, help="Evaluate at most this many windows."),
+    group: opt.Group = "row",
+    targets: opt.Targets = None,
+    calib: opt.Calib = "c4",
+    calib_file: opt.CalibFile = None,
+    nsamples: opt.NSamples = 128,
+    seqlen: opt.SeqLen = None,
+    seed: opt.Seed = 0,
+    calib_sampling: opt.CalibSampling = "random",
+    batch_size: opt.BatchSize = 1,
+    dtype: opt.DType = "auto",
+    device: opt.Device = "auto",
+    eval_dataset: opt.EvalDataset = "wikitext2",
+    eval_text_file: opt.EvalTextFile = None,
+    eval_seqlen: opt.EvalSeqLen = None,
+    max_windows: opt.MaxWindows = None,
     keep_models: bool = typer.Option(False, help="Also write every pruned model under OUT/models/<name>."),
     overwrite: bool = typer.Option(False, help="Replace results (and kept models) already in --out."),
-    trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint."),
+    trust_remote_code: opt.TrustRemoteCode = False,
     option: list[str] = typer.Option([], help="Method option KEY=VALUE for every point (repeatable), as in "
                                      "`run`, e.g. alpha=0.5 or grad_scale=100."),
 ) -> None:
