@@ -190,3 +190,19 @@ def test_fp16_models_accumulate_in_fp32_with_loss_scaling(tiny_dirs):
         assert d["grad_l2"].dtype == torch.float32 and torch.isfinite(d["grad_l2"]).all()
         expected = ref[path]["grad_l2"]
         torch.testing.assert_close(d["grad_l2"], expected, rtol=0.05, atol=1e-3 * expected.max())
+
+
+def test_gblm_collects_only_the_chosen_norm_without_a_cache(tmp_path, tiny_dirs, monkeypatch):
+    seen = []
+    real = model_stats.gradient_pass
+
+    def spy(model, layout, calib, stats, *a, **k):
+        seen.append(set(stats))
+        return real(model, layout, calib, stats, *a, **k)
+
+    monkeypatch.setattr(model_stats, "gradient_pass", spy)
+    pipeline.prune(opts(tmp_path, model=tiny_dirs["llama"], method="gblm", sparsity=0.5,
+                        method_options={"grad_norm": "l1"}))
+    pipeline.prune(opts(tmp_path, model=tiny_dirs["llama"], method="gblm", sparsity=0.5,
+                        method_options={"grad_cache": str(tmp_path / "g.safetensors")}))
+    assert seen == [{"grad_l1"}, {"grad_l1", "grad_l2"}]

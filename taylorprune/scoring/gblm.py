@@ -23,11 +23,22 @@ from taylorprune.scoring.wanda import activation_term
 GRAD_NORMS = ("l1", "l2")
 
 
+def _gblm_needs(options: Mapping[str, object]) -> frozenset[str]:
+    """Only the chosen reduction (one fp32 copy of the targets less in memory); both when a gradient cache is
+    written, so the cache serves either ``--grad-norm`` later."""
+    norm = str(options.get("grad_norm", "l2"))
+    if norm not in GRAD_NORMS:
+        raise UserError(f"--grad-norm {norm}: choose l1 or l2")
+    grads = {"grad_l1", "grad_l2"} if options.get("grad_cache") else {f"grad_{norm}"}
+    return frozenset({"act_norm_sq", *grads})
+
+
 @register(
     "gblm",
     needs=("act_norm_sq", "grad_l1", "grad_l2"),
     summary="|W|·‖X‖₂ + α·|W|·‖G‖ (activations + gradients)",
     paper="Das et al., arXiv:2311.04902",
+    dynamic_needs=_gblm_needs,
 )
 def gblm(weight: torch.Tensor, stats: Mapping[str, torch.Tensor], options: Mapping[str, object]):
     """Wanda's activation term plus a gradient term: weights the loss is sensitive to are kept."""
