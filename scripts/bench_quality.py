@@ -137,8 +137,9 @@ def render(results: dict) -> str:
                   f"| {g['plain_fwd_bwd_s']:.1f} | {g['gradient_pass_s']:.1f} | {g['ratio']:.2f} |"]
     if "gblm-l2 (32 win) 50%" in results and "wanda (32 win) 50%" in results:
         g, w = results["gblm-l2 (32 win) 50%"]["rss_mib"], results["wanda (32 win) 50%"]["rss_mib"]
-        lines += ["", "Peak RSS of `run --method gblm` (gradient pass computed, cache miss) / `run --method wanda`, "
-                  f"same model and calibration: {g:.0f} / {w:.0f} MiB = **{g / w:.2f}×**."]
+        lines += ["", "Peak RSS of `run --method gblm --grad-cache F` (cache miss: gradient pass computed, l1 and l2 "
+                  f"written) / `run --method wanda`, same model and calibration: {g:.0f} / {w:.0f} MiB = "
+                  f"**{g / w:.2f}×** (without a cache and with checkpointing: see below)."]
     extra = ROOT / "docs" / "benchmarks_notes.md"
     if extra.is_file():
         lines += ["", extra.read_text().rstrip()]
@@ -147,7 +148,7 @@ def render(results: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", help="comma-separated config names (and 'dense') to (re)run")
+    ap.add_argument("--only", help="comma-separated config names (and 'dense') to (re)run; 'render' only redraws")
     ap.add_argument("--work", default="/tmp/taylorprune-bench", help="scratch folder for models")
     ap.add_argument("--resume", action="store_true", help="skip rows already in docs/bench_results.json")
     args = ap.parse_args()
