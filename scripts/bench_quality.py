@@ -140,9 +140,9 @@ def render(results: dict) -> str:
         lines += ["", "Peak RSS of `run --method gblm --grad-cache F` (cache miss: gradient pass computed, l1 and l2 "
                   f"written) / `run --method wanda`, same model and calibration: {g:.0f} / {w:.0f} MiB = "
                   f"**{g / w:.2f}×** (without a cache and with checkpointing: see below)."]
-    extra = ROOT / "docs" / "benchmarks_notes.md"
-    if extra.is_file():
-        lines += ["", extra.read_text().rstrip()]
+    for extra in (ROOT / "docs" / "benchmarks_notes.md", ROOT / "docs" / "bench_memory.md"):
+        if extra.is_file():
+            lines += ["", extra.read_text().rstrip()]
     return "\n".join(lines) + "\n"
 
 
