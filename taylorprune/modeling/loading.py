@@ -30,11 +30,6 @@ class Loaded:
     source: str
     gguf_file: str | None = None
 
-    @property
-    def local_dir(self) -> Path | None:
-        path = Path(self.source)
-        return path if path.is_dir() else None
-
 
 def demo_dir() -> Path:
     """The bundled stories260K folder (MIT, karpathy/tinyllamas)."""
