@@ -135,6 +135,7 @@ def render(results: dict) -> str:
                   "of repeats):", "",
                   "| plain forward+backward (s) | gradient pass, l1+l2 (s) | ratio |", "| ---: | ---: | ---: |",
                   f"| {g['plain_fwd_bwd_s']:.1f} | {g['gradient_pass_s']:.1f} | {g['ratio']:.2f} |"]
+    lines += hvp_section() + sweep_section()
     if "gblm-l2 (32 win) 50%" in results and "wanda (32 win) 50%" in results:
         g, w = results["gblm-l2 (32 win) 50%"]["rss_mib"], results["wanda (32 win) 50%"]["rss_mib"]
         lines += ["", "Peak RSS of `run --method gblm --grad-cache F` (cache miss: gradient pass computed, l1 and l2 "
@@ -144,6 +145,32 @@ def render(results: dict) -> str:
         if extra.is_file():
             lines += ["", extra.read_text().rstrip()]
     return "\n".join(lines) + "\n"
+
+
+def hvp_section() -> list[str]:
+    """docs/bench_hvp.json (scripts/bench_hvp.py): OBA's model-scope HVP pass per mode."""
+    path = ROOT / "docs" / "bench_hvp.json"
+    if not path.is_file():
+        return []
+    h = json.loads(path.read_text())
+    lines = ["", "## HVP pass cost (OBA, model scope)", "",
+             f"`{h['command']}` ({h['nsamples']} windows × {h['seqlen']} tokens, each mode in its own process; "
+             "`plain` is one forward+backward per window with every parameter requiring grad):", "",
+             "| mode | seconds | ratio to plain fwd+bwd | peak RSS (MiB) |", "| --- | ---: | ---: | ---: |"]
+    for r in h["rows"]:
+        lines.append(f"| {r['mode']} | {r['seconds']:.1f} | {r['ratio_to_plain']:.2f} | {r['peak_rss_mib']:.0f} |")
+    return lines
+
+
+def sweep_section() -> list[str]:
+    """docs/sweep_smollm2.md and .png (scripts/bench_sweep.py)."""
+    path = ROOT / "docs" / "sweep_smollm2.md"
+    if not path.is_file():
+        return []
+    table = path.read_text().split("\n", 1)[1].strip()  # drop the sweep's own title
+    return ["", "## Sweep: sparsity 0.3–0.7 and 2:4", "",
+            "`python scripts/bench_sweep.py` (`taylorprune sweep`, same calibration and evaluation as above; raw",
+            "numbers in `docs/sweep_smollm2.json`):", "", table, "", "![PPL vs sparsity](sweep_smollm2.png)"]
 
 
 def main() -> None:

@@ -161,7 +161,8 @@ def run(
     blocksize: int = typer.Option(128, help="sparsegpt/obs: columns per lazy-update block."),
     save_scores: str = typer.Option(None, help="Write each target's fp32 scores (.safetensors, module paths)."),
     hvp_scope: str = typer.Option("model", help="oba: Hessian of the whole model's loss, or per block (large models)."),
-    hvp_mode: str = typer.Option("fwd-rev", help="oba: fwd-rev (torch.func jvp of grad) or double-backward."),
+    hvp_mode: str = typer.Option("blockwise", help="oba model scope: blockwise (jvp of each block's vjp, one "
+                                 "block's graph in memory), fwd-rev (jvp of grad, whole model) or double-backward."),
     hvp_cache: str = typer.Option(None, help="oba (model scope): HVP cache (.safetensors), like --grad-cache."),
     oba_first_order: bool = typer.Option(False, help="oba: add the first-order term g·δθ (off, as OBA)."),
     plots: bool = typer.Option(False, "--plots", help="Also write layer_sparsity.png into the output."),

@@ -166,7 +166,7 @@ def validate(opts: RunOptions) -> None:
         raise UserError(f"--eval-text-file {opts.eval_text_file}: file not found")
     mo = opts.method_options
     method.needs_for(mo)  # validates scope options
-    if mo.get("hvp_mode", "fwd-rev") not in HVP_MODES:
+    if mo.get("hvp_mode", "blockwise") not in HVP_MODES:
         raise UserError(f"--hvp-mode {mo['hvp_mode']}: choose one of {', '.join(HVP_MODES)}")
     if mo.get("grad_norm", "l2") not in ("l1", "l2"):
         raise UserError(f"--grad-norm {mo['grad_norm']}: choose l1 or l2")

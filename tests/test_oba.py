@@ -51,7 +51,7 @@ def test_model_scope_g_and_h_terms_equal_the_full_hessian(micro):
     H = torch.autograd.functional.hessian(f, theta)
     g = torch.autograd.functional.jacobian(f, theta)
     hv_ref = H @ (-theta)
-    for mode in ("fwd-rev", "double-backward"):
+    for mode in ("blockwise", "fwd-rev", "double-backward"):
         got = model_hvp_pass(model, layout, ids, mode)
         hv = torch.cat([got[t.path]["oba_hvp"].flatten() for t in layout.all_targets]).double()
         gg = torch.cat([got[t.path]["oba_g"].flatten() for t in layout.all_targets]).double()
@@ -59,17 +59,19 @@ def test_model_scope_g_and_h_terms_equal_the_full_hessian(micro):
         torch.testing.assert_close(gg, g, rtol=1e-5, atol=1e-5 * g.abs().max().item())
 
 
-def test_forward_over_reverse_and_double_backward_agree_in_fp32(tiny_dirs):
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_hvp_modes_agree_in_fp32(tiny_dirs, arch):
     from taylorprune.modeling import loading
 
-    model = loading.load(str(tiny_dirs["qwen2"])).model
+    model = loading.load(str(tiny_dirs[arch])).model
     layout = find_layout(model)
     ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(0))
-    a = model_hvp_pass(model, layout, ids, "fwd-rev")
-    b = model_hvp_pass(model, layout, ids, "double-backward")
-    for path in a:
-        for k in ("oba_g", "oba_hvp"):
-            torch.testing.assert_close(a[path][k], b[path][k], rtol=1e-4, atol=1e-6)
+    ref = model_hvp_pass(model, layout, ids, "double-backward")
+    for mode in ("blockwise", "fwd-rev"):
+        got = model_hvp_pass(model, layout, ids, mode)
+        for path in ref:
+            for k in ("oba_g", "oba_hvp"):
+                torch.testing.assert_close(got[path][k], ref[path][k], rtol=1e-4, atol=1e-6)
 
 
 def test_block_scope_equals_gauss_newton_from_the_full_jacobian(micro):

@@ -230,6 +230,8 @@ def run_sweep(sweep: Sweep, hooks_for: HooksFor, on_row: Callable[[dict], None] 
         for i, point in enumerate(sweep.points, start=1):
             rows.append(run_point(sweep, point, hooks_for(i, point.name)))
             on_row(rows[-1])
+            # rewritten after every point: an interrupted long sweep still leaves the rows it finished
+            write_results(build_results(sweep, dense, rows), out)
     finally:
         remove_own_caches(sweep)
     results = build_results(sweep, dense, rows)

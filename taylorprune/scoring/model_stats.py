@@ -64,7 +64,7 @@ def _gradient_identity(ctx: Context) -> dict[str, str]:
 def _hvps(ctx: Context, needed: frozenset[str]) -> Stats:
     tick = ctx.progress("Hessian-vector products (samples)", len(ctx.calib_ids))
     ctx.events.append("hvp_pass")
-    return model_hvp_pass(ctx.model, ctx.layout, ctx.calib_ids, str(ctx.options.get("hvp_mode", "fwd-rev")),
+    return model_hvp_pass(ctx.model, ctx.layout, ctx.calib_ids, str(ctx.options.get("hvp_mode", "blockwise")),
                           ctx.device, tick)
 
 

@@ -1,6 +1,6 @@
 """Optimal Brain Apoptosis scores with exact Hessian-vector products.
 
-Chen, Cheng, Ding, Zhang, Yang, "Optimal Brain Apoptosis", ICLR 2025, arXiv:2502.17941: importance of
+Sun, Fang, Wang, Jiang, Kong, Hu, Fang, Xu, "Optimal Brain Apoptosis", ICLR 2025, arXiv:2502.17941: importance of
 parameter i is the second-order Taylor estimate of the loss change when it is removed together with all
 others, ΔL_i ≈ g_i·δθ_i + ½·δθ_i·(H δθ)_i with δθ = −θ, and the score is |ΔL_i|. OBA computes it for CNNs and
 ViTs; here for LLaMA-class models, with the HVP from ``scoring.hvp`` (``--hvp-scope model`` or ``block``).
@@ -34,7 +34,7 @@ def _needs(options: Mapping[str, object]) -> frozenset[str]:
     "oba",
     needs=("oba_g", "oba_hvp"),
     summary="|g·δθ + ½·δθ·(Hδθ)|, δθ = −W, exact HVP",
-    paper="Chen et al., arXiv:2502.17941",
+    paper="Sun et al., arXiv:2502.17941",
     dynamic_needs=_needs,
 )
 def oba(weight: torch.Tensor, stats: Mapping[str, torch.Tensor], options: Mapping[str, object]):
