@@ -47,6 +47,8 @@ CONFIGS: dict[str, list[str]] = {
     "taylor (32 win)": ["--method", "taylor", "--grad-cache", GRAD_CACHE, *SMALL],
     "sparsegpt (32 win)": ["--method", "sparsegpt", *SMALL],
     "oba-model (32 win)": ["--method", "oba", "--hvp-scope", "model", "--hvp-cache", HVP_CACHE, *SMALL],
+    "oba-model norm=max (32 win)": ["--method", "oba", "--hvp-scope", "model", "--hvp-cache", HVP_CACHE,
+                                    "--oba-normalize", "max", *SMALL],
     "oba-block (32 win)": ["--method", "oba", "--hvp-scope", "block", *SMALL],
     "wanda+obs (32 win)": ["--method", "wanda", "--update", "obs", *SMALL],
     "gblm-l2+obs (32 win)": ["--method", "gblm", "--update", "obs", "--grad-cache", GRAD_CACHE, *SMALL],

@@ -165,6 +165,8 @@ def run(
                                  "block's graph in memory), fwd-rev (jvp of grad, whole model) or double-backward."),
     hvp_cache: str = typer.Option(None, help="oba (model scope): HVP cache (.safetensors), like --grad-cache."),
     oba_first_order: bool = typer.Option(False, help="oba: add the first-order term g·δθ (off, as OBA)."),
+    oba_normalize: str = typer.Option("none", help="oba: none (the paper's score) or max (per-layer |ΔL|/max + "
+                                      "|W|, the authors' unstructured recipe)."),
     plots: bool = typer.Option(False, "--plots", help="Also write layer_sparsity.png into the output."),
     option: opt.MethodOption = None,
 ) -> None:
@@ -184,7 +186,7 @@ def run(
             method_options=dict(
                 alpha=alpha, grad_norm=grad_norm, grad_scale=grad_scale, grad_cache=grad_cache,
                 grad_checkpointing=grad_checkpointing, percdamp=percdamp, blocksize=blocksize, hvp_scope=hvp_scope,
-                hvp_mode=hvp_mode, hvp_cache=hvp_cache, oba_first_order=oba_first_order,
+                hvp_mode=hvp_mode, hvp_cache=hvp_cache, oba_first_order=oba_first_order, oba_normalize=oba_normalize,
                 **parse_method_options(option or []),
             ),
         )

@@ -160,3 +160,15 @@ def test_block_scope_hvp_cache_reused_only_for_the_same_recipe(tmp_path, tiny_di
         assert torch.equal(a, second.loaded.model.get_submodule(lin["name"]).weight)
     with pytest.raises(UserError, match="recipe"):
         pipeline.prune(opts(0.6))
+
+
+def test_oba_normalize_max_is_the_reference_recipe():
+    from taylorprune.scoring.registry import get_method
+
+    weight = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
+    hv = torch.tensor([[4.0, 1.0], [-2.0, 3.0]])
+    oba = get_method("oba").score
+    plain = oba(weight, {"oba_hvp": hv}, {})
+    torch.testing.assert_close(plain, torch.tensor([[2.0, 1.0], [0.5, 0.0]]))  # |½·(−W)·Hv|
+    normed = oba(weight, {"oba_hvp": hv}, {"oba_normalize": "max"})
+    torch.testing.assert_close(normed, plain / 2.0 + weight.abs())

@@ -68,6 +68,7 @@ def run_args(model, out, *extra):
         (["--sparsity", "0.5", "--calib-file", "/nonexistent.txt"], "file not found"),
         (["--sparsity", "0.5", "--grad-norm", "l3", "--method", "gblm"], "--grad-norm"),
         (["--sparsity", "0.5", "--hvp-scope", "layer", "--method", "oba"], "--hvp-scope"),
+        (["--sparsity", "0.5", "--oba-normalize", "sum", "--method", "oba"], "--oba-normalize"),
         (["--sparsity", "0.5", "--dtype", "float8"], "--dtype"),
     ],
 )
