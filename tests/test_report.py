@@ -297,6 +297,26 @@ def test_sweep_keeps_going_when_one_point_fails(stories_dir, tmp_path, monkeypat
     assert matplotlib.image.imread(out / "ppl_vs_sparsity.png").ndim == 3
 
 
+def test_interrupted_sweep_keeps_the_points_it_finished(stories_dir, tmp_path, monkeypatch):
+    from taylorprune import pipeline
+
+    real = pipeline.prune
+
+    def interrupted(opts, hooks=None):
+        if opts.sparsity == 0.5:
+            raise KeyboardInterrupt
+        return real(opts, hooks)
+
+    monkeypatch.setattr(pipeline, "prune", interrupted)
+    out = tmp_path / "sweep"
+    res = invoke("sweep", "--model", stories_dir, "--methods", "magnitude", "--sparsities", "0.3,0.5", *SWEEP_EVAL,
+                 "--out", out)
+    assert res.exit_code == 130, res.output
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["method"], r["sparsity"]) for r in rows] == [("magnitude", 0.3)] and rows[0]["perplexity"] > 1
+    assert (out / "ppl_vs_sparsity.png").read_bytes()[:8] == PNG_MAGIC
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [(["--methods", "wanda,nope"], "--methods nope: unknown"), (["--sparsities", "0.5,1.2"], "between 0 and 1"),
