@@ -20,8 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CALIB = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gradients import CALIB, ROOT, plain  # noqa: E402
+
 OUT = ROOT / "docs" / "bench_hvp.json"
 MODES = ("plain", "blockwise", "fwd-rev", "double-backward")
 
@@ -34,20 +35,16 @@ def measure(model_dir: str, mode: str, nsamples: int, seqlen: int) -> dict:
     from taylorprune.calib.text import read_file
     from taylorprune.modeling.layout import find_layout
     from taylorprune.modeling.loading import load
-    from taylorprune.scoring.gradients import causal_lm_loss
     from taylorprune.scoring.hvp import model_hvp_pass
 
     loaded = load(model_dir)
     ids, _ = sample(loaded.tokenizer, read_file(CALIB), nsamples, seqlen, 0, "sequential")
-    t0 = time.perf_counter()
     if mode == "plain":
-        loaded.model.requires_grad_(True)
-        for row in ids:
-            causal_lm_loss(loaded.model, row[None]).backward()
-            loaded.model.zero_grad(set_to_none=True)
+        seconds = plain(loaded.model, ids)
     else:
+        t0 = time.perf_counter()
         model_hvp_pass(loaded.model, find_layout(loaded.model), ids, mode)
-    seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"mode": mode, "seconds": seconds, "peak_rss_mib": rss, "threads": torch.get_num_threads()}
 

@@ -137,12 +137,12 @@ def render(results: dict) -> str:
                   "of repeats):", "",
                   "| plain forward+backward (s) | gradient pass, l1+l2 (s) | ratio |", "| ---: | ---: | ---: |",
                   f"| {g['plain_fwd_bwd_s']:.1f} | {g['gradient_pass_s']:.1f} | {g['ratio']:.2f} |"]
-    lines += hvp_section() + sweep_section()
     if "gblm-l2 (32 win) 50%" in results and "wanda (32 win) 50%" in results:
         g, w = results["gblm-l2 (32 win) 50%"]["rss_mib"], results["wanda (32 win) 50%"]["rss_mib"]
         lines += ["", "Peak RSS of `run --method gblm --grad-cache F` (cache miss: gradient pass computed, l1 and l2 "
                   f"written) / `run --method wanda`, same model and calibration: {g:.0f} / {w:.0f} MiB = "
                   f"**{g / w:.2f}×** (without a cache and with checkpointing: see below)."]
+    lines += hvp_section() + sweep_section()
     for extra in (ROOT / "docs" / "benchmarks_notes.md", ROOT / "docs" / "bench_memory.md"):
         if extra.is_file():
             lines += ["", extra.read_text().rstrip()]

@@ -29,16 +29,36 @@ def _detach(value):
     return value
 
 
+@contextlib.contextmanager
+def patched_forwards(blocks: nn.ModuleList, forwards: list) -> Iterator[None]:
+    """Give each block an instance ``forward`` for the duration; whatever was there before comes back."""
+    saved = [blk.__dict__.get("forward") for blk in blocks]
+    for blk, forward in zip(blocks, forwards, strict=True):
+        blk.forward = forward
+    try:
+        yield
+    finally:
+        for blk, old in zip(blocks, saved, strict=True):
+            if old is None:
+                del blk.forward
+            else:
+                blk.forward = old
+
+
 class BlockRunner:
     """Captures block inputs for a batch of token windows and runs single blocks over them."""
 
-    def __init__(self, model: nn.Module, layout: Layout, device: torch.device, batch_size: int = 1) -> None:
+    def __init__(self, model: nn.Module, layout: Layout, device: torch.device, batch_size: int = 1,
+                 stream: bool | None = None) -> None:
         self.model = model
         self.layout = layout
         self.device = torch.device(device)
         self.batch_size = max(1, batch_size)
-        # Without an accelerate device map the model lives on the CPU and blocks are streamed to the device.
-        self.stream = self.device.type != "cpu" and not getattr(model, "hf_device_map", None)
+        # Without an accelerate device map the model lives on the CPU and blocks are streamed to the device,
+        # unless the caller already placed the whole model there (stream=False).
+        if stream is None:
+            stream = self.device.type != "cpu" and not getattr(model, "hf_device_map", None)
+        self.stream = stream
         self.block_kwargs: list[dict] = [{} for _ in layout.blocks]
 
     # -- capture ------------------------------------------------------------------------------------
@@ -54,19 +74,9 @@ class BlockRunner:
 
         return forward
 
-    @contextlib.contextmanager
-    def _recording(self, sink: list[torch.Tensor]) -> Iterator[None]:
-        saved = [blk.__dict__.get("forward") for blk in self.layout.blocks]
-        for i, blk in enumerate(self.layout.blocks):
-            blk.forward = self._recorder(i, sink)
-        try:
-            yield
-        finally:
-            for blk, old in zip(self.layout.blocks, saved, strict=True):
-                if old is None:
-                    del blk.forward
-                else:
-                    blk.forward = old
+    def _recording(self, sink: list[torch.Tensor]):
+        blocks = self.layout.blocks
+        return patched_forwards(blocks, [self._recorder(i, sink) for i in range(len(blocks))])
 
     def _non_block_modules(self) -> list[nn.Module]:
         base = self.model.base_model

@@ -31,6 +31,7 @@ Attention runs as ``eager`` during these passes: fused SDPA kernels lack forward
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -39,7 +40,7 @@ from torch.func import functional_call, grad, jvp, vjp
 
 from taylorprune.errors import RunError, UserError
 from taylorprune.modeling.layout import Layout, Target
-from taylorprune.prune.blocks import BlockRunner
+from taylorprune.prune.blocks import BlockRunner, patched_forwards
 
 HVP_MODES = ("blockwise", "fwd-rev", "double-backward")
 MODEL_HVP_STATS = ("oba_g", "oba_hvp")
@@ -89,30 +90,21 @@ def model_hvp(model: nn.Module, targets: list[Target], ids: torch.Tensor, mode: 
     raise UserError(f"--hvp-mode {mode}: choose one of {', '.join(HVP_MODES)}")
 
 
-def _block_fn(block: nn.Module, names: list[str], kwargs: dict) -> Callable[..., torch.Tensor]:
+def _target_names(block: nn.Module, targets: list[Target]) -> list[str]:
+    """Parameter names of the targets' weights relative to ``block`` (for ``functional_call``)."""
+    inside = {id(m): n for n, m in block.named_modules()}
+    return [f"{inside[id(t.module)]}.weight" for t in targets]
+
+
+def _block_fn(block: nn.Module, targets: list[Target], kwargs: dict) -> Callable[..., torch.Tensor]:
     """Block output as a function of (hidden states, *target weights)."""
+    names = _target_names(block, targets)
 
     def f(hidden: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
         out = functional_call(block, dict(zip(names, weights, strict=True)), (hidden,), kwargs, strict=False)
         return out[0] if isinstance(out, tuple) else out
 
     return f
-
-
-@contextlib.contextmanager
-def _blocks_return(blocks: nn.ModuleList, hidden: torch.Tensor) -> Iterator[None]:
-    """Every block returns ``hidden``: the model's own code then maps the last block's output to the loss."""
-    saved = [blk.__dict__.get("forward") for blk in blocks]
-    for blk in blocks:
-        blk.forward = lambda *args, **kwargs: hidden
-    try:
-        yield
-    finally:
-        for blk, old in zip(blocks, saved, strict=True):
-            if old is None:
-                del blk.forward
-            else:
-                blk.forward = old
 
 
 Grads = tuple[torch.Tensor, ...]
@@ -125,19 +117,16 @@ def blockwise_hvp(runner, ids: torch.Tensor) -> Iterator[tuple[int, Grads, Grads
     """
     model, layout = runner.model, runner.layout
     hidden = runner.capture(ids)
-    fns, weights = [], []
-    for i, block in enumerate(layout.blocks):
-        inside = {id(m): n for n, m in block.named_modules()}
-        fns.append(_block_fn(block, [f"{inside[id(t.module)]}.weight" for t in layout.targets[i]],
-                             runner.block_kwargs[i]))
-        weights.append(tuple(t.module.weight.detach() for t in layout.targets[i]))
+    fns = [_block_fn(block, layout.targets[i], runner.block_kwargs[i]) for i, block in enumerate(layout.blocks)]
+    weights = [tuple(t.module.weight.detach() for t in block_targets) for block_targets in layout.targets]
     states = [(hidden, torch.zeros_like(hidden))]
     for f, w in zip(fns, weights, strict=True):
         h, dh = states[-1]
         states.append(jvp(f, (h, *w), (dh, *(-x for x in w))))
 
     def head_loss(h: torch.Tensor) -> torch.Tensor:
-        with _blocks_return(layout.blocks, h):
+        # every block returns h: the model's own code then maps the last block's output to the loss
+        with patched_forwards(layout.blocks, [lambda *a, **k: h] * len(layout.blocks)):
             return model(input_ids=ids, labels=ids, use_cache=False).loss
 
     adj, dadj = jvp(grad(head_loss), (states[-1][0],), (states[-1][1],))
@@ -147,8 +136,7 @@ def blockwise_hvp(runner, ids: torch.Tensor) -> Iterator[tuple[int, Grads, Grads
         def pull(h: torch.Tensor, a: torch.Tensor, *ws: torch.Tensor, f=f) -> tuple[torch.Tensor, ...]:
             return vjp(f, h, *ws)[1](a)
 
-        (adj_new, *g), (dadj_new, *hv) = jvp(pull, (states[i][0], adj, *w), (states[i][1], dadj, *(-x for x in w)))
-        adj, dadj = adj_new, dadj_new
+        (adj, *g), (dadj, *hv) = jvp(pull, (states[i][0], adj, *w), (states[i][1], dadj, *(-x for x in w)))
         yield i, tuple(g), tuple(hv)
 
 
@@ -171,8 +159,7 @@ def model_hvp_pass(
     sums_h = [torch.zeros_like(s) for s in sums_g]
     try:
         with eager_attention(model):
-            runner = BlockRunner(model, layout, input_device)
-            runner.stream = False  # the whole model already sits where it runs
+            runner = BlockRunner(model, layout, input_device, stream=False)  # the model already sits there
             starts = [0]
             for block_targets in layout.targets:
                 starts.append(starts[-1] + len(block_targets))
@@ -197,15 +184,9 @@ def model_hvp_pass(
 
 def block_hvp(block: nn.Module, kwargs: dict, targets: list[Target], hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Jᵀ(J·δθ) of the block outputs w.r.t. its target weights on one batch of inputs, δθ = −W."""
-    inside = {id(m): n for n, m in block.named_modules()}
-    names = [f"{inside[id(t.module)]}.weight" for t in targets]
+    outputs = functools.partial(_block_fn(block, targets, kwargs), hidden)
     primals = tuple(t.module.weight.detach() for t in targets)
     tangents = tuple(-p for p in primals)
-
-    def outputs(*weights: torch.Tensor) -> torch.Tensor:
-        out = functional_call(block, dict(zip(names, weights, strict=True)), (hidden,), kwargs, strict=False)
-        return out[0] if isinstance(out, tuple) else out
-
     _, jv = jvp(outputs, primals, tangents)
     _, pullback = vjp(outputs, *primals)
     return pullback(jv)
