@@ -22,7 +22,7 @@ from taylorprune.calib.sampling import sample
 from taylorprune.calib.text import read_file
 from taylorprune.modeling.layout import find_layout
 from taylorprune.modeling.loading import load
-from taylorprune.scoring.gradients import causal_lm_loss, gradient_pass
+from taylorprune.stats.gradients import causal_lm_loss, gradient_pass
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIB = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"

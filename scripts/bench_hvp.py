@@ -35,7 +35,7 @@ def measure(model_dir: str, mode: str, nsamples: int, seqlen: int) -> dict:
     from taylorprune.calib.text import read_file
     from taylorprune.modeling.layout import find_layout
     from taylorprune.modeling.loading import load
-    from taylorprune.scoring.hvp import model_hvp_pass
+    from taylorprune.stats.hvp import model_hvp_pass
 
     loaded = load(model_dir)
     ids, _ = sample(loaded.tokenizer, read_file(CALIB), nsamples, seqlen, 0, "sequential")

@@ -59,10 +59,16 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def stories_dir() -> Path:
-    """The real stories260K from ../shared (skipped without it); the bundled copy is the same model."""
-    path = SHARED / "models" / "stories260K"
-    if not path.is_dir():
-        pytest.skip("../shared/models/stories260K is absent")
+    """The real stories260K as the package bundles it (the same files as ../shared/models/stories260K)."""
+    return DEMO
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M (GGUF Q4_1) from ../shared: the one asset the package does not bundle."""
+    path = SHARED / "models" / "smollm2-135m-instruct-q4_1" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.skip("SmolLM2-135M GGUF absent: ../shared/models/smollm2-135m-instruct-q4_1 is not beside the repo")
     return path
 
 

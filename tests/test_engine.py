@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from taylorprune.modeling import loading
+from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.modeling.layout import find_layout
-from taylorprune.prune.blocks import BlockRunner
-from taylorprune.prune.engine import prune_layers
+from taylorprune.pipeline.components import resolve
+from taylorprune.pipeline.engine import prune_layers
 from taylorprune.prune.masks import check_nm, parse_pattern
-from taylorprune.scoring import get_method
-from taylorprune.scoring.stats import collect_hooks
+from taylorprune.scoring.registry import get_method
+from taylorprune.stats.collect import linear_hooks
 
 ARCHS = ["llama", "llama_tied", "mistral", "qwen2"]
 
@@ -64,7 +65,7 @@ def test_wanda_scores_equal_direct_computation(tiny_dirs):
     x = ids()
     hidden = runner.capture(x)
     target = layout.targets[0][6]  # mlp.down_proj of block 0
-    accs, handles = collect_hooks({target.path: target.module}, frozenset({"act_norm_sq"}))
+    accs, handles = linear_hooks({target.path: target.module}, frozenset({"act_norm_sq"}))
     inputs = []
     h2 = target.module.register_forward_hook(lambda m, a, o: inputs.append(a[0].detach()))
     runner.run(0, hidden)
@@ -83,7 +84,7 @@ def test_every_target_gets_exact_pattern_and_others_untouched(tiny_dirs, arch, p
     model, layout, runner = setup(tiny_dirs[arch])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     pat = parse_pattern(float(pattern), None) if ":" not in pattern else parse_pattern(None, pattern)
-    res = prune_layers(runner, layout, get_method("wanda"), pat, ids())
+    res = prune_layers(runner, layout, resolve("wanda"), pat, ids())
     target_keys = {f"{t.path}.weight" for t in layout.all_targets}
     for t in layout.all_targets:
         w = t.module.weight
@@ -106,7 +107,7 @@ def test_later_blocks_are_calibrated_on_pruned_outputs(tiny_dirs):
     dense_runner_model, dense_layout, dense_runner = setup(tiny_dirs["llama"])
     probe = layout.targets[1][0].module  # block 1 q_proj
     handle = probe.register_forward_hook(lambda m, a, o: seen["engine"].append(a[0].detach()))
-    prune_layers(runner, layout, get_method("wanda"), parse_pattern(0.5, None), x)
+    prune_layers(runner, layout, resolve("wanda"), parse_pattern(0.5, None), x)
     handle.remove()
     engine_input = torch.cat(seen["engine"][: len(x) // 2])  # first run over block 1 (statistics pass)
 
@@ -131,7 +132,7 @@ def test_later_blocks_are_calibrated_on_pruned_outputs(tiny_dirs):
 
 def test_magnitude_needs_no_calibration(tiny_dirs):
     model, layout, runner = setup(tiny_dirs["llama"])
-    res = prune_layers(runner, layout, get_method("magnitude"), parse_pattern(0.5, None), None)
+    res = prune_layers(runner, layout, resolve("magnitude"), parse_pattern(0.5, None), None)
     assert "capture" in res.timings and res.sparsity == pytest.approx(0.5)
     w = layout.targets[0][0].module.weight
     kept = w[0][w[0] != 0].abs().min()

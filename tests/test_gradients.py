@@ -12,8 +12,8 @@ from taylorprune.cli import app
 from taylorprune.errors import UserError
 from taylorprune.modeling import loading
 from taylorprune.modeling.layout import find_layout
-from taylorprune.scoring import gradients, model_stats
-from taylorprune.scoring.gradients import gradient_pass
+from taylorprune.stats import gradients
+from taylorprune.stats.gradients import gradient_pass
 
 from .conftest import VALID
 
@@ -141,12 +141,12 @@ def test_cache_adds_missing_statistics(tmp_path, tiny_dirs):
     pipeline.prune(opts(tmp_path, model=m, method="taylor", sparsity=0.5, method_options={"grad_cache": str(cache)}),
                    hooks)
     assert hooks.events == ["gradient_pass"]
-    with safe_open(str(cache), "pt") as f:
-        assert set(f.metadata()["stats"].split(",")) == {"grad_l2", "grad_sum"}
+    with safe_open(str(cache), "pt") as f:  # fisher's l2 came with its sibling l1 (the cache serves gblm l1 too)
+        assert set(f.metadata()["stats"].split(",")) == {"grad_l1", "grad_l2", "grad_sum"}
 
 
 def test_taylor_and_fisher_formulas():
-    from taylorprune.scoring import get_method
+    from taylorprune.scoring.registry import get_method
 
     w = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
     g = {"grad_sum": torch.tensor([[-1.0, 1.0], [2.0, 0.0]]), "grad_l2": torch.tensor([[1.0, 2.0], [0.0, 1.0]])}
@@ -175,9 +175,12 @@ def test_cli_acceptance_gblm_cache_written_then_reused(tmp_path, stories_dir):
     assert r3.exit_code == 2 and "calibration" in r3.output and not (tmp_path / "c").exists()
 
 
-def test_model_stat_registry_knows_gradients():
-    assert all(model_stats.is_model_stat(s) for s in ("grad_l1", "grad_l2", "grad_sum"))
-    assert not model_stats.is_model_stat("act_norm_sq")
+def test_statistics_registry_knows_the_gradients_scope():
+    from taylorprune.stats.registry import STATISTICS
+    from taylorprune.stats.source import Scope
+
+    assert all(STATISTICS[s].scope is Scope.MODEL for s in ("grad_l1", "grad_l2", "grad_sum"))
+    assert STATISTICS["act_norm_sq"].scope is Scope.LINEAR and STATISTICS["oba_block_hvp"].scope is Scope.BLOCK
 
 
 def test_fp16_models_accumulate_in_fp32_with_loss_scaling(tiny_dirs):
@@ -194,13 +197,13 @@ def test_fp16_models_accumulate_in_fp32_with_loss_scaling(tiny_dirs):
 
 def test_gblm_collects_only_the_chosen_norm_without_a_cache(tmp_path, tiny_dirs, monkeypatch):
     seen = []
-    real = model_stats.gradient_pass
+    real = gradients.gradient_pass
 
     def spy(model, layout, calib, stats, *a, **k):
         seen.append(set(stats))
         return real(model, layout, calib, stats, *a, **k)
 
-    monkeypatch.setattr(model_stats, "gradient_pass", spy)
+    monkeypatch.setattr(gradients, "gradient_pass", spy)
     pipeline.prune(opts(tmp_path, model=tiny_dirs["llama"], method="gblm", sparsity=0.5,
                         method_options={"grad_norm": "l1"}))
     pipeline.prune(opts(tmp_path, model=tiny_dirs["llama"], method="gblm", sparsity=0.5,

@@ -9,9 +9,10 @@ from typer.testing import CliRunner
 
 from taylorprune import pipeline
 from taylorprune.cli import app
+from taylorprune.modeling.attention import eager_attention
+from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.modeling.layout import find_layout
-from taylorprune.prune.blocks import BlockRunner
-from taylorprune.scoring.hvp import block_hvp_stats, eager_attention, model_hvp_pass
+from taylorprune.stats.hvp import block_hvp_stats, model_hvp_pass
 
 from .conftest import VALID
 
@@ -43,6 +44,7 @@ def flat_fn(model, layout, fn):
     return f, theta, sizes, names
 
 
+@pytest.mark.slow
 def test_model_scope_g_and_h_terms_equal_the_full_hessian(micro):
     model, layout, ids = micro
     f, theta, sizes, _ = flat_fn(model, layout, lambda p: sum(
@@ -136,7 +138,7 @@ def test_cli_oba_model_scope_with_hvp_cache(tmp_path, stories_dir):
 
 def test_block_scope_hvp_cache_reused_only_for_the_same_recipe(tmp_path, tiny_dirs, monkeypatch):
     from taylorprune.errors import UserError
-    from taylorprune.scoring import stats as stats_mod
+    from taylorprune.stats import hvp
 
     cache = tmp_path / "hb.safetensors"
 
@@ -150,8 +152,7 @@ def test_block_scope_hvp_cache_reused_only_for_the_same_recipe(tmp_path, tiny_di
     with safe_open(str(cache), "pt") as f:
         assert f.metadata()["kind"] == "hvp-block"
         assert {k.rsplit(".", 1)[1] for k in f.keys()} == {"oba_block_hvp"}
-    monkeypatch.setitem(stats_mod.BLOCK_FN_STATS, "oba_block_hvp",
-                        lambda *a: pytest.fail("block HVP recomputed on a cache hit"))
+    monkeypatch.setattr(hvp, "block_hvp", lambda *a: pytest.fail("block HVP recomputed on a cache hit"))
     hooks = pipeline.Hooks()
     second = pipeline.prune(opts(0.5), hooks)
     assert hooks.events == ["hvp_cache_hit"]
@@ -163,12 +164,13 @@ def test_block_scope_hvp_cache_reused_only_for_the_same_recipe(tmp_path, tiny_di
 
 
 def test_oba_normalize_max_is_the_reference_recipe():
+    from taylorprune.scoring.oba import ObaOptions
     from taylorprune.scoring.registry import get_method
 
     weight = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
     hv = torch.tensor([[4.0, 1.0], [-2.0, 3.0]])
     oba = get_method("oba").score
-    plain = oba(weight, {"oba_hvp": hv}, {})
+    plain = oba(weight, {"oba_hvp": hv}, ObaOptions())
     torch.testing.assert_close(plain, torch.tensor([[2.0, 1.0], [0.5, 0.0]]))  # |½·(−W)·Hv|
-    normed = oba(weight, {"oba_hvp": hv}, {"oba_normalize": "max"})
+    normed = oba(weight, {"oba_hvp": hv}, ObaOptions(oba_normalize="max"))
     torch.testing.assert_close(normed, plain / 2.0 + weight.abs())

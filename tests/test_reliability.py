@@ -167,7 +167,7 @@ def test_non_finite_scores_name_the_layer(tmp_path, model_copy):
 
 
 def test_out_of_memory_names_the_phase(tmp_path, model_copy, monkeypatch):
-    import taylorprune.pipeline as pipeline
+    import taylorprune.pipeline.flow as pipeline
 
     def boom(*a, **k):
         raise MemoryError
@@ -222,6 +222,7 @@ main()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_while_saving_leaves_no_output(tmp_path, model_copy, sig):
     out = tmp_path / "o"

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from taylorprune.cli import app
-from taylorprune.report.plots import plot_layer_sparsity
+from taylorprune.export.plots import plot_layer_sparsity
 
 from .conftest import TEST_TEXT, VALID
 
@@ -157,6 +157,7 @@ def test_check_real_results_and_junit(folders, tmp_path):
     assert generous.exit_code == 0, generous.output
 
 
+@pytest.mark.slow
 def test_check_min_sparsity_reads_the_weights(folders, tmp_path):
     """Folders are evaluated with the eval options; sparsity comes from the safetensors, not the report."""
     copy = tmp_path / "s50-copy"
@@ -229,6 +230,7 @@ def test_inspect_refuses_missing_or_weightless_folders(tmp_path):
 SWEEP_EVAL = ["--eval-text-file", TEST_TEXT, "--eval-seqlen", "64", "--max-windows", "2"]
 
 
+@pytest.mark.slow
 def test_sweep_writes_results_table_and_plot(stories_dir, tmp_path):
     import matplotlib.image
 
@@ -258,6 +260,7 @@ def test_sweep_writes_results_table_and_plot(stories_dir, tmp_path):
     assert "--overwrite" in one_line_error(again)
 
 
+@pytest.mark.slow
 def test_sweep_reuses_gradients_and_keeps_models(stories_dir, tmp_path):
     out = tmp_path / "sweep"
     res = invoke("sweep", "--model", stories_dir, "--methods", "gblm", "--sparsities", "0.5",
@@ -272,6 +275,7 @@ def test_sweep_reuses_gradients_and_keeps_models(stories_dir, tmp_path):
     assert "2:4" in info["nm_patterns"] and info["report"]["method"] == "gblm"
 
 
+@pytest.mark.slow
 def test_sweep_keeps_going_when_one_point_fails(stories_dir, tmp_path, monkeypatch):
     import matplotlib.image
 
@@ -297,6 +301,7 @@ def test_sweep_keeps_going_when_one_point_fails(stories_dir, tmp_path, monkeypat
     assert matplotlib.image.imread(out / "ppl_vs_sparsity.png").ndim == 3
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_keeps_the_points_it_finished(stories_dir, tmp_path, monkeypatch):
     from taylorprune import pipeline
 

@@ -1,1 +1,1 @@
-"""Load: checkpoints in, and where their decoder blocks and prunable linears are."""
+"""Load: checkpoints in, where their decoder blocks and prunable linears are, and how to replay one block."""

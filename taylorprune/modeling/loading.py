@@ -89,8 +89,31 @@ def _strip_gguf_quantizer(model: nn.Module, dtype: torch.dtype | str) -> nn.Modu
         plain = AutoModelForCausalLM.from_config(config, dtype=target)
     plain.load_state_dict({k: v.to(target) for k, v in model.state_dict().items()}, assign=True)
     plain.tie_weights()
+    _materialize_buffers(plain)
     plain.generation_config = model.generation_config
     return plain.eval()
+
+
+def _materialize_buffers(model: nn.Module) -> None:
+    """Recompute buffers left on the meta device (a GGUF load leaves the rotary ``inv_freq`` there).
+
+    Non-persistent buffers are not in any checkpoint; a module that derives them from the config (rotary
+    embeddings) is rebuilt on the CPU and its buffers copied over.
+    """
+    for name, module in model.named_modules():
+        meta = [b for b, t in module.named_buffers(recurse=False) if t.is_meta]
+        if not meta:
+            continue
+        config = getattr(module, "config", None)
+        if config is None:
+            raise UserError(f"{name}: buffers {', '.join(meta)} were not loaded and cannot be recomputed")
+        with torch.device("cpu"):
+            fresh = type(module)(config=config)
+        for b in meta:
+            setattr(module, b, getattr(fresh, b))
+        for attr in ("attention_scaling",):
+            if hasattr(fresh, attr):
+                setattr(module, attr, getattr(fresh, attr))
 
 
 def load_config(model: str, trust_remote_code: bool = False):
@@ -137,11 +160,17 @@ def load(
     device_map: str | None = None,
     offload_folder: str | None = None,
     trust_remote_code: bool = False,
+    config=None,
 ) -> Loaded:
-    """Load model and tokenizer; every failure a user can cause becomes a one-line ``UserError``."""
+    """Load model and tokenizer; every failure a user can cause becomes a one-line ``UserError``.
+
+    ``config``: the one ``load_config`` returned while validating (not read again).
+    """
+    import copy
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = load_config(model, trust_remote_code)
+    config = copy.deepcopy(config) if config is not None else load_config(model, trust_remote_code)
     pad = getattr(config, "pad_token_id", None)
     if isinstance(pad, int) and not 0 <= pad < getattr(config, "vocab_size", pad + 1):
         config.pad_token_id = None  # some GGUF conversions (llama2.c) carry a pad id outside the vocabulary

@@ -1,1 +1,1 @@
-"""Prune: masks from scores, weight updates, and the layer-by-layer engine."""
+"""Mask and update: keep-masks from scores (unstructured, N:M) and weight updates of what is kept (OBS)."""

@@ -16,12 +16,23 @@ Two ways to choose what is pruned:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from taylorprune.errors import RunError
+from taylorprune.options import Options, option
 from taylorprune.prune.masks import Pattern, _prune_lowest
 
 DAMP_RETRIES = (1.0, 10.0, 100.0)
+MIN_RETRY_DAMP = 1e-4  # retries of an undamped (percdamp 0) Hessian start from this fraction
+
+
+@dataclass(frozen=True)
+class ObsOptions(Options):
+    percdamp: float = option(0.01, "OBS damping λ as a fraction of mean diag(H) (SparseGPT: 0.01).", minimum=0,
+                             below=10)
+    blocksize: int = option(128, "OBS columns per lazy-update block (SparseGPT: 128).", minimum=1)
 
 
 class CholeskyFailed(RunError):
@@ -29,15 +40,19 @@ class CholeskyFailed(RunError):
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, name: str = "") -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + λI)⁻¹; escalate λ ×10, ×100 when H is not positive definite."""
+    """Upper Cholesky factor of (H + λI)⁻¹; escalate λ ×10, ×100 when H is not positive definite.
+
+    An undamped request (``percdamp`` 0) that fails is retried from ``MIN_RETRY_DAMP`` upwards.
+    """
     diag_mean = torch.diag(hessian).mean()
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    for factor in DAMP_RETRIES:
-        damp = percdamp * factor * diag_mean
+    for attempt, factor in enumerate(DAMP_RETRIES):
+        fraction = percdamp * factor if percdamp > 0 or attempt == 0 else MIN_RETRY_DAMP * factor
+        damp = fraction * diag_mean
         try:
             lower = torch.linalg.cholesky(hessian + damp * eye)
             inv = torch.cholesky_inverse(lower)
-            return torch.linalg.cholesky(inv, upper=True), float(percdamp * factor)
+            return torch.linalg.cholesky(inv, upper=True), float(fraction)
         except torch.linalg.LinAlgError:
             continue
     raise CholeskyFailed(f"{name}: Hessian not positive definite even with damping ×100")

@@ -13,30 +13,38 @@ from dataclasses import dataclass
 import torch
 
 from taylorprune.errors import UserError
+from taylorprune.options import NoOptions, Options
 from taylorprune.prune.masks import Pattern
-from taylorprune.prune.obs import obs_prune
+from taylorprune.prune.obs import ObsOptions, obs_prune
+
+ApplyFn = Callable[[torch.Tensor, torch.Tensor, Pattern, Mapping[str, torch.Tensor], Options, str], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Update:
+    """A weight update: ``apply(weight fp32, keep mask, pattern, stats, options, name) -> new weight``."""
+
     name: str
-    needs: frozenset[str]
-    apply: Callable[[torch.Tensor, torch.Tensor, Pattern, Mapping[str, torch.Tensor], Mapping, str], torch.Tensor]
+    summary: str
+    apply: ApplyFn
+    needs: frozenset[str] = frozenset()
+    options: type[Options] = NoOptions
 
 
 def _none(weight, keep, pattern, stats, options, name):
     return weight * keep
 
 
-def _obs(weight, keep, pattern, stats, options, name):
-    new, _, _ = obs_prune(weight, stats["hessian"], pattern, keep=keep, percdamp=float(options.get("percdamp", 0.01)),
-                          blocksize=int(options.get("blocksize", 128)), name=name)
+def _obs(weight, keep, pattern, stats, options: ObsOptions, name):
+    new, _, _ = obs_prune(weight, stats["hessian"], pattern, keep=keep, percdamp=options.percdamp,
+                          blocksize=options.blocksize, name=name)
     return new
 
 
 UPDATES: dict[str, Update] = {
-    "none": Update("none", frozenset(), _none),
-    "obs": Update("obs", frozenset({"hessian"}), _obs),
+    "none": Update("none", "zero the pruned weights", _none),
+    "obs": Update("obs", "reconstruct kept weights with SparseGPT's OBS (mask fixed)", _obs, frozenset({"hessian"}),
+                  ObsOptions),
 }
 
 

@@ -133,13 +133,16 @@ def evaluate_folder(path: Path, settings: EvalSettings, hooks=None, flag: str = 
     from taylorprune.modeling import loading
 
     device = pipeline.resolve_device(settings.device)
+    hooks = hooks or pipeline.Hooks()
+    hooks.current = f"loading {flag} {path}"
     try:
         loaded = loading.load(str(path), settings.dtype)
     except UserError as exc:  # loading speaks of --model; here the folder came in as --baseline/--candidate
         raise UserError(str(exc).replace(f"--model {path}", f"{flag} {path}", 1)) from None
+    hooks.current = f"evaluating {flag} {path}"
     result = pipeline.evaluate_model(loaded.model, loaded.tokenizer, str(path), settings.dataset,
                                      settings.text_file, settings.seqlen, settings.max_windows, device,
-                                     hooks or pipeline.Hooks())
+                                     hooks.windows)
     return dict(result.to_dict(), source=str(path))
 
 

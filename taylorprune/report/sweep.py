@@ -7,19 +7,22 @@ one-off cost for the whole grid. Models stay in memory unless ``--keep-models`` 
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import math
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from taylorprune import pipeline
 from taylorprune.calib.text import EVAL_DATASETS
 from taylorprune.errors import RunError, UserError
+from taylorprune.export import plots
+from taylorprune.pipeline.components import Components, check_applies, check_known, resolve
 from taylorprune.prune.masks import parse_pattern
-from taylorprune.report import jsonio, plots
+from taylorprune.report import jsonio
+from taylorprune.stats.source import Scope
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -45,13 +48,13 @@ class Point:
 
 @dataclass
 class Sweep:
-    """Everything a sweep needs; ``run`` holds the per-point options shared by every grid point."""
+    """Everything a sweep needs; ``run`` holds the options shared by every grid point (its ``method_options``
+    apply to each point whose method takes them)."""
 
     run: pipeline.RunOptions
     out: Path
     points: list[Point]
     keep_models: bool = False
-    user_caches: set[str] = field(default_factory=set)
 
 
 def split(text: str, flag: str) -> list[str]:
@@ -62,7 +65,7 @@ def split(text: str, flag: str) -> list[str]:
 
 
 def parse_methods(text: str) -> list[str]:
-    from taylorprune.scoring import METHODS
+    from taylorprune.scoring.registry import METHODS
 
     methods = split(text, "--methods")
     unknown = [m for m in methods if m not in METHODS]
@@ -110,12 +113,38 @@ def grid(methods: list[str], sparsities: list[float], patterns: list[str]) -> li
     return points
 
 
+def components(sweep: Sweep, point: Point) -> Components:
+    return resolve(point.method, sweep.run.update, sweep.run.method_options, strict=False)
+
+
 def point_options(sweep: Sweep, point: Point) -> pipeline.RunOptions:
-    """The ``run`` options of one point; its output folder is only written with --keep-models."""
+    """The ``run`` options of one point; its output folder is only written with --keep-models.
+
+    Model-scope statistics are statistics of the dense model, the same at every point: unless the user named a
+    cache file, each source the point uses gets one in ``OUT/.sweep-cache``, so it is computed once per sweep.
+    """
     nm = point.pattern != "unstructured"
+    parts = components(sweep, point)
+    values = {k: v for k, v in sweep.run.method_options.items() if k in parts.option_names()}
+    for source, _ in parts.sources:
+        if source.scope is Scope.MODEL and source.cache_option and source.cache_option not in values:
+            values[source.cache_option] = str(sweep.out.expanduser() / CACHE_DIR / f"{source.name}.safetensors")
     return replace(sweep.run, method=point.method, sparsity=None if nm else point.sparsity,
                    pattern=point.pattern if nm else None, output=str(sweep.out / "models" / point.name),
-                   overwrite=sweep.run.overwrite or not sweep.keep_models, eval=True)
+                   overwrite=sweep.run.overwrite or not sweep.keep_models, eval=True, method_options=values)
+
+
+def _check_options(sweep: Sweep) -> None:
+    """Every option applies to some point; a block-scope cache file cannot serve several points."""
+    given = sweep.run.method_options
+    check_known(given)
+    runs = [components(sweep, p) for p in sweep.points]
+    check_applies(given, runs)
+    block_files = [s.cache_option for parts in runs for s, _ in parts.sources
+                   if s.scope is Scope.BLOCK and s.cache_option in given]
+    if len(block_files) > 1:
+        raise UserError(f"--{block_files[0].replace('_', '-')}: block-scope statistics depend on how each grid "
+                        "point prunes, so one cache file cannot serve a sweep; drop it")
 
 
 def validate(sweep: Sweep) -> None:
@@ -132,35 +161,14 @@ def validate(sweep: Sweep) -> None:
     model = Path(opts.model).expanduser()
     if model.is_dir() and (out == model.resolve() or model.resolve() in out.parents):
         raise UserError(f"--out {sweep.out} is inside the model folder {opts.model}; choose a separate folder")
+    _check_options(sweep)
     for point in sweep.points:
         pipeline.validate(point_options(sweep, point))
 
 
-def with_shared_caches(opts: pipeline.RunOptions, out: Path) -> tuple[pipeline.RunOptions, set[str]]:
-    """Point --grad-cache/--hvp-cache into out/.sweep-cache unless the user chose files (then kept).
-
-    Block-scope HVPs depend on how the earlier blocks of *this* point were pruned, so no file can serve the
-    whole grid: they get no cache, and a user-given one is refused rather than failing at the second point.
-    """
-    mo = dict(opts.method_options)
-    user = {k for k in ("grad_cache", "hvp_cache") if mo.get(k)}
-    block_scope = str(mo.get("hvp_scope", "model")) == "block"
-    if block_scope and "hvp_cache" in user:
-        raise UserError("--option hvp_cache with hvp_scope=block: block-scope HVPs differ at every grid point, "
-                        "so one cache file cannot serve a sweep; drop hvp_cache")
-    mo["grad_cache"] = mo.get("grad_cache") or str(out / CACHE_DIR / "gradients.safetensors")
-    mo["hvp_cache"] = mo.get("hvp_cache") or (None if block_scope else str(out / CACHE_DIR / "hvps.safetensors"))
-    return replace(opts, method_options=mo), user
-
-
 def remove_own_caches(sweep: Sweep) -> None:
-    """Delete the caches the sweep made for itself; caches the user named are theirs to keep."""
-    for key in ("grad_cache", "hvp_cache"):
-        path = sweep.run.method_options.get(key)
-        if path and key not in sweep.user_caches:
-            Path(path).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        (sweep.out.expanduser() / CACHE_DIR).rmdir()
+    """Delete the caches the sweep made for itself (``OUT/.sweep-cache``); caches the user named stay."""
+    shutil.rmtree(sweep.out.expanduser() / CACHE_DIR, ignore_errors=True)
 
 
 HooksFor = Callable[[int, str], pipeline.Hooks]
@@ -172,15 +180,17 @@ def evaluate_dense(sweep: Sweep, hooks: pipeline.Hooks) -> dict:
     from taylorprune.modeling.layout import find_layout
 
     opts = sweep.run
+    hooks.current = "loading model"
     hooks.phase("loading model")
     loaded = loading.load(opts.model, opts.dtype, opts.device_map, opts.offload_folder, opts.trust_remote_code)
     targets = find_layout(loaded.model, opts.targets).all_targets
     numel = sum(t.module.weight.numel() for t in targets)
     zeros = sum(int((t.module.weight == 0).sum().item()) for t in targets)
+    hooks.current = "evaluating perplexity"
     hooks.phase("evaluating perplexity")
     result = pipeline.evaluate_model(loaded.model, loaded.tokenizer, opts.model, opts.eval_dataset,
                                      opts.eval_text_file, opts.eval_seqlen, opts.max_windows,
-                                     pipeline.resolve_device(opts.device), hooks)
+                                     pipeline.resolve_device(opts.device), hooks.windows)
     return {"name": "dense", "method": "dense", "pattern": "dense", "sparsity": 0.0,
             "achieved_sparsity": zeros / max(numel, 1), "perplexity": result.perplexity, "prune_s": 0.0,
             "model_statistics_s": 0.0, "model_dir": None, "evaluation": result.to_dict()}

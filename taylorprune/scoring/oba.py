@@ -19,40 +19,42 @@ calibration windows) the recipe brings OBA from PPL 1115 to 225, still far behin
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
-from taylorprune.errors import UserError
-from taylorprune.scoring.registry import register
+from taylorprune.options import Options, option
+from taylorprune.scoring.spec import Method
 
 HVP_SCOPES = ("model", "block")
 NORMALIZE = ("none", "max")
 
 
-def _needs(options: Mapping[str, object]) -> frozenset[str]:
-    scope = str(options.get("hvp_scope", "model"))
-    if scope not in HVP_SCOPES:
-        raise UserError(f"--hvp-scope {scope}: choose model or block")
-    if str(options.get("oba_normalize", "none")) not in NORMALIZE:
-        raise UserError(f"--oba-normalize {options['oba_normalize']}: choose none or max")
-    return frozenset({"oba_g", "oba_hvp"}) if scope == "model" else frozenset({"oba_block_hvp"})
+@dataclass(frozen=True)
+class ObaOptions(Options):
+    hvp_scope: str = option("model", "Hessian of the whole model's calibration loss (model), or of each block's "
+                            "output reconstruction inside the engine (block; for large models).", choices=HVP_SCOPES,
+                            memory_hint="--hvp-scope block")
+    oba_first_order: bool = option(False, "Add the first-order term g·δθ (off, as OBA).")
+    oba_normalize: str = option("none", "none (the score as written) or max (per-layer |ΔL|/max + |W|, the "
+                                "authors' unstructured recipe).", choices=NORMALIZE)
 
 
-@register(
-    "oba",
-    needs=("oba_g", "oba_hvp"),
-    summary="|g·δθ + ½·δθ·(Hδθ)|, δθ = −W, exact HVP",
-    paper="Sun et al., arXiv:2502.17941",
-    dynamic_needs=_needs,
-)
-def oba(weight: torch.Tensor, stats: Mapping[str, torch.Tensor], options: Mapping[str, object]):
+def _needs(options: ObaOptions) -> frozenset[str]:
+    return frozenset({"oba_g", "oba_hvp"}) if options.hvp_scope == "model" else frozenset({"oba_block_hvp"})
+
+
+def score(weight: torch.Tensor, stats, options: ObaOptions) -> torch.Tensor:
     """Second-order Taylor loss change of removing each weight, cross-parameter curvature included."""
     delta = -weight
     hv = stats["oba_hvp"] if "oba_hvp" in stats else stats["oba_block_hvp"]
     change = 0.5 * delta * hv.to(weight.device)
-    if options.get("oba_first_order", False) and "oba_g" in stats:
+    if options.oba_first_order and "oba_g" in stats:
         change = change + stats["oba_g"].to(weight.device) * delta
-    if options.get("oba_normalize", "none") == "max":
+    if options.oba_normalize == "max":
         return change.abs() / change.abs().max().clamp_min(1e-30) + weight.abs()
     return change.abs()
+
+
+METHOD = Method("oba", "|g·δθ + ½·δθ·(Hδθ)|, δθ = −W, exact HVP", "Sun et al., arXiv:2502.17941",
+                statistics=("oba_g", "oba_hvp", "oba_block_hvp"), options=ObaOptions, score=score, select=_needs)

@@ -8,24 +8,20 @@ per-matrix ranking, and we keep that scale so GBLM's sum with a gradient term ma
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 
-from taylorprune.scoring.registry import register
+from taylorprune.scoring.spec import Method
 
 
 def activation_term(weight: torch.Tensor, act_norm_sq: torch.Tensor) -> torch.Tensor:
     """|W| · sqrt(scaler_row), broadcast over output rows (shared with gradient-based scores)."""
-    return weight.abs() * act_norm_sq.sqrt().unsqueeze(0)
+    return weight.abs() * act_norm_sq.to(weight.device).sqrt().unsqueeze(0)
 
 
-@register(
-    "wanda",
-    needs=("act_norm_sq",),
-    summary="|W|·‖X‖₂ (weights and activations)",
-    paper="Sun et al., arXiv:2306.11695",
-)
-def wanda(weight: torch.Tensor, stats: Mapping[str, torch.Tensor], options: Mapping[str, object]):
+def score(weight: torch.Tensor, stats, options) -> torch.Tensor:
     """A weight matters when it is large *and* its input feature carries large activations."""
     return activation_term(weight, stats["act_norm_sq"])
+
+
+METHOD = Method("wanda", "|W|·‖X‖₂ (weights and activations)", "Sun et al., arXiv:2306.11695",
+                statistics=("act_norm_sq",), score=score)

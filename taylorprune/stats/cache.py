@@ -13,15 +13,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 
 import taylorprune
 from taylorprune.errors import UserError
 from taylorprune.export.save import write_tensors
 from taylorprune.modeling.layout import Layout
-
-Stats = dict[str, dict[str, torch.Tensor]]
+from taylorprune.stats.source import Stats
 
 
 def model_fingerprint(model, layout: Layout) -> str:

@@ -30,34 +30,23 @@ Attention runs as ``eager`` during these passes: fused SDPA kernels lack forward
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp
 
-from taylorprune.errors import RunError, UserError
+from taylorprune.errors import RunError
+from taylorprune.modeling.attention import eager_attention
+from taylorprune.modeling.blocks import BlockRunner, patched_forwards
 from taylorprune.modeling.layout import Layout, Target
-from taylorprune.prune.blocks import BlockRunner, patched_forwards
+from taylorprune.options import Options, option
+from taylorprune.stats.source import ModelContext, Scope, Source, Stats
 
 HVP_MODES = ("blockwise", "fwd-rev", "double-backward")
 MODEL_HVP_STATS = ("oba_g", "oba_hvp")
-
-
-@contextlib.contextmanager
-def eager_attention(model: nn.Module) -> Iterator[None]:
-    """Switch to the eager attention implementation for the duration (AD-friendly)."""
-    previous = getattr(model.config, "_attn_implementation", None)
-    if previous in (None, "eager") or not hasattr(model, "set_attn_implementation"):
-        yield
-        return
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
 
 
 def _loss_fn(model: nn.Module, names: list[str], ids: torch.Tensor) -> Callable[..., torch.Tensor]:
@@ -87,7 +76,7 @@ def model_hvp(model: nn.Module, targets: list[Target], ids: torch.Tensor, mode: 
         finally:
             for w in weights:
                 w.requires_grad_(False)
-    raise UserError(f"--hvp-mode {mode}: choose one of {', '.join(HVP_MODES)}")
+    raise ValueError(f"unknown HVP mode {mode!r}")
 
 
 def _target_names(block: nn.Module, targets: list[Target]) -> list[str]:
@@ -209,3 +198,31 @@ def _checked(stats: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, t
             if not torch.isfinite(t).all():
                 raise RunError(f"{path}: non-finite {name} (overflow?); rerun with --dtype float32")
     return stats
+
+
+@dataclass(frozen=True)
+class BlockHvpOptions(Options):
+    hvp_cache: str | None = option(None, "HVP cache (.safetensors): reused when it was made the same way (model, "
+                                   "calibration, dtype; for block scope also the pruning recipe), else written.",
+                                   identity=False)
+
+
+@dataclass(frozen=True)
+class ModelHvpOptions(BlockHvpOptions):
+    hvp_mode: str = option("blockwise", "How exact HVPs of the whole model are taken: blockwise (jvp of each "
+                           "block's vjp, one block's graph in memory), fwd-rev (jvp of grad, whole model) or "
+                           "double-backward.", choices=HVP_MODES, identity=False)
+
+
+def _model_compute(ctx: ModelContext, wanted: frozenset[str], options: ModelHvpOptions) -> Stats:
+    tick = ctx.progress("Hessian-vector products (samples)", len(ctx.calib_ids))
+    ctx.event("hvp_pass")
+    return model_hvp_pass(ctx.model, ctx.layout, ctx.calib_ids, options.hvp_mode, ctx.device, tick)
+
+
+MODEL_SOURCE = Source("hvp", Scope.MODEL, MODEL_HVP_STATS,
+                      "g and exact H·δθ (δθ = −W) of the dense model's calibration loss, summed over windows",
+                      options=ModelHvpOptions, compute=_model_compute, cache_option="hvp_cache")
+BLOCK_SOURCE = Source("hvp-block", Scope.BLOCK, ("oba_block_hvp",),
+                      "Jᵀ(J·δθ) of each block's output reconstruction objective on its calibration inputs",
+                      options=BlockHvpOptions, compute=block_hvp_stats, cache_option="hvp_cache")

@@ -1,17 +1,15 @@
-"""Per-linear statistics gathered from the inputs a linear sees while its block runs on calibration data.
+"""Linear-scope statistics: gathered by forward hooks from the inputs a linear sees while its block runs.
 
 Every accumulator works in fp32 whatever the model dtype, so bf16/fp16 models do not lose precision or
-overflow in the sums. The registry maps a statistic name (what a method ``needs``) to its accumulator.
+overflow in the sums.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-from taylorprune.scoring.hvp import block_hvp_stats
+from taylorprune.stats.source import Scope, Source
 
 
 class ActNormSq:
@@ -52,24 +50,8 @@ class Hessian:
         return self.xxt * (2.0 / max(self.nseq, 1))
 
 
-BLOCK_STATS: dict[str, Callable[[nn.Linear], object]] = {"act_norm_sq": ActNormSq, "hessian": Hessian}
-
-# Statistics of a whole block (not of one linear's inputs): fn(runner, block index, inputs, targets, options).
-BLOCK_FN_STATS: dict[str, Callable[..., dict]] = {"oba_block_hvp": block_hvp_stats}
-
-
-def collect_hooks(linears: dict[str, nn.Linear], needs: frozenset[str]) -> tuple[dict, list]:
-    """Attach accumulators for ``needs`` to each linear; returns ({path: {stat: acc}}, hook handles)."""
-    accs: dict[str, dict[str, object]] = {}
-    handles = []
-    for path, linear in linears.items():
-        accs[path] = {name: BLOCK_STATS[name](linear) for name in needs if name in BLOCK_STATS}
-        if not accs[path]:
-            continue
-
-        def hook(_mod, args, _out, acc=accs[path]):
-            for a in acc.values():
-                a.add(args[0])
-
-        handles.append(linear.register_forward_hook(hook))
-    return accs, handles
+ACT_NORM_SQ = Source("act_norm_sq", Scope.LINEAR, ("act_norm_sq",),
+                     "Σ x_j² of each input feature over calibration tokens / sequences (Wanda's scaler_row)",
+                     accumulator=ActNormSq)
+HESSIAN = Source("hessian", Scope.LINEAR, ("hessian",), "H = 2XXᵀ/N of each linear's inputs (SparseGPT)",
+                 accumulator=Hessian)

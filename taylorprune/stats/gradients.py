@@ -15,12 +15,15 @@ it at once, so at most one target ``.grad`` is alive at any time.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from taylorprune.errors import RunError
 from taylorprune.modeling.layout import Layout
+from taylorprune.options import Options, option
+from taylorprune.stats.source import ModelContext, Scope, Source, Stats
 
 GRAD_STATS = ("grad_l1", "grad_l2", "grad_sum")
 FP16_LOSS_SCALE = 1024.0
@@ -119,3 +122,26 @@ def gradient_pass(
         if device is not None and not getattr(model, "hf_device_map", None):
             model.to(home)
     return {path: acc.result() for path, acc in accs.items()}
+
+
+@dataclass(frozen=True)
+class GradientOptions(Options):
+    grad_scale: float = option(100.0, "Scale of each per-sample gradient (GBLM-Pruner uses 100).", above=0)
+    grad_cache: str | None = option(None, "Gradient cache (.safetensors): reused when model, calibration, scale "
+                                    "and dtype match (a mismatch is an error), else computed and written.",
+                                    identity=False)
+    grad_checkpointing: bool = option(False, "Gradient checkpointing in the gradient pass (long sequences).",
+                                      identity=False, memory_hint="--grad-checkpointing")
+
+
+def _compute(ctx: ModelContext, wanted: frozenset[str], options: GradientOptions) -> Stats:
+    tick = ctx.progress("gradient pass (samples)", len(ctx.calib_ids))
+    ctx.event("gradient_pass")
+    return gradient_pass(ctx.model, ctx.layout, ctx.calib_ids, wanted, options.grad_scale, ctx.device,
+                         options.grad_checkpointing, tick)
+
+
+SOURCE = Source("gradients", Scope.MODEL, GRAD_STATS,
+                "per-sample gradients of the dense model's loss, scaled, reduced as Σ|g|, sqrt(Σg²), Σg",
+                options=GradientOptions, compute=_compute, cache_option="grad_cache",
+                cache_together=("grad_l1", "grad_l2"))

@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 import torch
 
 from taylorprune.errors import RunError
+from taylorprune.modeling.attention import eager_attention
+from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.modeling.layout import Layout
-from taylorprune.prune.blocks import BlockRunner
+from taylorprune.pipeline.components import Components
 from taylorprune.prune.masks import Pattern, build_mask
 from taylorprune.prune.obs import CholeskyFailed
-from taylorprune.prune.update import UPDATES, Update
-from taylorprune.scoring.hvp import eager_attention
-from taylorprune.scoring.registry import Method
-from taylorprune.scoring.stats import BLOCK_FN_STATS, BLOCK_STATS, collect_hooks
+from taylorprune.stats.collect import linear_hooks
+from taylorprune.stats.registry import of_scope, sources_for
+from taylorprune.stats.source import Scope, Stats
 
 
 @dataclass
@@ -48,53 +49,47 @@ def _tick(timings: dict[str, float], key: str, since: float) -> float:
 
 @dataclass
 class Job:
-    """What the engine does to every target: method, pattern, update, and where statistics come from."""
+    """What the engine does to every target: components, pattern, and where statistics come from."""
 
-    method: Method
+    parts: Components
     pattern: Pattern
-    update: Update
-    options: Mapping[str, object]
     model_stats: Mapping[str, Mapping[str, torch.Tensor]]
+    block_cache: Stats
     scores: dict[str, torch.Tensor] | None
-    fn_cache: dict[str, dict[str, torch.Tensor]]
+    linear_needs: frozenset[str] = frozenset()
     block_needs: frozenset[str] = frozenset()
-    fn_needs: tuple[str, ...] = ()
 
 
 def prune_layers(
     runner: BlockRunner,
     layout: Layout,
-    method: Method,
+    parts: Components,
     pattern: Pattern,
     calib_ids: torch.Tensor | None,
-    options: Mapping[str, object] | None = None,
     model_stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     on_block: Callable[[int], None] | None = None,
-    update: Update | None = None,
     scores: dict[str, torch.Tensor] | None = None,
-    fn_cache: dict[str, dict[str, torch.Tensor]] | None = None,
+    block_cache: Stats | None = None,
 ) -> PruneResult:
     """Prune every target linear of ``layout`` in place, block after block.
 
-    ``update`` reconstructs kept weights after masking (default: none); ``scores``, when a dict, receives each
-    linear's fp32 importance scores (CPU) under its module path. ``fn_cache`` holds block-function statistics
-    (block-scope HVPs) already known for a target: they are used instead of computed, and what is computed is
-    added to it.
+    ``model_stats`` holds the model-scope statistics (computed on the dense model before); ``scores``, when a
+    dict, receives each linear's fp32 importance scores (CPU) under its module path; ``block_cache`` holds
+    block-scope statistics already known for a target: they are used instead of computed, and what is
+    computed is added to it.
     """
-    options = options or {}
-    update = update or UPDATES["none"]
-    needs = method.needs_for(options) | update.needs
-    job = Job(method, pattern, update, options, model_stats or {}, scores, {} if fn_cache is None else fn_cache,
-              frozenset(n for n in needs if n in BLOCK_STATS), tuple(sorted(n for n in needs if n in BLOCK_FN_STATS)))
-    # Block-scope HVPs differentiate through attention: capture and run everything with eager attention.
-    with eager_attention(runner.model) if job.fn_needs else contextlib.nullcontext():
+    needs = parts.needs
+    job = Job(parts, pattern, model_stats or {}, {} if block_cache is None else block_cache, scores,
+              of_scope(needs, Scope.LINEAR), of_scope(needs, Scope.BLOCK))
+    # Block-scope statistics differentiate through attention: capture and run everything with eager attention.
+    with eager_attention(runner.model) if job.block_needs else contextlib.nullcontext():
         return _prune_blocks(runner, layout, calib_ids, job, on_block)
 
 
 def _prune_blocks(runner: BlockRunner, layout: Layout, calib_ids, job: Job, on_block) -> PruneResult:
     result = PruneResult()
     t = time.perf_counter()
-    hidden = runner.capture(calib_ids) if job.block_needs or job.fn_needs else None
+    hidden = runner.capture(calib_ids) if job.linear_needs or job.block_needs else None
     t = _tick(result.timings, "capture", t)
     last = len(layout.blocks) - 1
     for i, targets in enumerate(layout.targets):
@@ -113,23 +108,25 @@ def _prune_blocks(runner: BlockRunner, layout: Layout, calib_ids, job: Job, on_b
     return result
 
 
-def _block_statistics(runner: BlockRunner, i: int, hidden, targets, job: Job) -> dict[str, dict[str, torch.Tensor]]:
-    """Hook statistics of block ``i``'s linears, plus block-function statistics (cached or computed)."""
-    stats: dict[str, dict[str, torch.Tensor]] = {}
-    if job.block_needs:
-        accs, handles = collect_hooks({tg.path: tg.module for tg in targets}, job.block_needs)
+def _block_statistics(runner: BlockRunner, i: int, hidden, targets, job: Job) -> Stats:
+    """Linear-scope statistics of block ``i``'s targets, plus block-scope ones (cached or computed)."""
+    stats: Stats = {}
+    if job.linear_needs:
+        accs, handles = linear_hooks({tg.path: tg.module for tg in targets}, job.linear_needs)
         try:
             runner.run(i, hidden)
         finally:
             for h in handles:
                 h.remove()
         stats = {p: {k: a.result() for k, a in d.items()} for p, d in accs.items()}
-    for name in job.fn_needs:
-        if any(name not in job.fn_cache.get(tg.path, {}) for tg in targets):
-            for path, d in BLOCK_FN_STATS[name](runner, i, hidden, targets, job.options).items():
-                job.fn_cache.setdefault(path, {}).update(d)
+    for source in sources_for(job.block_needs):
+        wanted = [n for n in source.outputs if n in job.block_needs]
+        if any(n not in job.block_cache.get(tg.path, {}) for tg in targets for n in wanted):
+            fresh = source.compute(runner, i, hidden, targets, job.parts.options_of(source))
+            for path, d in fresh.items():
+                job.block_cache.setdefault(path, {}).update(d)
         for tg in targets:
-            stats.setdefault(tg.path, {})[name] = job.fn_cache[tg.path][name]
+            stats.setdefault(tg.path, {}).update({n: job.block_cache[tg.path][n] for n in wanted})
     return stats
 
 
@@ -137,17 +134,18 @@ def _block_statistics(runner: BlockRunner, i: int, hidden, targets, job: Job) ->
 def _prune_linear(path: str, linear, stats, job: Job, warnings: list[str]) -> dict:
     weight = linear.weight
     w32 = weight.detach().to(torch.float32)
+    parts = job.parts
     try:
-        if job.method.solver is not None:
-            new, score = job.method.solver(w32, stats, job.pattern, job.options, path)
-            what = job.method.name
+        if parts.method.solve is not None:
+            new, score = parts.method.solve(w32, stats, job.pattern, parts.method_options, path)
+            what = parts.method.name
         else:
-            score = job.method.score(w32, stats, job.options)
+            score = parts.method.score(w32, stats, parts.method_options)
             keep = build_mask(score, job.pattern, path)
-            new = job.update.apply(w32, keep, job.pattern, stats, job.options, path)
-            what = f"--update {job.update.name}"
+            new = parts.update.apply(w32, keep, job.pattern, stats, parts.update_options, path)
+            what = f"--update {parts.update.name}"
     except CholeskyFailed as exc:  # keep going on a long run: plain masking for this one linear, recorded
-        score = w32.abs() if job.method.solver is not None else score
+        score = w32.abs() if parts.method.solve is not None else score
         new = w32 * build_mask(score, job.pattern, path)
         what = "fallback masking"
         warnings.append(f"{exc}; fell back to masking without weight update (by |W| for a solver method)")

@@ -1,6 +1,6 @@
 """Figures for sweeps and run reports, drawn with matplotlib's Agg renderer.
 
-``Figure`` is used directly (not ``pyplot``): no global backend switch, no GUI, no figure registry to leak
+``Figure`` is used directly (not ``pyplot``): no process-wide backend switch, no GUI, no figure registry to leak
 into, so plotting is safe on headless CI machines and inside tests.
 """
 

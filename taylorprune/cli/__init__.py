@@ -1,0 +1,24 @@
+"""The ``taylorprune`` command line (Typer): one module per command, console helpers in ``console``."""
+
+from __future__ import annotations
+
+import typer
+
+from taylorprune.cli import check, evaluate, inspection, methods, run, sweep
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Prune LLaMA-class causal LMs layer by layer and measure what it costs in perplexity.",
+)
+app.command("run")(run.run)
+app.command("eval")(evaluate.eval_cmd)
+app.command("methods")(methods.methods)
+app.command("check")(check.check)
+app.command("inspect")(inspection.inspect_cmd)
+app.command("sweep")(sweep.sweep)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,115 @@
+"""Console helpers of every command: one-line errors with exit codes, signals, progress bars.
+
+Every user-fixable problem ends as one line on stderr and exit code 2 (run failures: 1, interruption:
+130), never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+from collections.abc import Callable, Iterator
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from taylorprune.errors import RunError, UserError
+from taylorprune.pipeline.hooks import Hooks
+
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _sigterm(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
+class Session:
+    """What a guarded command is doing: the hooks it made, whose ``current`` phase errors name."""
+
+    def __init__(self) -> None:
+        self.made: list[Hooks] = []
+
+    def hooks(self, bar: Progress) -> Hooks:
+        made = progress_hooks(bar)
+        self.made.append(made)
+        return made
+
+    def remember(self, hooks: Hooks) -> Hooks:
+        self.made.append(hooks)
+        return hooks
+
+    @property
+    def phase(self) -> str:
+        return self.made[-1].current if self.made else "starting"
+
+    def memory_advice(self, last: str) -> str:
+        hints = self.made[-1].memory_hints if self.made else []
+        return f"lower --nsamples, --seqlen or --batch-size, {''.join(h + ', ' for h in hints)}or {last}"
+
+
+@contextlib.contextmanager
+def guarded() -> Iterator[Session]:
+    """Turn known failures into one line and an exit code; SIGTERM behaves like Ctrl-C (cleanup runs)."""
+    # Install both explicitly: a process started in the background inherits SIGINT as ignored.
+    previous = {sig: signal.signal(sig, handler) for sig, handler in
+                ((signal.SIGTERM, _sigterm), (signal.SIGINT, signal.default_int_handler))}
+    session = Session()
+    try:
+        yield session
+    except UserError as exc:
+        fail(str(exc), 2)
+    except RunError as exc:
+        fail(str(exc), 1)
+    except KeyboardInterrupt:
+        fail("interrupted; nothing was written to the output path", 130)
+    except MemoryError:
+        fail(f"out of memory while {session.phase}; {session.memory_advice('--dtype bfloat16')}", 1)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            fail(f"disk full while {session.phase}; nothing was written to the output path", 1)
+        raise
+    except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError":
+            fail(f"CUDA out of memory while {session.phase}; {session.memory_advice('--device-map auto')}", 1)
+        if os.environ.get("TAYLORPRUNE_DEBUG"):
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        fail(f"unexpected {type(exc).__name__} while {session.phase}: {detail} (set TAYLORPRUNE_DEBUG=1 for the "
+             "traceback)", 1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, transient=True,
+    )
+
+
+def progress_hooks(bar: Progress) -> Hooks:
+    state: dict[str, object] = {}
+
+    def phase(name: str) -> None:
+        err.print(f"[dim]•[/] {name}", highlight=False)
+
+    def task(name: str, total: int) -> Callable[[int], None]:
+        handle = bar.add_task(name, total=total)
+        return lambda i: bar.update(handle, completed=i + 1)
+
+    def windows(i: int, total: int) -> None:
+        if "eval" not in state:
+            state["eval"] = bar.add_task("evaluating windows", total=total)
+        bar.update(state["eval"], completed=i)
+
+    return Hooks(phase=phase, task=task, windows=windows)

@@ -1,0 +1,80 @@
+"""``taylorprune methods``: the registered methods, the statistics and options each takes (from their specs)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from taylorprune.cli.console import guarded, out
+
+
+def _option_specs(method) -> list:
+    from taylorprune.stats.registry import sources_for
+
+    groups = [method.options] + [s.options for s in sources_for(method.statistics)]
+    seen: dict[str, object] = {}
+    for g in groups:
+        for spec in g.specs():
+            seen.setdefault(spec.name, spec)
+    return list(seen.values())
+
+
+def record(method) -> dict:
+    """A method's declaration as plain data (``methods --json``)."""
+    from taylorprune.stats.registry import STATISTICS
+
+    return {"name": method.name, "summary": method.summary, "paper": method.paper,
+            "updates_weights": method.updates_weights,
+            "statistics": {s: STATISTICS[s].scope.value for s in method.statistics},
+            "options": [{"name": s.name, "flag": s.flag, "type": s.kind.__name__, "default": s.default,
+                         "choices": list(s.choices) if s.choices else None, "help": s.help}
+                        for s in _option_specs(method)]}
+
+
+def methods(
+    name: str = typer.Argument(None, help="Show one method in detail: its description and options."),
+    as_json: bool = typer.Option(False, "--json", help="Print every method's declaration as JSON."),
+) -> None:
+    """List the registered pruning methods, the statistics they need and their options."""
+    from taylorprune.scoring.registry import METHODS, get_method
+    from taylorprune.stats.registry import STATISTICS
+
+    with guarded():
+        if as_json:
+            chosen = [get_method(name)] if name else sorted(METHODS.values(), key=lambda m: m.name)
+            print(json.dumps([record(m) for m in chosen], indent=2, ensure_ascii=False))
+            return
+        if name is not None:
+            show_method(get_method(name))
+            return
+        table = Table(title="registered methods (taylorprune methods NAME for details)")
+        for col in ("method", "score", "statistics (scope)", "options (defaults)", "paper"):
+            table.add_column(col)
+        for m in sorted(METHODS.values(), key=lambda m: m.name):
+            stats = ", ".join(f"{s} ({STATISTICS[s].scope.value})" for s in m.statistics) or "-"
+            options = ", ".join(f"{s.name}={s.shown_default()}" for s in _option_specs(m)) or "-"
+            table.add_row(m.name, escape(m.summary), stats, escape(options), m.paper)
+        out.print(table)
+
+
+def show_method(method) -> None:
+    from taylorprune.stats.registry import sources_for
+
+    out.print(f"[bold]{method.name}[/]: {escape(method.summary)} ({method.paper})", highlight=False)
+    doc = inspect.getmodule(method.score or method.solve).__doc__ or ""
+    paragraphs = [" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n")]
+    out.print(escape("\n\n".join(paragraphs)), highlight=False)
+    table = Table(title="options")
+    for col in ("flag", "default", "meaning"):
+        table.add_column(col)
+    for spec in _option_specs(method):
+        choices = f" ({', '.join(spec.choices)})" if spec.choices else ""
+        table.add_row(spec.flag, escape(spec.shown_default()), escape(spec.help + choices))
+    out.print(table)
+    for source in sources_for(method.statistics):
+        out.print(escape(f"statistic {', '.join(source.outputs)} ({source.scope.value} scope): {source.summary}"),
+                  highlight=False)

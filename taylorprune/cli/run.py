@@ -1,0 +1,83 @@
+"""``taylorprune run``: prune a model and write it as a Hugging Face folder with its report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from taylorprune.cli import options as opt
+from taylorprune.cli.console import guarded, out, progress
+from taylorprune.scoring.registry import DEFAULT_METHOD
+
+
+@opt.with_component_options
+def run(
+    model: opt.Model,
+    output: Path = typer.Option(..., help="Folder to write (created atomically; must not exist)."),
+    method: str = typer.Option(DEFAULT_METHOD, help="Pruning method; see `taylorprune methods`."),
+    sparsity: float = typer.Option(None, help="Fraction of weights to prune in each target, e.g. 0.5."),
+    pattern: str = typer.Option(None, help="N:M semi-structured pattern, e.g. 2:4 (keep N of every M)."),
+    group: opt.Group = "row",
+    targets: opt.Targets = None,
+    calib: opt.Calib = "c4",
+    calib_file: opt.CalibFile = None,
+    nsamples: opt.NSamples = 128,
+    seqlen: opt.SeqLen = None,
+    seed: opt.Seed = 0,
+    calib_sampling: opt.CalibSampling = "random",
+    batch_size: opt.BatchSize = 1,
+    dtype: opt.DType = "auto",
+    device: opt.Device = "auto",
+    device_map: str = typer.Option(None, help="accelerate device map (auto, balanced, sequential, cpu)."),
+    offload_folder: str = typer.Option(None, help="Folder for accelerate's disk offload."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    trust_remote_code: opt.TrustRemoteCode = False,
+    eval: bool = typer.Option(False, "--eval", help="Evaluate perplexity of the pruned model."),
+    eval_dataset: opt.EvalDataset = "wikitext2",
+    eval_text_file: opt.EvalTextFile = None,
+    eval_seqlen: opt.EvalSeqLen = None,
+    max_windows: opt.MaxWindows = None,
+    update: str = typer.Option("none", help="Weight update after masking: none, or obs (SparseGPT's OBS)."),
+    save_scores: str = typer.Option(None, help="Write each target's fp32 scores (.safetensors, module paths)."),
+    plots: bool = typer.Option(False, "--plots", help="Also write layer_sparsity.png into the output."),
+    option: opt.MethodOption = None,
+    component_options: dict[str, Any] | None = None,
+) -> None:
+    """Prune a model and write it as a Hugging Face folder with taylorprune_report.json."""
+    from taylorprune.pipeline import RunOptions
+    from taylorprune.pipeline import run as run_pipeline
+
+    with guarded() as session:
+        opts = RunOptions(
+            model=model, output=str(output), method=method, sparsity=sparsity, pattern=pattern, group=group,
+            targets=targets, calib=calib, calib_file=calib_file, nsamples=nsamples, seqlen=seqlen, seed=seed,
+            calib_sampling=calib_sampling, batch_size=batch_size, dtype=dtype, device=device,
+            device_map=device_map, offload_folder=offload_folder, overwrite=overwrite,
+            trust_remote_code=trust_remote_code, eval=eval, eval_dataset=eval_dataset,
+            eval_text_file=eval_text_file, eval_seqlen=eval_seqlen, max_windows=max_windows, update=update,
+            save_scores=save_scores, plots=plots,
+            method_options=opt.component_values(component_options or {}, option),
+        )
+        with progress() as bar:
+            report = run_pipeline(opts, session.hooks(bar))
+        show_summary(report)
+
+
+def show_summary(report: dict) -> None:
+    table = Table(title=f"taylorprune {report['method']} · {report['pattern']}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("target linears", str(len(report["linears"])))
+    table.add_row("achieved sparsity", f"{report['achieved_sparsity']:.4f}")
+    for phase, secs in report["phases_s"].items():
+        if "." not in phase:
+            table.add_row(f"{phase} time", f"{secs:.2f} s")
+    table.add_row("peak RSS", f"{report['peak_memory_mib']['rss_mib']:.0f} MiB")
+    if report.get("evaluation"):
+        ev = report["evaluation"]
+        table.add_row(f"perplexity ({ev['dataset']}, {ev['windows']}×{ev['seqlen']})", f"{ev['perplexity']:.3f}")
+    table.add_row("output", report["options"]["output"])
+    out.print(table)

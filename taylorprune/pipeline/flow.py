@@ -1,0 +1,160 @@
+"""The ``run`` data flow end to end: load → calibrate → statistics → score → mask → update → save → evaluate.
+
+The CLI only parses options into ``RunOptions`` and renders progress; everything else happens here so
+tests and benchmark scripts drive exactly what users run.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import taylorprune
+from taylorprune.calib import sampling, text
+from taylorprune.errors import UserError
+from taylorprune.export import atomic, save
+from taylorprune.modeling import loading
+from taylorprune.modeling.blocks import BlockRunner
+from taylorprune.modeling.layout import find_layout
+from taylorprune.pipeline.engine import PruneResult, prune_layers
+from taylorprune.pipeline.evaluation import eval_windows, evaluate_windows
+from taylorprune.pipeline.hooks import Hooks
+from taylorprune.pipeline.plan import Plan, RunOptions, validate
+from taylorprune.stats.collect import BlockCache, model_statistics
+from taylorprune.stats.registry import of_scope
+from taylorprune.stats.source import ModelContext, Scope
+
+
+def load_calibration(opts: RunOptions, tokenizer, seqlen: int):
+    corpus = text.read_file(opts.calib_file) if opts.calib_file else text.calibration_corpus(opts.calib)
+    return sampling.sample(tokenizer, corpus, opts.nsamples, seqlen, opts.seed, opts.calib_sampling)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {"taylorprune": taylorprune.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+@dataclass
+class Pruned:
+    """A pruned model still in memory, with everything its report needs."""
+
+    plan: Plan
+    loaded: loading.Loaded
+    spec: sampling.CalibSpec | None
+    result: PruneResult
+    phases: dict[str, float]
+    evaluation: dict | None = None
+
+    @property
+    def opts(self) -> RunOptions:
+        return self.plan.opts
+
+
+def _load(plan: Plan, hooks: Hooks, phases: dict[str, float]):
+    opts = plan.opts
+    with hooks.timed(phases, "load", "loading model"):
+        loaded = loading.load(opts.model, opts.dtype, opts.device_map, opts.offload_folder, opts.trust_remote_code,
+                              config=plan.config)
+        layout = find_layout(loaded.model, opts.targets)
+        if any(t.module.weight.device.type == "meta" for t in layout.all_targets):
+            raise UserError("--device-map placed decoder blocks on disk (offloaded); they cannot be pruned in place. "
+                            "Give the CPU enough memory (--device-map cpu, or no --device-map) and let taylorprune "
+                            "stream blocks to the GPU")
+        atomic.check_free_space(Path(opts.output), save.estimate_bytes(loaded.model))
+    return loaded, layout
+
+
+def prune(opts: RunOptions | Plan, hooks: Hooks | None = None) -> Pruned:
+    """Load, calibrate and prune in memory (no output written)."""
+    hooks = hooks or Hooks()
+    plan = opts if isinstance(opts, Plan) else validate(opts)
+    opts = plan.opts
+    hooks.memory_hints = plan.parts.memory_hints()
+    torch.manual_seed(opts.seed)
+    phases: dict[str, float] = {}
+    calib_ids, spec, windows, dense_stats = None, None, None, {}
+    loaded, layout = _load(plan, hooks, phases)
+    with hooks.timed(phases, "calibration_data", "tokenizing calibration and evaluation text"):
+        if plan.needs:
+            calib_ids, spec = load_calibration(opts, loaded.tokenizer, plan.seqlen)
+        if opts.eval:  # before any heavy work: a too-short evaluation text fails now, not after pruning
+            windows = eval_windows(loaded.tokenizer, opts.eval_dataset, opts.eval_text_file, plan.eval_seqlen,
+                                   opts.max_windows)
+    if of_scope(plan.needs, Scope.MODEL):
+        with hooks.timed(phases, "model_statistics", "model-scope statistics on the dense model"):
+            ctx = ModelContext(loaded.model, layout, calib_ids, plan.device, hooks.task, hooks.events)
+            dense_stats = model_statistics(plan.needs, ctx, spec, plan.parts.options_of)
+    with hooks.timed(phases, "prune", f"pruning with {plan.parts.method.name} ({plan.pattern.describe()})"):
+        runner = BlockRunner(loaded.model, layout, plan.device, opts.batch_size)
+        scores: dict[str, torch.Tensor] | None = {} if opts.save_scores else None
+        block_cache = BlockCache(plan.needs, plan.parts.options_of, loaded.model, layout, spec, plan.recipe(),
+                                 hooks.events)
+        result = prune_layers(runner, layout, plan.parts, plan.pattern, calib_ids, dense_stats,
+                              on_block=hooks.task("pruning blocks", len(layout.blocks)), scores=scores,
+                              block_cache=block_cache.stats)
+        block_cache.save()
+        if scores is not None:
+            save.write_tensors(Path(opts.save_scores), scores,
+                               {"method": plan.parts.method.name, "pattern": plan.pattern.describe()})
+    phases.update({f"prune.{k}": v for k, v in result.timings.items()})
+    pruned = Pruned(plan, loaded, spec, result, phases)
+    if windows is not None:
+        with hooks.timed(phases, "eval", "evaluating perplexity"):
+            pruned.evaluation = evaluate_windows(loaded.model, loaded.tokenizer, *windows, opts.output, plan.device,
+                                                 hooks.windows).to_dict()
+    return pruned
+
+
+def write(pruned: Pruned, hooks: Hooks | None = None) -> dict:
+    """Write the pruned model atomically, verify it on disk, and return the report written with it."""
+    hooks = hooks or Hooks()
+    opts = pruned.opts
+    t0 = time.perf_counter()
+    hooks.current = "writing the output"
+    hooks.phase(f"writing {opts.output}")
+    report = build_report(pruned)
+    with atomic.atomic_dir(Path(opts.output), opts.overwrite) as tmp:
+        save.save_model(pruned.loaded.model, pruned.loaded.tokenizer, tmp)
+        save.verify(tmp, pruned.result.linears)
+        report["phases_s"]["save"] = time.perf_counter() - t0
+        report["peak_memory_mib"] = save.peak_memory()
+        save.write_report(tmp, report)
+        if opts.plots:
+            from taylorprune.export.plots import plot_layer_sparsity
+
+            plot_layer_sparsity(report, tmp / "layer_sparsity.png")
+    return report
+
+
+def run(opts: RunOptions, hooks: Hooks | None = None) -> dict:
+    """Prune ``opts.model`` and write ``opts.output``; returns the report that was written."""
+    return write(prune(opts, hooks), hooks)
+
+
+def build_report(p: Pruned) -> dict:
+    plan, result = p.plan, p.result
+    return {
+        "method": plan.parts.method.name,
+        "update": plan.parts.update.name,
+        "paper": plan.parts.method.paper,
+        "pattern": plan.pattern.describe(),
+        "sparsity": plan.pattern.sparsity,
+        "achieved_sparsity": result.sparsity,
+        "options": asdict(plan.opts),
+        "components": plan.parts.describe(),
+        "source": {"model": plan.opts.model, "resolved": p.loaded.source, "gguf_file": p.loaded.gguf_file},
+        "calibration": p.spec.describe() if p.spec else None,
+        "linears": result.linears,
+        "warnings": result.warnings,
+        "evaluation": p.evaluation,
+        "phases_s": p.phases,
+        "peak_memory_mib": save.peak_memory(),
+        "versions": versions(),
+    }

@@ -1,0 +1,174 @@
+"""``RunOptions`` (what the user asked for) checked and resolved into a ``Plan`` (what will run).
+
+``validate`` does every check that needs no weights: components and their options, pattern, device, dtype,
+calibration and evaluation inputs, output folder, free disk, and the model's config (sequence lengths).
+``prune`` then works from the plan alone, so nothing is parsed twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from taylorprune.calib import sampling, text
+from taylorprune.errors import UserError
+from taylorprune.export import atomic
+from taylorprune.modeling import loading
+from taylorprune.pipeline.components import Components, resolve
+from taylorprune.prune.masks import Pattern, parse_pattern
+from taylorprune.scoring.registry import DEFAULT_METHOD
+from taylorprune.stats.collect import cache_path
+
+MAX_DEFAULT_SEQLEN = 2048
+
+
+@dataclass
+class RunOptions:
+    """Every option of ``taylorprune run``; recorded verbatim in the report.
+
+    ``method_options`` holds the component options the user gave (flat: ``{"alpha": 0.5}``); everything not
+    given takes the default its component declares.
+    """
+
+    model: str
+    output: str
+    method: str = DEFAULT_METHOD
+    sparsity: float | None = None
+    pattern: str | None = None
+    group: str = "row"
+    targets: str | None = None
+    calib: str = "c4"
+    calib_file: str | None = None
+    nsamples: int = 128
+    seqlen: int | None = None
+    seed: int = 0
+    calib_sampling: str = "random"
+    batch_size: int = 1
+    dtype: str = "auto"
+    device: str = "auto"
+    device_map: str | None = None
+    offload_folder: str | None = None
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    eval: bool = False
+    eval_dataset: str = "wikitext2"
+    eval_text_file: str | None = None
+    eval_seqlen: int | None = None
+    max_windows: int | None = None
+    update: str = "none"
+    save_scores: str | None = None
+    plots: bool = False
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated run: resolved components, pattern, device, dtype, sequence lengths and model config."""
+
+    opts: RunOptions
+    parts: Components
+    pattern: Pattern
+    device: torch.device
+    dtype: torch.dtype | str
+    config: Any
+    seqlen: int
+    eval_seqlen: int
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return self.parts.needs
+
+    def recipe(self) -> dict[str, Any]:
+        """Everything that decides how the blocks are pruned (block-scope cache identity)."""
+        keys = ("sparsity", "pattern", "group", "targets", "batch_size")
+        return {**{k: v for k, v in asdict(self.opts).items() if k in keys}, **self.parts.recipe()}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def resolve_seqlen(requested: int | None, config, flag: str = "--seqlen") -> int:
+    """Default min(2048, max_position_embeddings): never the raw 131072 of Llama-3."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if requested is None:
+        return min(MAX_DEFAULT_SEQLEN, limit or MAX_DEFAULT_SEQLEN)
+    if requested < 2:
+        raise UserError(f"{flag} {requested}: must be at least 2")
+    if limit and requested > limit:
+        raise UserError(f"{flag} {requested}: the model supports at most {limit} positions")
+    return requested
+
+
+def _at_least(value: int | None, minimum: int, flag: str) -> None:
+    if value is not None and value < minimum:
+        raise UserError(f"{flag} {value}: must be at least {minimum}")
+
+
+def _check_inputs(opts: RunOptions) -> None:
+    _at_least(opts.nsamples, 1, "--nsamples")
+    _at_least(opts.seqlen, 2, "--seqlen")
+    _at_least(opts.batch_size, 1, "--batch-size")
+    _at_least(opts.eval_seqlen, 2, "--eval-seqlen")
+    _at_least(opts.max_windows, 1, "--max-windows")
+    if opts.calib_sampling not in sampling.SAMPLINGS:
+        raise UserError(f"--calib-sampling {opts.calib_sampling}: choose random or sequential")
+    if opts.calib_file is None and opts.calib not in text.CALIB_SOURCES:
+        raise UserError(f"--calib {opts.calib}: choose one of {', '.join(text.CALIB_SOURCES)}")
+    if opts.calib_file and not Path(opts.calib_file).expanduser().is_file():
+        raise UserError(f"--calib-file {opts.calib_file}: file not found")
+    if opts.eval_text_file and not Path(opts.eval_text_file).expanduser().is_file():
+        raise UserError(f"--eval-text-file {opts.eval_text_file}: file not found")
+    if opts.eval and opts.eval_text_file is None and opts.eval_dataset not in text.EVAL_DATASETS:
+        raise UserError(f"--eval-dataset {opts.eval_dataset}: choose one of {', '.join(text.EVAL_DATASETS)} "
+                        "or give --eval-text-file")
+
+
+def _files_written(opts: RunOptions, parts: Components) -> list[tuple[str, str]]:
+    """(flag, path) of every file besides the output folder that this run may write."""
+    files = [("--save-scores", opts.save_scores)] if opts.save_scores else []
+    for source, source_opts in parts.sources:
+        path = cache_path(source, source_opts)
+        if path:
+            files.append(("--" + source.cache_option.replace("_", "-"), path))
+    return files
+
+
+def _check_files(opts: RunOptions, parts: Components, inputs: list[Path]) -> None:
+    for flag, value in _files_written(opts, parts):
+        where = Path(value).expanduser()
+        if where.is_dir():
+            raise UserError(f"{flag} {value}: is a folder; give a .safetensors file path")
+        if any(src.resolve() in where.resolve().parents for src in inputs if src.is_dir()):
+            raise UserError(f"{flag} {value}: inside the input model folder, which taylorprune never writes to")
+
+
+def validate(opts: RunOptions) -> Plan:
+    """Everything that can be checked before loading weights; returns the plan ``prune`` follows."""
+    parts = resolve(opts.method, opts.update, opts.method_options)
+    pattern = parse_pattern(opts.sparsity, opts.pattern, opts.group)
+    _check_inputs(opts)
+    device = resolve_device(opts.device)
+    dtype = loading.torch_dtype(opts.dtype)
+    source, _ = loading.resolve_source(opts.model)
+    inputs = [Path(source)] if Path(source).exists() else []
+    atomic.check_output(Path(opts.output), inputs, opts.overwrite)
+    _check_files(opts, parts, inputs)
+    config = loading.load_config(opts.model, opts.trust_remote_code)
+    seqlen = resolve_seqlen(opts.seqlen, config)
+    eval_seqlen = resolve_seqlen(opts.eval_seqlen, config, "--eval-seqlen")
+    size = loading.input_bytes(opts.model)
+    if size is not None:
+        atomic.check_free_space(Path(opts.output), size)
+    return Plan(opts, parts, pattern, device, dtype, config, seqlen, eval_seqlen)

@@ -1,0 +1,58 @@
+"""What a pruning method declares about itself, in its own module.
+
+A ``Method`` is everything the rest of taylorprune knows about it: its typed options (defaults, help,
+validation), the statistics it needs (possibly depending on its options), how it scores a weight matrix
+(or, for a solver such as SparseGPT, how it picks the mask and new weights together), a one-line summary and
+its paper. The CLI flags, ``--option`` parsing, ``taylorprune methods``, cache identities, the sweep and the
+report are all derived from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from taylorprune.options import NoOptions, Options
+from taylorprune.prune.masks import Pattern
+
+# (weight fp32, {statistic: tensor}, options) -> scores, larger = more important (kept)
+ScoreFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Options], torch.Tensor]
+# (weight fp32, stats, pattern, options, module path) -> (new weight fp32 with zeros, scores it chose by)
+SolveFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Pattern, Options, str],
+                   tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered pruning method.
+
+    ``statistics`` lists every statistic the method may need; ``select`` picks those a given set of options
+    needs (default: all of them).
+    """
+
+    name: str
+    summary: str
+    paper: str
+    statistics: tuple[str, ...] = ()
+    options: type[Options] = NoOptions
+    score: ScoreFn | None = None
+    solve: SolveFn | None = None
+    select: Callable[[Options], frozenset[str]] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.score is None) == (self.solve is None):
+            raise TypeError(f"method {self.name}: give exactly one of score and solve")
+
+    @property
+    def updates_weights(self) -> bool:
+        """A solver chooses mask and new weights itself, so ``--update`` does not apply."""
+        return self.solve is not None
+
+    def needs(self, options: Options) -> frozenset[str]:
+        chosen = self.select(options) if self.select else frozenset(self.statistics)
+        extra = chosen - set(self.statistics)
+        if extra:
+            raise TypeError(f"method {self.name} selected undeclared statistics {sorted(extra)}")
+        return chosen

@@ -1,0 +1,122 @@
+"""Collecting statistics by scope, with the caches every cacheable source gets from the registry.
+
+- ``linear_hooks``: accumulators on the target linears of one block (linear scope);
+- ``model_statistics``: model-scope passes on the dense model, each read from / written to its cache file;
+- ``BlockCache``: block-scope statistics already known (from a cache file) and what the engine adds.
+
+A cache file's identity is the source's name, the dense model's fingerprint, the calibration windows, the
+dtype and the source's result-changing options; block-scope statistics also depend on how the blocks before
+were pruned, so their identity holds the run's pruning recipe too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from torch import nn
+
+from taylorprune.calib.sampling import CalibSpec
+from taylorprune.options import Options
+from taylorprune.stats import cache
+from taylorprune.stats.registry import sources_for
+from taylorprune.stats.source import ModelContext, Scope, Source, Stats
+
+OptionsOf = Callable[[Source], Options]
+
+
+def linear_hooks(linears: Mapping[str, nn.Linear], needs: frozenset[str]) -> tuple[dict, list]:
+    """Attach accumulators for the linear-scope ``needs`` to each linear: ({path: {stat: acc}}, handles)."""
+    sources = [s for s in sources_for(needs) if s.scope is Scope.LINEAR]
+    accs: dict[str, dict[str, object]] = {}
+    handles = []
+    for path, linear in linears.items():
+        accs[path] = {s.outputs[0]: s.accumulator(linear) for s in sources}
+        if not accs[path]:
+            continue
+
+        def hook(_mod, args, _out, acc=accs[path]):
+            for a in acc.values():
+                a.add(args[0])
+
+        handles.append(linear.register_forward_hook(hook))
+    return accs, handles
+
+
+def identity(source: Source, options: Options, model: nn.Module, layout, spec: CalibSpec | None,
+             recipe: Mapping[str, object] | None = None) -> dict[str, str]:
+    """What a cache file of ``source`` must have been made with to be reused."""
+    calibration = {k: v for k, v in spec.describe().items() if k != "source"} if spec else {}
+    out = {"kind": source.name, "model": cache.model_fingerprint(model, layout),
+           # the text's sha256 identifies the calibration text; its path may differ between runs
+           "calibration": json.dumps(calibration, sort_keys=True), "dtype": str(next(model.parameters()).dtype)}
+    out.update(options.identity())
+    if recipe is not None:
+        out["recipe"] = json.dumps(recipe, sort_keys=True, default=str)
+    return out
+
+
+def cache_path(source: Source, options: Options) -> str | None:
+    return getattr(options, source.cache_option) if source.cache_option else None
+
+
+def model_statistics(needs: frozenset[str], ctx: ModelContext, spec: CalibSpec | None, options_of: OptionsOf) -> Stats:
+    """Every model-scope statistic in ``needs``: {target path: {stat: tensor}}, cached where asked."""
+    out: Stats = {}
+    targets = [t.path for t in ctx.layout.all_targets]
+    for source in sources_for(needs):
+        if source.scope is not Scope.MODEL:
+            continue
+        wanted = frozenset(n for n in needs if n in source.outputs)
+        opts = options_of(source)
+        path = cache_path(source, opts)
+        ident = identity(source, opts, ctx.model, ctx.layout, spec) if path else {}
+
+        def compute(missing: frozenset[str], source=source, opts=opts, path=path) -> Stats:
+            if path and missing & set(source.cache_together):  # a cache serves the sibling statistics later
+                missing = missing | frozenset(source.cache_together)
+            return source.compute(ctx, missing, opts)
+
+        stats = cache.cached(path, ident, wanted, targets, compute,
+                             on_hit=lambda source=source: ctx.event(f"{source.cache_option}_hit"))
+        for t, d in stats.items():
+            out.setdefault(t, {}).update(d)
+    return out
+
+
+@dataclass
+class _File:
+    path: str
+    identity: dict[str, str]
+    outputs: tuple[str, ...]
+    known: dict[str, set[str]]
+
+
+class BlockCache:
+    """Block-scope statistics for targets, read from the sources' cache files and added to as computed."""
+
+    def __init__(self, needs: frozenset[str], options_of: OptionsOf, model: nn.Module, layout,
+                 spec: CalibSpec | None, recipe: Mapping[str, object], events: list[str] | None = None) -> None:
+        self.stats: Stats = {}
+        self.files: list[_File] = []
+        for source in sources_for(needs):
+            path = cache_path(source, options_of(source)) if source.scope is Scope.BLOCK else None
+            if not path:
+                continue
+            ident = identity(source, options_of(source), model, layout, spec, recipe)
+            have = cache.load_matching(path, ident)
+            for t, d in have.items():
+                self.stats.setdefault(t, {}).update({k: v for k, v in d.items() if k in source.outputs})
+            self.files.append(_File(path, ident, source.outputs, {t: set(d) for t, d in have.items()}))
+            if have and events is not None:
+                events.append(f"{source.cache_option}_hit")
+
+    def save(self) -> None:
+        """Rewrite the cache files that gained statistics."""
+        for f in self.files:
+            mine = {t: {k: v for k, v in d.items() if k in f.outputs} for t, d in self.stats.items()}
+            mine = {t: d for t, d in mine.items() if d}
+            if {t: set(d) for t, d in mine.items()} != f.known:
+                cache.store(f.path, f.identity, mine)
+
