@@ -186,3 +186,24 @@ def test_no_method_names_in_the_cli_pipeline_or_report():
         for path in (PACKAGE / folder).rglob("*.py"):
             hits = [ln for ln in path.read_text().splitlines() if names.search(ln)]
             assert not hits, (path.name, hits)
+
+
+def test_the_readme_example_method_is_a_valid_method():
+    """The 'Adding a method' snippet builds, registers and scores as written."""
+    import re
+
+    import torch
+
+    from taylorprune.scoring.registry import _index
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    code = re.search(r"### Adding a method.*?```python\n(.*?)```", readme, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 (our own documentation)
+    method = scope["METHOD"]
+    assert "mine" in _index(*METHODS.values(), method)
+    options = method.options.build({"beta": "0.25"})
+    assert method.needs(options) == {"act_norm_sq", "grad_l2"}
+    w = torch.tensor([[1.0, -2.0]])
+    got = method.score(w, {"act_norm_sq": torch.tensor([4.0, 1.0]), "grad_l2": torch.tensor([[1.0, 1.0]])}, options)
+    torch.testing.assert_close(got, torch.tensor([[2.25, 2.5]]))
