@@ -100,7 +100,9 @@ def test_block_scope_equals_gauss_newton_from_the_full_jacobian(micro):
     torch.testing.assert_close(hv, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("method,extra", [("oba", {"hvp_scope": "model"}), ("oba", {"hvp_scope": "block"}),
+@pytest.mark.parametrize("method,extra", [("oba", {"oba_mode": "full", "hvp_scope": "model"}),
+                                          ("oba", {"oba_mode": "full", "hvp_scope": "block"}), ("oba", {}),
+                                          ("oba", {"oba_mode": "released", "oba_steps": 2}),
                                           ("sparsegpt", {}), ("wanda", {}), ("magnitude", {})])
 def test_save_scores_one_fp32_tensor_per_target(tmp_path, tiny_dirs, method, extra):
     out = tmp_path / "scores.safetensors"
@@ -119,7 +121,8 @@ def test_save_scores_one_fp32_tensor_per_target(tmp_path, tiny_dirs, method, ext
 def test_cli_oba_model_scope_with_hvp_cache(tmp_path, stories_dir):
     runner = CliRunner()
     cache = tmp_path / "h.safetensors"
-    common = ["--model", str(stories_dir), "--method", "oba", "--calib-file", str(VALID), "--calib-sampling",
+    common = ["--model", str(stories_dir), "--method", "oba", "--oba-mode", "full", "--calib-file", str(VALID),
+              "--calib-sampling",
               "sequential", "--nsamples", "2", "--seqlen", "32", "--hvp-cache", str(cache)]
     r = runner.invoke(app, ["run", *common, "--sparsity", "0.5", "--output", str(tmp_path / "a"),
                             "--save-scores", str(tmp_path / "s.safetensors")])
@@ -146,7 +149,7 @@ def test_block_scope_hvp_cache_reused_only_for_the_same_recipe(tmp_path, tiny_di
         return pipeline.RunOptions(model=str(tiny_dirs["llama"]), output=str(tmp_path / "o"), method="oba",
                                    sparsity=sparsity, calib_file=str(VALID), calib_sampling="sequential",
                                    nsamples=2, seqlen=16,
-                                   method_options={"hvp_scope": "block", "hvp_cache": str(cache)})
+                                   method_options={"oba_mode": "full", "hvp_scope": "block", "hvp_cache": str(cache)})
 
     first = pipeline.prune(opts(0.5))
     with safe_open(str(cache), "pt") as f:
@@ -170,7 +173,126 @@ def test_oba_normalize_max_is_the_reference_recipe():
     weight = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
     hv = torch.tensor([[4.0, 1.0], [-2.0, 3.0]])
     oba = get_method("oba").score
-    plain = oba(weight, {"oba_hvp": hv}, ObaOptions())
+    plain = oba(weight, {"oba_hvp": hv}, ObaOptions(oba_mode="full"))
     torch.testing.assert_close(plain, torch.tensor([[2.0, 1.0], [0.5, 0.0]]))  # |½·(−W)·Hv|
-    normed = oba(weight, {"oba_hvp": hv}, ObaOptions(oba_normalize="max"))
+    normed = oba(weight, {"oba_hvp": hv}, ObaOptions(oba_mode="full", oba_normalize="max"))
     torch.testing.assert_close(normed, plain / 2.0 + weight.abs())
+
+
+# ------------------------------------------------------------------- the authors' released recipe (residual R)
+
+def authors_importance(ws, x, labels):
+    """OBA's released importance on a bias-free ReLU MLP, from their formulas (NEU-REAL/OBA oba_importance.py):
+    upward terms (backward of Σ_l ⟨g_l, X_l·W_lᵀ⟩ with g_l and W_l held fixed), downward terms (a tangent pushed
+    forward as T ← Y + W·T at each linear, ReLU masking by the tangent's sign, d_W = g_lᵀ·T_l), I = θ⊙(u + d)."""
+    import torch.nn.functional as F
+
+    ws = [w.detach().clone().requires_grad_(True) for w in ws]
+    xs, ys, h = [], [], x
+    for k, w in enumerate(ws):
+        xs.append(h)
+        y = h @ w.T
+        y.retain_grad()
+        ys.append(y)
+        h = torch.relu(y) if k < len(ws) - 1 else y
+    loss = F.cross_entropy(h, labels)
+    loss.backward(retain_graph=True)
+    gs = [y.grad.detach() for y in ys]
+    for w in ws:
+        w.grad = None
+    surrogate = sum((g * (xi @ w.detach().T)).sum() for g, xi, w in zip(gs, xs, ws, strict=True))
+    up = torch.autograd.grad(surrogate, ws, allow_unused=True)
+    up = [torch.zeros_like(w) if u is None else u for u, w in zip(up, ws, strict=True)]
+    tangent, down = torch.zeros_like(x), []
+    for k, (w, xi, g) in enumerate(zip(ws, xs, gs, strict=True)):
+        down.append(g.T @ tangent)
+        tangent = xi.detach() @ w.detach().T + tangent @ w.detach().T
+        if k < len(ws) - 1:
+            tangent = tangent * (tangent > 0)
+    return [w.detach() * (u + d) for w, u, d in zip(ws, up, down, strict=True)]
+
+
+def test_residual_hessian_reproduces_the_authors_importance_on_a_relu_mlp():
+    import torch.nn.functional as F
+
+    from taylorprune.stats.hvp import residual_hvp
+
+    g = torch.Generator().manual_seed(0)
+    ws = (torch.randn(12, 6, generator=g, dtype=torch.float64), torch.randn(10, 12, generator=g, dtype=torch.float64),
+          torch.randn(5, 10, generator=g, dtype=torch.float64))
+    x = torch.randn(16, 6, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 5, (16,), generator=g)
+
+    def logits(*p):
+        h = x
+        for k, w in enumerate(p):
+            h = h @ w.T
+            if k < len(p) - 1:
+                h = torch.relu(h)
+        return h
+
+    rv = residual_hvp(logits, ws, ws, lambda z: F.cross_entropy(z, labels))
+    ours = [w * r for w, r in zip(ws, rv, strict=True)]
+    theirs = authors_importance(ws, x, labels)
+    for a, b in zip(ours, theirs, strict=True):
+        assert b.abs().max() > 1e-3  # the cross-layer terms are really there
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())
+
+
+def test_blockwise_gauss_newton_part_matches_the_one_piece_residual(micro):
+    from taylorprune.stats.hvp import causal_lm_loss_of_logits, residual_hvp
+
+    model, layout, ids = micro
+    targets = layout.all_targets
+    names = [f"{t.path}.weight" for t in targets]
+    ws = tuple(t.module.weight.detach() for t in targets)
+    got = model_hvp_pass(model, layout, ids, "blockwise", stats=frozenset({"oba_hvp", "oba_gn"}))
+    ref = [torch.zeros_like(w) for w in ws]
+    for row in ids:
+        def logits(*p, row=row):
+            return functional_call(model, dict(zip(names, p, strict=True)), (row[None],), strict=False).logits
+
+        for acc, r in zip(ref, residual_hvp(logits, ws, tuple(-w for w in ws),
+                                            lambda z, row=row: causal_lm_loss_of_logits(z, row[None])), strict=True):
+            acc += r
+    for t, r in zip(targets, ref, strict=True):
+        mine = got[t.path]["oba_hvp"].double() - got[t.path]["oba_gn"].double()
+        torch.testing.assert_close(mine, r, rtol=1e-6, atol=1e-6 * max(r.abs().max().item(), 1e-12))
+
+
+def test_released_recipe_schedule_score_and_global_threshold():
+    from taylorprune.scoring.oba_released import densities, global_keep, normalized_score
+
+    plan = densities(0.5, 49)
+    assert len(plan) == 49 and plan[-1] == pytest.approx(0.5)
+    assert all(a > b for a, b in zip(plan, plan[1:], strict=False))
+    assert plan[0] == pytest.approx(0.5 ** (1 / 49))
+    s = normalized_score(torch.tensor([[-4.0, 2.0]], dtype=torch.float64), 2, torch.tensor([[1.0, -3.0]]))
+    torch.testing.assert_close(s, torch.tensor([[2.0 / (2.0 + 1e-6) + 1.0, 1.0 / (2.0 + 1e-6) + 3.0]]))
+    keeps = global_keep([torch.tensor([3.0, 1.0, 1.0]), torch.tensor([[1.0, 5.0]])], 3)
+    assert [k.tolist() for k in keeps] == [[True, True, False], [False, True]]  # ties: first in order
+
+
+def test_released_mode_prunes_globally_in_steps_on_the_masked_model(tmp_path, tiny_dirs, monkeypatch):
+    from taylorprune.scoring import oba_released
+
+    seen = []
+    real = oba_released.model_hvp_pass
+
+    def spy(model, layout, windows, *a, **k):
+        seen.append((len(windows), sum(int((t.module.weight == 0).sum()) for t in layout.all_targets)))
+        return real(model, layout, windows, *a, **k)
+
+    monkeypatch.setattr(oba_released, "model_hvp_pass", spy)
+    opts = pipeline.RunOptions(model=str(tiny_dirs["llama"]), output=str(tmp_path / "o"), method="oba",
+                               sparsity=0.6, calib_file=str(VALID), calib_sampling="sequential", nsamples=4,
+                               seqlen=16, save_scores=str(tmp_path / "s.safetensors"),
+                               method_options={"oba_mode": "released", "oba_steps": 3, "oba_step_windows": 2})
+    pruned = pipeline.prune(opts)
+    assert [n for n, _ in seen] == [2, 2, 2]
+    assert seen[0][1] == 0 and 0 < seen[1][1] < seen[2][1]  # importance recomputed on the masked model
+    total = sum(lin["numel"] for lin in pruned.result.linears)
+    assert sum(lin["zeros"] for lin in pruned.result.linears) == total - int(0.4 * total)
+    assert len({round(lin["sparsity"], 3) for lin in pruned.result.linears}) > 3  # one global threshold
+    with pytest.raises(Exception, match="whole model"):
+        pipeline.prune(pipeline.RunOptions(**{**opts.__dict__, "update": "obs"}))

@@ -14,6 +14,8 @@ import typer
 
 from taylorprune.calib.sampling import SAMPLINGS
 from taylorprune.calib.text import CALIB_SOURCES, EVAL_DATASETS
+from taylorprune.prune.refine import REFINES
+from taylorprune.prune.update import UPDATES
 
 Model = Annotated[str, typer.Option(help="HF folder, hub id, .gguf file, or 'demo' (bundled stories260K).")]
 Group = Annotated[str, typer.Option(help="Unstructured comparison group: row (Wanda) or layer.")]
@@ -33,6 +35,10 @@ EvalDataset = Annotated[str, typer.Option(help=f"Eval data set: {', '.join(EVAL_
 EvalTextFile = Annotated[str | None, typer.Option(help="Evaluate on this text file instead.")]
 EvalSeqLen = Annotated[int | None, typer.Option(help="Eval window length [default: min(2048, max positions)].")]
 MaxWindows = Annotated[int | None, typer.Option(help="Evaluate at most this many windows.")]
+Refine = Annotated[str | None, typer.Option(help="Mask refinement between masking and the update: " + "; ".join(
+    f"{r.name} ({r.summary})" for r in REFINES.values()) + " [default: the method's own, else none].")]
+Update = Annotated[str, typer.Option(help="Weight update after masking: " + "; ".join(
+    f"{u.name} ({u.summary})" for u in UPDATES.values()) + ".")]
 MethodOption = Annotated[list[str] | None, typer.Option(
     help="Component option as KEY=VALUE (repeatable), e.g. alpha=0.5; same names as the flags below.")]
 

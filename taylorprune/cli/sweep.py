@@ -41,7 +41,8 @@ def sweep(
     keep_models: bool = typer.Option(False, help="Also write every pruned model under OUT/models/<name>."),
     overwrite: bool = typer.Option(False, help="Replace results (and kept models) already in --out."),
     trust_remote_code: opt.TrustRemoteCode = False,
-    update: str = typer.Option("none", help="Weight update after masking at every point: none or obs."),
+    refine: opt.Refine = None,
+    update: opt.Update = "none",
     option: opt.MethodOption = None,
     component_options: dict[str, Any] | None = None,
 ) -> None:
@@ -59,7 +60,7 @@ def sweep(
             nsamples=nsamples, seqlen=seqlen, seed=seed, calib_sampling=calib_sampling, batch_size=batch_size,
             dtype=dtype, device=device, overwrite=overwrite, trust_remote_code=trust_remote_code,
             eval_dataset=eval_dataset, eval_text_file=eval_text_file, eval_seqlen=eval_seqlen,
-            max_windows=max_windows, update=update,
+            max_windows=max_windows, refine=refine, update=update,
             method_options=opt.component_values(component_options or {}, option),
         )
         plan = sw.Sweep(base, out_dir, points, keep_models)

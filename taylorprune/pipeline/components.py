@@ -15,6 +15,7 @@ from typing import Any
 
 from taylorprune.errors import UserError
 from taylorprune.options import Options, Spec, merge_specs
+from taylorprune.prune.refine import REFINES, Refine, get_refine
 from taylorprune.prune.update import UPDATES, Update, get_update
 from taylorprune.scoring.registry import METHODS, get_method
 from taylorprune.scoring.spec import Method
@@ -41,6 +42,9 @@ def _users(name: str) -> tuple[str, ...]:
         groups = [m.options] + [s.options for s in sources_for(m.statistics)]
         if any(name in {sp.name for sp in g.specs()} for g in groups):
             found.append(m.name)
+    for r in REFINES.values():
+        if name in {sp.name for sp in r.options.specs()}:
+            found.append(f"--refine {r.name}")
     for u in UPDATES.values():
         if name in {sp.name for sp in u.options.specs()}:
             found.append(f"--update {u.name}")
@@ -51,6 +55,7 @@ def _users(name: str) -> tuple[str, ...]:
 def all_options() -> dict[str, OptionInfo]:
     """Every option any component declares, checked for consistency (one name, one meaning)."""
     groups = [(f"method {m.name}", m.options) for m in METHODS.values()]
+    groups += [(f"refine {r.name}", r.options) for r in REFINES.values()]
     groups += [(f"update {u.name}", u.options) for u in UPDATES.values()]
     groups += [(f"statistic {s.name}", s.options) for s in SOURCES]
     return {name: OptionInfo(spec, _users(name)) for name, (spec, _) in merge_specs(groups).items()}
@@ -69,17 +74,23 @@ def check_known(values: Mapping[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class Components:
-    """Method, update and statistic sources of one run, each with its options."""
+    """Method, mask refinement, weight update and statistic sources of one run, each with its options."""
 
     method: Method
     method_options: Options
+    refine: Refine
+    refine_options: Options
     update: Update
     update_options: Options
     sources: tuple[tuple[Source, Options], ...]
 
     @property
     def needs(self) -> frozenset[str]:
-        return self.method.needs(self.method_options) | self.update.needs
+        return self.method.needs(self.method_options) | self.refine.needs | self.update.needs
+
+    @property
+    def stages(self) -> tuple[Options, ...]:
+        return (self.method_options, self.refine_options, self.update_options, *(o for _, o in self.sources))
 
     def options_of(self, source: Source) -> Options:
         for s, opts in self.sources:
@@ -88,37 +99,45 @@ class Components:
         return source.options.build({})
 
     def option_names(self) -> set[str]:
-        groups = [self.method_options, self.update_options] + [o for _, o in self.sources]
-        return {sp.name for g in groups for sp in g.specs()}
+        return {sp.name for g in self.stages for sp in g.specs()}
 
     def memory_hints(self) -> list[str]:
         """Options of this run that lower peak memory (suggested when it runs out)."""
-        groups = [self.method_options, self.update_options] + [o for _, o in self.sources]
-        return list(dict.fromkeys(sp.memory_hint for g in groups for sp in g.specs() if sp.memory_hint))
+        return list(dict.fromkeys(sp.memory_hint for g in self.stages for sp in g.specs() if sp.memory_hint))
 
     def describe(self) -> dict[str, Any]:
         """Resolved options of every component (the report's record of what ran)."""
         return {"method": {"name": self.method.name, **self.method_options.as_dict()},
+                "refine": {"name": self.refine.name, **self.refine_options.as_dict()},
                 "update": {"name": self.update.name, **self.update_options.as_dict()},
                 "statistics": {s.name: {"scope": s.scope.value, **o.as_dict()} for s, o in self.sources}}
 
     def recipe(self) -> dict[str, Any]:
-        """The result-changing options of the method and update (cache identities of block-scope statistics)."""
+        """The result-changing options of every stage (cache identities of block-scope statistics)."""
         return {"method": self.method.name, "method_options": self.method_options.identity(),
+                "refine": self.refine.name, "refine_options": self.refine_options.identity(),
                 "update": self.update.name, "update_options": self.update_options.identity()}
 
 
 def resolve(method: str, update: str = "none", values: Mapping[str, Any] | None = None,
-            strict: bool = True) -> Components:
-    """Typed components for ``method`` and ``update`` from flat option ``values``."""
+            strict: bool = True, refine: str | None = None) -> Components:
+    """Typed components for ``method``, ``refine`` (None: the method's default) and ``update`` from flat option
+    ``values``."""
     values = dict(values or {})
     check_known(values)
     m, u = get_method(method), get_update(update)
+    method_options = m.options.build(values)
+    r = get_refine(refine if refine is not None else m.default_refine(method_options))
     if m.updates_weights and u.name != "none":
         raise UserError(f"--method {m.name} updates weights itself; drop --update {u.name}")
-    method_options, update_options = m.options.build(values), u.options.build(values)
-    needs = m.needs(method_options) | u.needs
-    made = Components(m, method_options, u, update_options,
+    if m.updates_weights and r.name != "none":
+        raise UserError(f"--method {m.name} chooses its mask itself; drop --refine {r.name}")
+    if m.whole_model(method_options) is not None and (r.name, u.name) != ("none", "none"):
+        raise UserError(f"--method {m.name} with these options prunes the whole model at once (no per-layer "
+                        f"stages); drop --refine/--update")
+    refine_options, update_options = r.options.build(values), u.options.build(values)
+    needs = m.needs(method_options) | r.needs | u.needs
+    made = Components(m, method_options, r, refine_options, u, update_options,
                       tuple((s, s.options.build(values)) for s in sources_for(needs)))
     if strict:
         check_applies(values, [made])

@@ -135,13 +135,15 @@ def _prune_linear(path: str, linear, stats, job: Job, warnings: list[str]) -> di
     weight = linear.weight
     w32 = weight.detach().to(torch.float32)
     parts = job.parts
+    refined: dict = {}
     try:
         if parts.method.solve is not None:
             new, score = parts.method.solve(w32, stats, job.pattern, parts.method_options, path)
             what = parts.method.name
         else:
             score = parts.method.score(w32, stats, parts.method_options)
-            keep = build_mask(score, job.pattern, path)
+            keep, refined = parts.refine.apply(w32, build_mask(score, job.pattern, path), job.pattern, stats,
+                                               parts.refine_options)
             new = parts.update.apply(w32, keep, job.pattern, stats, parts.update_options, path)
             what = f"--update {parts.update.name}"
     except CholeskyFailed as exc:  # keep going on a long run: plain masking for this one linear, recorded
@@ -154,6 +156,14 @@ def _prune_linear(path: str, linear, stats, job: Job, warnings: list[str]) -> di
     weight.copy_(new.to(weight.dtype))
     if job.scores is not None:
         job.scores[path] = score.detach().to(torch.float32).cpu().contiguous()
+    record = linear_record(path, weight)
+    if refined:
+        record["refine"] = refined
+    return record
+
+
+def linear_record(path: str, weight: torch.Tensor) -> dict:
+    """A pruned linear as the report lists it."""
     zeros = int((weight == 0).sum().item())
     return {"name": path, "shape": list(weight.shape), "numel": weight.numel(), "zeros": zeros,
             "sparsity": zeros / weight.numel()}

@@ -20,7 +20,7 @@ from taylorprune.export import atomic, save
 from taylorprune.modeling import loading
 from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.modeling.layout import find_layout
-from taylorprune.pipeline.engine import PruneResult, prune_layers
+from taylorprune.pipeline.engine import PruneResult, linear_record, prune_layers
 from taylorprune.pipeline.evaluation import eval_windows, evaluate_windows
 from taylorprune.pipeline.hooks import Hooks
 from taylorprune.pipeline.plan import Plan, RunOptions, validate
@@ -82,7 +82,7 @@ def prune(opts: RunOptions | Plan, hooks: Hooks | None = None) -> Pruned:
     calib_ids, spec, windows, dense_stats = None, None, None, {}
     loaded, layout = _load(plan, hooks, phases)
     with hooks.timed(phases, "calibration_data", "tokenizing calibration and evaluation text"):
-        if plan.needs:
+        if plan.calibrated:
             calib_ids, spec = load_calibration(opts, loaded.tokenizer, plan.seqlen)
         if opts.eval:  # before any heavy work: a too-short evaluation text fails now, not after pruning
             windows = eval_windows(loaded.tokenizer, opts.eval_dataset, opts.eval_text_file, plan.eval_seqlen,
@@ -92,14 +92,8 @@ def prune(opts: RunOptions | Plan, hooks: Hooks | None = None) -> Pruned:
             ctx = ModelContext(loaded.model, layout, calib_ids, plan.device, hooks.task, hooks.events)
             dense_stats = model_statistics(plan.needs, ctx, spec, plan.parts.options_of)
     with hooks.timed(phases, "prune", f"pruning with {plan.parts.method.name} ({plan.pattern.describe()})"):
-        runner = BlockRunner(loaded.model, layout, plan.device, opts.batch_size)
         scores: dict[str, torch.Tensor] | None = {} if opts.save_scores else None
-        block_cache = BlockCache(plan.needs, plan.parts.options_of, loaded.model, layout, spec, plan.recipe(),
-                                 hooks.events)
-        result = prune_layers(runner, layout, plan.parts, plan.pattern, calib_ids, dense_stats,
-                              on_block=hooks.task("pruning blocks", len(layout.blocks)), scores=scores,
-                              block_cache=block_cache.stats)
-        block_cache.save()
+        result = _prune(plan, loaded.model, layout, calib_ids, spec, dense_stats, scores, hooks)
         if scores is not None:
             save.write_tensors(Path(opts.save_scores), scores,
                                {"method": plan.parts.method.name, "pattern": plan.pattern.describe()})
@@ -110,6 +104,26 @@ def prune(opts: RunOptions | Plan, hooks: Hooks | None = None) -> Pruned:
             pruned.evaluation = evaluate_windows(loaded.model, loaded.tokenizer, *windows, opts.output, plan.device,
                                                  hooks.windows).to_dict()
     return pruned
+
+
+def _prune(plan: Plan, model, layout, calib_ids, spec, dense_stats, scores, hooks: Hooks) -> PruneResult:
+    """The layer-by-layer engine, or the method's own whole-model procedure when it has one."""
+    whole = plan.whole_model
+    if whole is not None:
+        ctx = ModelContext(model, layout, calib_ids, plan.device, hooks.task, hooks.events)
+        t0 = time.perf_counter()
+        chosen = whole(ctx, plan.pattern, plan.parts.method_options)
+        if scores is not None:
+            scores.update({k: v.detach().to(torch.float32).cpu().contiguous() for k, v in chosen.items()})
+        return PruneResult([linear_record(t.path, t.module.weight) for t in layout.all_targets],
+                           {"whole_model": time.perf_counter() - t0})
+    runner = BlockRunner(model, layout, plan.device, plan.opts.batch_size)
+    block_cache = BlockCache(plan.needs, plan.parts.options_of, model, layout, spec, plan.recipe(), hooks.events)
+    result = prune_layers(runner, layout, plan.parts, plan.pattern, calib_ids, dense_stats,
+                          on_block=hooks.task("pruning blocks", len(layout.blocks)), scores=scores,
+                          block_cache=block_cache.stats)
+    block_cache.save()
+    return result
 
 
 def write(pruned: Pruned, hooks: Hooks | None = None) -> dict:
@@ -142,6 +156,7 @@ def build_report(p: Pruned) -> dict:
     plan, result = p.plan, p.result
     return {
         "method": plan.parts.method.name,
+        "refine": plan.parts.refine.name,
         "update": plan.parts.update.name,
         "paper": plan.parts.method.paper,
         "pattern": plan.pattern.describe(),

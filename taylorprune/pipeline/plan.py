@@ -58,6 +58,7 @@ class RunOptions:
     eval_text_file: str | None = None
     eval_seqlen: int | None = None
     max_windows: int | None = None
+    refine: str | None = None  # None: the method's own default (none for most)
     update: str = "none"
     save_scores: str | None = None
     plots: bool = False
@@ -80,6 +81,15 @@ class Plan:
     @property
     def needs(self) -> frozenset[str]:
         return self.parts.needs
+
+    @property
+    def whole_model(self):
+        """The method's whole-model procedure for these options, or None (the layer-by-layer engine)."""
+        return self.parts.method.whole_model(self.parts.method_options)
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.needs) or self.whole_model is not None
 
     def recipe(self) -> dict[str, Any]:
         """Everything that decides how the blocks are pruned (block-scope cache identity)."""
@@ -156,7 +166,7 @@ def _check_files(opts: RunOptions, parts: Components, inputs: list[Path]) -> Non
 
 def validate(opts: RunOptions) -> Plan:
     """Everything that can be checked before loading weights; returns the plan ``prune`` follows."""
-    parts = resolve(opts.method, opts.update, opts.method_options)
+    parts = resolve(opts.method, opts.update, opts.method_options, refine=opts.refine)
     pattern = parse_pattern(opts.sparsity, opts.pattern, opts.group)
     _check_inputs(opts)
     device = resolve_device(opts.device)

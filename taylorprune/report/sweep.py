@@ -114,7 +114,7 @@ def grid(methods: list[str], sparsities: list[float], patterns: list[str]) -> li
 
 
 def components(sweep: Sweep, point: Point) -> Components:
-    return resolve(point.method, sweep.run.update, sweep.run.method_options, strict=False)
+    return resolve(point.method, sweep.run.update, sweep.run.method_options, strict=False, refine=sweep.run.refine)
 
 
 def point_options(sweep: Sweep, point: Point) -> pipeline.RunOptions:

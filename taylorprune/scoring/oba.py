@@ -1,20 +1,31 @@
-"""Optimal Brain Apoptosis scores with exact Hessian-vector products.
+"""Optimal Brain Apoptosis (OBA): pruning with exact Hessian-vector products of the removal.
 
-Sun, Fang, Wang, Jiang, Kong, Hu, Fang, Xu, "Optimal Brain Apoptosis", ICLR 2025, arXiv:2502.17941: importance of
-parameter i is the second-order Taylor estimate of the loss change when it is removed together with all
-others, ΔL_i ≈ g_i·δθ_i + ½·δθ_i·(H δθ)_i with δθ = −θ, and the score is |ΔL_i|. OBA computes it for CNNs and
-ViTs; here for LLaMA-class models, with the HVP from ``scoring.hvp`` (``--hvp-scope model`` or ``block``).
+Sun, Fang, Wang, Jiang, Kong, Hu, Fang, Xu, "Optimal Brain Apoptosis", ICLR 2025, arXiv:2502.17941. OBA
+estimates the loss change of removing parameters to second order with exact Hessian-vector products (never
+the Hessian itself), cross-layer curvature included. ``--oba-mode`` picks one of three variants:
 
-The first-order term is off by default (``--oba-first-order`` turns it on): OBA's estimate is built on the
-second-order term, and the calibration loss of a trained LM sits near a minimum where g is mostly noise of
-the sample. In block scope the objective is a reconstruction error whose gradient at the dense point is zero,
-so the option has no effect there.
-
-``--oba-normalize max`` applies the authors' released recipe for unstructured pruning (NEU-REAL/OBA,
-``unstructured_prune``): each layer's |ΔL| is divided by its maximum and |W| is added, which keeps weights
-whose second-order term happens to be near zero from being ranked below far smaller ones. The default
-``none`` is the paper's score as written. On SmolLM2-135M at 50% (10 test windows, cached HVPs of 32
-calibration windows) the recipe brings OBA from PPL 1115 to 225, still far behind Wanda: docs/BENCHMARKS.md.
+- ``swap`` (default; our adaptation for LLMs, not in the paper): OBA's exact second-order change of the
+  removal, applied where the quadratic model is exact, each linear's reconstruction error ‖(W⊙S)·X‖² with
+  H = XXᵀ. The initial mask is Wanda's (|W|·‖X‖₂, per row); then the swap search of ``prune.refine`` (up to
+  ``--swap-rounds`` rounds of exact-HVP-driven swaps of a kept and a pruned weight per row, accepted only when
+  the row's exact error drops) refines it. Exact per-row sparsity and N:M; ``--update obs`` reconstructs the
+  kept weights afterwards. It differs from the paper in the objective (layer-wise reconstruction instead of
+  the model's loss) and in being a search over masks instead of a one-shot ranking.
+- ``released`` (the authors' released code, NEU-REAL/OBA ``oba_importance.py`` / ``oba_pruner.py`` /
+  ``conduct_pruning.py``): importance I = θ ⊙ (R·θ) with R = H − Jᵀ(∇²_z ℓ)J the residual (non Gauss–Newton)
+  part of the Hessian of the calibration loss (z: logits), summed signed over windows and over all steps so
+  far, |Σ I| / count; per linear divided by its maximum (+1e-6), plus |W|; one global threshold over all
+  targets; ``--oba-steps`` (49) steps to density (1−s)^{k/steps}, importance recomputed on the masked model
+  before every step from ``--oba-step-windows`` calibration windows (0: all). Differences from their code: R is
+  exact (their surrogate keeps only the bilinear cross-layer terms and drops the curvature of SiLU/softmax/
+  RMSNorm; on a bias-free ReLU MLP the two are equal, see tests/test_oba.py), weights pruned at an earlier step
+  stay pruned instead of keeping a stale score that can take budget, embeddings and lm_head are never pruned,
+  and for N:M patterns one step picks N of every M by the same score.
+- ``full`` (the project's earlier variant): one-shot |g·δθ + ½·δθ·(H·δθ)| with δθ = −W over all weights, the
+  full Hessian of the dense model's loss (``--hvp-scope model``) or of each block's reconstruction
+  (``block``), ranked per row; ``--oba-first-order`` adds g·δθ, ``--oba-normalize max`` the authors' per-layer
+  normalisation plus |W|. It ranks weights by a signed cross-term dominated by weights that are kept, which is
+  why it falls behind magnitude on LLMs (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -24,28 +35,46 @@ from dataclasses import dataclass
 import torch
 
 from taylorprune.options import Options, option
+from taylorprune.scoring.oba_released import released_prune
 from taylorprune.scoring.spec import Method
+from taylorprune.scoring.wanda import activation_term
+from taylorprune.stats.hvp import dtype_option
 
+MODES = ("swap", "released", "full")
 HVP_SCOPES = ("model", "block")
 NORMALIZE = ("none", "max")
 
 
 @dataclass(frozen=True)
 class ObaOptions(Options):
-    hvp_scope: str = option("model", "Hessian of the whole model's calibration loss (model), or of each block's "
-                            "output reconstruction inside the engine (block; for large models).", choices=HVP_SCOPES,
-                            memory_hint="--hvp-scope block")
-    oba_first_order: bool = option(False, "Add the first-order term g·δθ (off, as OBA).")
-    oba_normalize: str = option("none", "none (the score as written) or max (per-layer |ΔL|/max + |W|, the "
-                                "authors' unstructured recipe).", choices=NORMALIZE)
+    oba_mode: str = option("swap", "swap (exact-HVP swap search on each linear's reconstruction error, Wanda "
+                           "start; for LLMs), released (the authors' code: residual Hessian, global ranking, "
+                           "multi-step) or full (one-shot full-Hessian score).", choices=MODES)
+    hvp_scope: str = option("model", "full mode: Hessian of the whole model's calibration loss (model), or of each "
+                            "block's output reconstruction inside the engine (block; for large models).",
+                            choices=HVP_SCOPES, memory_hint="--hvp-scope block")
+    oba_first_order: bool = option(False, "full mode: add the first-order term g·δθ (off, as OBA).")
+    oba_normalize: str = option("none", "full mode: none (the score as written) or max (per-layer |ΔL|/max + |W|, "
+                                "the authors' unstructured recipe).", choices=NORMALIZE)
+    oba_steps: int = option(49, "released mode: pruning steps to the target (the authors' 49), importance "
+                            "recomputed on the masked model before each.", minimum=1, maximum=10_000)
+    oba_step_windows: int = option(0, "released mode: calibration windows per step, taken in turn (0: all of "
+                                   "them every step).", minimum=0)
+    hvp_dtype: str = dtype_option()
 
 
 def _needs(options: ObaOptions) -> frozenset[str]:
+    if options.oba_mode == "swap":
+        return frozenset({"act_norm_sq"})
+    if options.oba_mode == "released":
+        return frozenset()  # computes its residual HVPs itself, step by step, on the masked model
     return frozenset({"oba_g", "oba_hvp"}) if options.hvp_scope == "model" else frozenset({"oba_block_hvp"})
 
 
 def score(weight: torch.Tensor, stats, options: ObaOptions) -> torch.Tensor:
-    """Second-order Taylor loss change of removing each weight, cross-parameter curvature included."""
+    """swap: Wanda's score (the swap search starts from its mask); full: |second-order loss change|."""
+    if options.oba_mode == "swap":
+        return activation_term(weight, stats["act_norm_sq"])
     delta = -weight
     hv = stats["oba_hvp"] if "oba_hvp" in stats else stats["oba_block_hvp"]
     change = 0.5 * delta * hv.to(weight.device)
@@ -56,5 +85,11 @@ def score(weight: torch.Tensor, stats, options: ObaOptions) -> torch.Tensor:
     return change.abs()
 
 
-METHOD = Method("oba", "|g·δθ + ½·δθ·(Hδθ)|, δθ = −W, exact HVP", "Sun et al., arXiv:2502.17941",
-                statistics=("oba_g", "oba_hvp", "oba_block_hvp"), options=ObaOptions, score=score, select=_needs)
+METHOD = Method(
+    "oba", "Optimal Brain Apoptosis: exact HVPs of the removal (swap | released | full)",
+    "Sun et al., arXiv:2502.17941",
+    statistics=("act_norm_sq", "oba_g", "oba_hvp", "oba_block_hvp"), options=ObaOptions, score=score,
+    select=_needs,
+    refine=lambda o: "swap" if o.oba_mode == "swap" else "none",
+    prune_model=lambda o: released_prune if o.oba_mode == "released" else None,
+)

@@ -16,12 +16,15 @@ import torch
 
 from taylorprune.options import NoOptions, Options
 from taylorprune.prune.masks import Pattern
+from taylorprune.stats.source import ModelContext
 
 # (weight fp32, {statistic: tensor}, options) -> scores, larger = more important (kept)
 ScoreFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Options], torch.Tensor]
 # (weight fp32, stats, pattern, options, module path) -> (new weight fp32 with zeros, scores it chose by)
 SolveFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Pattern, Options, str],
                    tuple[torch.Tensor, torch.Tensor]]
+# Prunes the whole model's targets in place (global ranking, multi-step schedules); returns {path: fp32 scores}.
+ModelPruneFn = Callable[[ModelContext, Pattern, Options], dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,9 @@ class Method:
     """A registered pruning method.
 
     ``statistics`` lists every statistic the method may need; ``select`` picks those a given set of options
-    needs (default: all of them).
+    needs (default: all of them). ``refine`` names the mask refinement used when ``--refine`` is not given.
+    ``prune_model`` returns, for options that ask for it, a function that prunes the whole model itself instead
+    of the layer-by-layer engine (global ranking across layers, schedules with recomputation).
     """
 
     name: str
@@ -40,6 +45,8 @@ class Method:
     score: ScoreFn | None = None
     solve: SolveFn | None = None
     select: Callable[[Options], frozenset[str]] | None = None
+    refine: Callable[[Options], str] | None = None
+    prune_model: Callable[[Options], ModelPruneFn | None] | None = None
 
     def __post_init__(self) -> None:
         if (self.score is None) == (self.solve is None):
@@ -49,6 +56,12 @@ class Method:
     def updates_weights(self) -> bool:
         """A solver chooses mask and new weights itself, so ``--update`` does not apply."""
         return self.solve is not None
+
+    def whole_model(self, options: Options) -> ModelPruneFn | None:
+        return self.prune_model(options) if self.prune_model else None
+
+    def default_refine(self, options: Options) -> str:
+        return self.refine(options) if self.refine else "none"
 
     def needs(self, options: Options) -> frozenset[str]:
         chosen = self.select(options) if self.select else frozenset(self.statistics)

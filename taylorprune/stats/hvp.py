@@ -47,6 +47,7 @@ from taylorprune.stats.source import ModelContext, Scope, Source, Stats
 
 HVP_MODES = ("blockwise", "fwd-rev", "double-backward")
 MODEL_HVP_STATS = ("oba_g", "oba_hvp")
+ALL_MODEL_STATS = ("oba_g", "oba_hvp", "oba_gn")  # oba_gn: the Gauss–Newton part of H·δθ
 
 
 def _loss_fn(model: nn.Module, names: list[str], ids: torch.Tensor) -> Callable[..., torch.Tensor]:
@@ -99,9 +100,43 @@ def _block_fn(block: nn.Module, targets: list[Target], kwargs: dict) -> Callable
 Grads = tuple[torch.Tensor, ...]
 
 
-def blockwise_hvp(runner, ids: torch.Tensor) -> Iterator[tuple[int, Grads, Grads]]:
-    """Yield (block index, g, H·δθ) of one window's loss, δθ = −W, last block first (see module doc).
+def residual_hvp(logits_fn: Callable[..., torch.Tensor], params: tuple[torch.Tensor, ...],
+                 tangents: tuple[torch.Tensor, ...], loss_of_logits: Callable[[torch.Tensor], torch.Tensor]):
+    """R·v = H·v − Jᵀ(∇²_z ℓ)(J·v) of ℓ(z(θ)), z = ``logits_fn(*params)``: the residual (non Gauss–Newton) part
+    of the Hessian applied to ``tangents``, in one piece for any function. ``blockwise_hvp(gauss_newton=True)``
+    computes the same for a decoder stack block by block; this form is its reference in the tests."""
 
+    def loss(*p: torch.Tensor) -> torch.Tensor:
+        return loss_of_logits(logits_fn(*p))
+
+    _, hv = jvp(grad(loss, argnums=tuple(range(len(params)))), params, tangents)
+    z, dz = jvp(logits_fn, params, tangents)
+    _, u = jvp(grad(loss_of_logits), (z,), (dz,))
+    gn = vjp(logits_fn, *params)[1](u)
+    return tuple(h - g for h, g in zip(hv, gn, strict=True))
+
+
+def _head(model: nn.Module, layout: Layout, ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Logits as a function of the last block's output: every block returns h, the model's own code does the rest."""
+
+    def logits(h: torch.Tensor) -> torch.Tensor:
+        with patched_forwards(layout.blocks, [lambda *a, **k: h] * len(layout.blocks)):
+            return model(input_ids=ids, use_cache=False).logits
+
+    return logits
+
+
+def causal_lm_loss_of_logits(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """transformers' causal-LM loss with labels = inputs: mean next-token cross-entropy, logits in fp32."""
+    shifted = logits[:, :-1].to(torch.float32)
+    return torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def blockwise_hvp(runner, ids: torch.Tensor, gauss_newton: bool = False) -> Iterator[tuple[int, Grads, Grads, Grads]]:
+    """Yield (block index, g, H·δθ, GN·δθ) of one window's loss, δθ = −W, last block first (see module doc).
+
+    ``gauss_newton``: also the Gauss–Newton part Jᵀ(∇²_z ℓ)(J·δθ) of H·δθ (z: the logits), by one more reverse
+    sweep whose cotangent is the loss Hessian applied to the logits' tangent; otherwise its entries are empty.
     A generator, so the caller folds each block's results into its sums before the next block's exist.
     """
     model, layout = runner.model, runner.layout
@@ -112,13 +147,17 @@ def blockwise_hvp(runner, ids: torch.Tensor) -> Iterator[tuple[int, Grads, Grads
     for f, w in zip(fns, weights, strict=True):
         h, dh = states[-1]
         states.append(jvp(f, (h, *w), (dh, *(-x for x in w))))
+    head = _head(model, layout, ids)
 
     def head_loss(h: torch.Tensor) -> torch.Tensor:
-        # every block returns h: the model's own code then maps the last block's output to the loss
-        with patched_forwards(layout.blocks, [lambda *a, **k: h] * len(layout.blocks)):
-            return model(input_ids=ids, labels=ids, use_cache=False).loss
+        return causal_lm_loss_of_logits(head(h), ids)
 
     adj, dadj = jvp(grad(head_loss), (states[-1][0],), (states[-1][1],))
+    gn = None
+    if gauss_newton:
+        z, dz = jvp(head, (states[-1][0],), (states[-1][1],))
+        _, u = jvp(grad(lambda x: causal_lm_loss_of_logits(x, ids)), (z.detach(),), (dz.detach(),))
+        gn = vjp(head, states[-1][0])[1](u)[0]
     for i in reversed(range(len(fns))):
         f, w = fns[i], weights[i]
 
@@ -126,7 +165,10 @@ def blockwise_hvp(runner, ids: torch.Tensor) -> Iterator[tuple[int, Grads, Grads
             return vjp(f, h, *ws)[1](a)
 
         (adj, *g), (dadj, *hv) = jvp(pull, (states[i][0], adj, *w), (states[i][1], dadj, *(-x for x in w)))
-        yield i, tuple(g), tuple(hv)
+        gnv: Grads = ()
+        if gn is not None:
+            gn, *gnv = vjp(f, states[i][0], *w)[1](gn)
+        yield i, tuple(g), tuple(hv), tuple(gnv)
 
 
 def model_hvp_pass(
@@ -136,16 +178,28 @@ def model_hvp_pass(
     mode: str = "blockwise",
     device: torch.device | None = None,
     on_sample: Callable[[int], None] | None = None,
+    stats: frozenset[str] = frozenset(MODEL_HVP_STATS),
+    dtype: str = "float32",
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Σ over windows of g and H·δθ (fp32, CPU) for every target of the dense model."""
+    """Σ over windows of g, H·δθ (and GN·δθ when ``oba_gn`` is in ``stats``), fp32 on the CPU, for every target.
+
+    ``dtype`` float32 runs a bf16/fp16 model in fp32 for the pass (second-order products overflow or lose all
+    precision in half precision) and casts it back afterwards, which restores the weights exactly.
+    """
+    if "oba_gn" in stats and mode != "blockwise":
+        raise ValueError("the Gauss–Newton part is computed in blockwise mode only")
     targets = layout.all_targets
-    home = next(model.parameters()).device
+    home, home_dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    upcast = dtype == "float32" and home_dtype in (torch.float16, torch.bfloat16)
     movable = device is not None and not getattr(model, "hf_device_map", None)
     if movable:
         model.to(device)
+    if upcast:
+        model.to(torch.float32)
     input_device = model.get_input_embeddings().weight.device
-    sums_g = [torch.zeros(t.module.weight.shape, dtype=torch.float32, device=t.module.weight.device) for t in targets]
-    sums_h = [torch.zeros_like(s) for s in sums_g]
+    names = [s for s in ALL_MODEL_STATS if s in stats]
+    sums = {n: [torch.zeros(t.module.weight.shape, dtype=torch.float32, device=t.module.weight.device)
+                for t in targets] for n in names}
     try:
         with eager_attention(model):
             runner = BlockRunner(model, layout, input_device, stream=False)  # the model already sits there
@@ -155,20 +209,22 @@ def model_hvp_pass(
             for i, ids in enumerate(calib_ids):
                 window = ids.unsqueeze(0).to(input_device)
                 if mode == "blockwise":
-                    parts = ((starts[b], g, hv) for b, g, hv in blockwise_hvp(runner, window))
+                    parts = ((starts[b], *rest) for b, *rest in blockwise_hvp(runner, window, "oba_gn" in stats))
                 else:
-                    parts = [(0, *model_hvp(model, targets, window, mode))]
-                for first, g, hv in parts:
-                    for j, (gi, hi) in enumerate(zip(g, hv, strict=True)):
-                        sums_g[first + j].add_(gi.to(torch.float32))
-                        sums_h[first + j].add_(hi.to(torch.float32))
+                    parts = [(0, *model_hvp(model, targets, window, mode), ())]
+                for first, g, hv, gnv in parts:
+                    for name, values in (("oba_g", g), ("oba_hvp", hv), ("oba_gn", gnv)):
+                        if name in sums:
+                            for j, v in enumerate(values):
+                                sums[name][first + j].add_(v.to(torch.float32))
                 if on_sample:
                     on_sample(i)
     finally:
+        if upcast:
+            model.to(home_dtype)
         if movable:
             model.to(home)
-    return _checked({t.path: {"oba_g": g.cpu(), "oba_hvp": h.cpu()} for t, g, h in zip(targets, sums_g, sums_h,
-                                                                                      strict=True)})
+    return _checked({t.path: {n: sums[n][k].cpu() for n in names} for k, t in enumerate(targets)})
 
 
 def block_hvp(block: nn.Module, kwargs: dict, targets: list[Target], hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -181,14 +237,39 @@ def block_hvp(block: nn.Module, kwargs: dict, targets: list[Target], hidden: tor
     return pullback(jv)
 
 
+def _float_kwargs(kwargs: dict) -> dict:
+    """Block keyword arguments with floating tensors (rotary cos/sin, masks) in fp32."""
+
+    def cast(v):
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.to(torch.float32)
+        if isinstance(v, tuple):
+            return tuple(cast(x) for x in v)
+        return v
+
+    return {k: cast(v) for k, v in kwargs.items()}
+
+
 def block_hvp_stats(runner, i: int, hidden: torch.Tensor, targets: list[Target], options) -> dict:
-    """Σ over calibration batches of the block-scope H·δθ for block ``i`` (its targets only)."""
+    """Σ over calibration batches of the block-scope H·δθ for block ``i`` (its targets only); a half-precision
+    block runs in fp32 for it when ``hvp_dtype`` is float32 (cast back afterwards, exactly)."""
     sums = [torch.zeros(t.module.weight.shape, dtype=torch.float32, device=t.module.weight.device) for t in targets]
     block = runner.layout.blocks[i]
-    with eager_attention(runner.model):
-        for chunk in hidden.split(runner.batch_size):
-            for acc, hv in zip(sums, block_hvp(block, runner.block_kwargs[i], targets, chunk), strict=True):
-                acc.add_(hv.to(torch.float32))
+    kwargs = runner.block_kwargs[i]
+    home = next(block.parameters()).dtype
+    upcast = getattr(options, "hvp_dtype", "float32") == "float32" and home in (torch.float16, torch.bfloat16)
+    if upcast:
+        block.to(torch.float32)
+        kwargs = _float_kwargs(kwargs)
+    try:
+        with eager_attention(runner.model):
+            for chunk in hidden.split(runner.batch_size):
+                chunk = chunk.to(torch.float32) if upcast else chunk
+                for acc, hv in zip(sums, block_hvp(block, kwargs, targets, chunk), strict=True):
+                    acc.add_(hv.to(torch.float32))
+    finally:
+        if upcast:
+            block.to(home)
     return _checked({t.path: {"oba_block_hvp": s} for t, s in zip(targets, sums, strict=True)})
 
 
@@ -200,11 +281,18 @@ def _checked(stats: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, t
     return stats
 
 
+def dtype_option():
+    """``hvp_dtype``, declared once for every component that takes Hessian-vector products."""
+    return option("float32", "Precision of HVP passes: float32 (a bf16/fp16 model is upcast for them, then cast "
+                  "back exactly) or model (the model's own dtype).", choices=("float32", "model"))
+
+
 @dataclass(frozen=True)
 class BlockHvpOptions(Options):
     hvp_cache: str | None = option(None, "HVP cache (.safetensors): reused when it was made the same way (model, "
                                    "calibration, dtype; for block scope also the pruning recipe), else written.",
                                    identity=False)
+    hvp_dtype: str = dtype_option()
 
 
 @dataclass(frozen=True)
@@ -217,11 +305,13 @@ class ModelHvpOptions(BlockHvpOptions):
 def _model_compute(ctx: ModelContext, wanted: frozenset[str], options: ModelHvpOptions) -> Stats:
     tick = ctx.progress("Hessian-vector products (samples)", len(ctx.calib_ids))
     ctx.event("hvp_pass")
-    return model_hvp_pass(ctx.model, ctx.layout, ctx.calib_ids, options.hvp_mode, ctx.device, tick)
+    return model_hvp_pass(ctx.model, ctx.layout, ctx.calib_ids, options.hvp_mode, ctx.device, tick, wanted,
+                          options.hvp_dtype)
 
 
-MODEL_SOURCE = Source("hvp", Scope.MODEL, MODEL_HVP_STATS,
-                      "g and exact H·δθ (δθ = −W) of the dense model's calibration loss, summed over windows",
+MODEL_SOURCE = Source("hvp", Scope.MODEL, ALL_MODEL_STATS,
+                      "g, exact H·δθ and its Gauss–Newton part (δθ = −W) of the dense model's calibration loss, "
+                      "summed over windows",
                       options=ModelHvpOptions, compute=_model_compute, cache_option="hvp_cache")
 BLOCK_SOURCE = Source("hvp-block", Scope.BLOCK, ("oba_block_hvp",),
                       "Jᵀ(J·δθ) of each block's output reconstruction objective on its calibration inputs",

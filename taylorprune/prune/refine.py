@@ -1,0 +1,236 @@
+"""Mask refinement by swap search on each linear's exact reconstruction error.
+
+For one linear with weights W (rows × cols), keep-mask M and pruned set S = 1 − M, removing the pruned weights
+changes the layer output by −(W⊙S)·X; its squared error summed over calibration tokens is, row by row,
+
+    e_r = u_r · H · u_rᵀ,   u = W⊙S,   H = XXᵀ (SparseGPT's statistic, any positive scale).
+
+This quadratic is exact, so the change of e_r when one weight is pruned or restored is an exact Hessian-vector
+product of the removal (OBA's idea, on the objective where the quadratic model has no error). With V = U·H,
+d = diag H and
+
+    c = W⊙V + ½·d⊙W² − S⊙d⊙W²
+
+pruning kept weight i changes e_r by 2c_i, restoring pruned weight j by −2c_j, and swapping them by
+2c_i − 2c_j − 2·w_i·w_j·H_ij (exact). Each round, every row pairs its cheapest kept weights with its costliest
+pruned ones (``swap_fraction`` of the columns), keeps the pairs that the first-order sum says help, and
+accepts them only if the row's exact error drops; otherwise the row takes its single best pair if that pair
+alone lowers the error. Rounds stop after ``swap_rounds`` or when no row changes. Swaps exchange one kept
+and one pruned weight of the same row (for N:M, of the same group of M columns), so per-row sparsity and
+N:M patterns hold exactly, and no row's error ever rises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from taylorprune.errors import UserError
+from taylorprune.options import NoOptions, Options, option
+from taylorprune.prune.masks import Pattern
+
+GRID = 32  # at most this many cheapest kept × costliest pruned per row are tried as single swaps
+
+
+@dataclass(frozen=True)
+class SwapOptions(Options):
+    swap_rounds: int = option(10, "Swap-search rounds at most (each: one proposal per row, exact check).",
+                              minimum=1, maximum=1000)
+    swap_fraction: float = option(0.02, "Pairs proposed per row and round, as a fraction of the row's columns.",
+                                  above=0, maximum=0.5)
+
+
+@dataclass
+class SwapInfo:
+    rounds: int
+    swaps: int
+    error_before: float
+    error_after: float
+
+
+def row_errors(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """e_r = (w⊙s)_r · H · (w⊙s)_rᵀ for every row (fp32)."""
+    u = weight * pruned
+    return ((u @ hessian) * u).sum(1)
+
+
+def _take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[r, idx[r, ...]] for every row r (a flat gather: advanced indexing is far slower on large index sets)."""
+    return x.gather(1, idx.reshape(idx.shape[0], -1)).view(idx.shape)
+
+
+def _swap_gain(c: torch.Tensor, W: torch.Tensor, H: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """Exact change of a row's error when kept ``i`` and pruned ``j`` swap: 2c_i − 2c_j − 2·w_i·w_j·H_ij."""
+    h = torch.take(H, i * H.shape[1] + j)
+    return 2 * (_take_rows(c, i) - _take_rows(c, j)) - 2 * _take_rows(W, i) * _take_rows(W, j) * h
+
+
+def _pairs(c: torch.Tensor, W: torch.Tensor, H: torch.Tensor, pruned: torch.Tensor, pattern: Pattern, k: int):
+    """The ``k`` proposed swaps of every row as (kept i, pruned j, exact gain; inf where there is no pair).
+
+    Unstructured: the k cheapest kept weights paired in order with the k costliest pruned ones. N:M: in each
+    group of M columns its cheapest kept and costliest pruned weight; the k groups whose pair gains most to
+    first order.
+    """
+    inf = torch.tensor(float("inf"), dtype=c.dtype, device=c.device)
+    if not pattern.is_nm:
+        k = min(k, c.shape[1])
+        ci, i = torch.topk(torch.where(pruned, inf, c), k, dim=1, largest=False)
+        cj, j = torch.topk(torch.where(pruned, c, -inf), k, dim=1, largest=True)
+        ok = torch.isfinite(ci) & torch.isfinite(cj)
+    else:
+        rows, cols, m = c.shape[0], c.shape[1], pattern.m
+        groups = (cols - cols % m) // m
+        cg, pg = c[:, : groups * m].reshape(rows, groups, m), pruned[:, : groups * m].reshape(rows, groups, m)
+        ci, ii = torch.where(pg, inf, cg).min(dim=2)
+        cj, jj = torch.where(pg, cg, -inf).max(dim=2)
+        first, g = torch.topk(ci - cj, min(k, groups), dim=1, largest=False)
+        i, j = g * m + ii.gather(1, g), g * m + jj.gather(1, g)
+        ok = torch.isfinite(first)
+    return i, j, torch.where(ok, _swap_gain(c, W, H, i, j), inf)
+
+
+def _best_single(c: torch.Tensor, W: torch.Tensor, H: torch.Tensor, i, j, gain):
+    """Each row's best single swap (i, j, exact gain) over the combinations of the kept and the pruned weights of
+    its first ``GRID`` proposals."""
+    g = min(i.shape[1], GRID)
+    gi, gj, ok = i[:, :g], j[:, :g], torch.isfinite(gain[:, :g])
+    grid = _swap_gain(c, W, H, gi.unsqueeze(2).expand(-1, -1, g), gj.unsqueeze(1).expand(-1, g, -1))
+    grid = torch.where(ok.unsqueeze(2) & ok.unsqueeze(1), grid, float("inf")).flatten(1)
+    value, best = grid.min(dim=1)
+    return gi.gather(1, (best // g)[:, None]), gj.gather(1, (best % g)[:, None]), value
+
+
+def _change(W: torch.Tensor, i: torch.Tensor, j: torch.Tensor, use: torch.Tensor):
+    """The change of U = W⊙S as (columns, values) per row: +w_i where i is pruned, −w_j where j is restored."""
+    zero = torch.zeros((), dtype=W.dtype, device=W.device)
+    cols = torch.cat([i, j], dim=1)
+    vals = torch.cat([torch.where(use, W.gather(1, i), zero), torch.where(use, -W.gather(1, j), zero)], dim=1)
+    return cols, vals
+
+
+def _product(shape, H: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """ΔU·H for a ΔU with few entries per row (a sparse product: a dense one would cost a full matmul)."""
+    rows = torch.arange(shape[0], device=H.device).unsqueeze(1).expand_as(cols)
+    keep = vals != 0
+    delta = torch.sparse_coo_tensor(torch.stack([rows[keep], cols[keep]]), vals[keep], shape,
+                                    check_invariants=False)
+    return torch.sparse.mm(delta, H)
+
+
+def _row_change(V: torch.Tensor, P: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """Exact change of each row's error for the sparse change δ (``vals`` at ``cols``), P = ΔU·H: 2δ·v + δ·H·δ."""
+    return (vals * (2 * V.gather(1, cols) + P.gather(1, cols))).sum(1)
+
+
+def _apply(pruned: torch.Tensor, i: torch.Tensor, j: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
+    """``pruned`` with kept i → pruned and pruned j → kept where ``use``."""
+    out = pruned.clone()
+    rows = torch.arange(pruned.shape[0], device=pruned.device).unsqueeze(1).expand_as(i)
+    out[rows[use], i[use]] = True
+    out[rows[use], j[use]] = False
+    return out
+
+
+def swap_refine(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, pattern: Pattern,
+                rounds: int = 10, fraction: float = 0.02) -> tuple[torch.Tensor, SwapInfo]:
+    """A keep-mask with the same per-row (and per-group) counts as ``keep`` and no row error higher."""
+    W = weight.to(torch.float32)
+    H = hessian.to(device=W.device, dtype=torch.float32)
+    d = torch.diagonal(H)
+    if pattern.is_nm and any(int(r) != pattern.n for r in keep[:, : W.shape[1] - W.shape[1] % pattern.m]
+                             .reshape(W.shape[0], -1, pattern.m).sum(2).unique()):
+        return keep, SwapInfo(0, 0, 0.0, 0.0)  # groups not exactly N:M (dead columns): leave the mask alone
+    pruned = ~keep.to(W.device)
+    V = (W * pruned) @ H
+    err = ((W * pruned) * V).sum(1)
+    before = float(err.sum())
+    k = max(1, int(round(fraction * W.shape[1])))
+    dw2 = d * W.pow(2)
+    eps = 1e-6  # relative: a swap must lower the row's error by more than fp32 round-off to be taken
+    total, done = 0, 0
+    for step in range(1, rounds + 1):
+        c = W * V + dw2 * (0.5 - pruned.to(W.dtype))
+        i, j, gain = _pairs(c, W, H, pruned, pattern, k)
+        gain, order = gain.sort(dim=1)  # most helpful single swaps first
+        i, j = i.gather(1, order), j.gather(1, order)
+        tol = eps * err.abs().clamp_min(torch.finfo(torch.float32).tiny)
+        valid = gain < -tol[:, None]
+        # the longest prefix (k, k/2, k/4, ... pairs) of each row's swaps that lowers its exact error
+        taken = torch.zeros_like(valid)
+        change = torch.zeros_like(err)
+        open_rows = valid[:, 0].nonzero().flatten()
+        size = i.shape[1]
+        while size >= 1 and open_rows.numel():
+            use = valid[open_rows, :size]
+            oi, oj = i[open_rows, :size], j[open_rows, :size]
+            cols, vals = _change(W[open_rows], oi, oj, use)
+            P = _product((open_rows.numel(), V.shape[1]), H, cols, vals)
+            row = _row_change(V[open_rows], P, cols, vals)
+            ok = row < -tol[open_rows]
+            done_rows = open_rows[ok]
+            taken[done_rows, :size] = use[ok]
+            V[done_rows] += P[ok]
+            change[done_rows] = row[ok]
+            open_rows = open_rows[~ok]
+            size //= 2
+        si, sj = torch.zeros_like(i[:, :1]), torch.zeros_like(j[:, :1])
+        single = torch.zeros_like(valid[:, :1])
+        open_rows = (~taken.any(1)).nonzero().flatten()
+        if open_rows.numel() and not pattern.is_nm:  # the best single swap among cheapest × costliest pairs
+            bi, bj, bg = _best_single(c[open_rows], W[open_rows], H, i[open_rows], j[open_rows], gain[open_rows])
+            ok = bg < -tol[open_rows]
+            rows = open_rows[ok]
+            si[rows], sj[rows], single[rows] = bi[ok], bj[ok], True
+            cols, vals = _change(W[rows], bi[ok], bj[ok], single[rows])
+            V[rows] += _product((rows.numel(), V.shape[1]), H, cols, vals)
+            change[rows] = bg[ok]
+        if not (taken.any() or single.any()):
+            break
+        pruned = _apply(_apply(pruned, i, j, taken), si, sj, single)
+        err = err + change
+        total += int(taken.sum() + single.sum())
+        done = step
+    return ~pruned, SwapInfo(done, total, before, float(err.sum()))
+
+
+# ------------------------------------------------------------------------------------------ refine stages
+
+
+RefineFn = Callable[[torch.Tensor, torch.Tensor, Pattern, Mapping[str, torch.Tensor], Options],
+                    tuple[torch.Tensor, dict]]
+
+
+@dataclass(frozen=True)
+class Refine:
+    """A mask refinement between masking and the weight update.
+
+    ``apply(weight fp32, keep, pattern, stats, options) -> (new keep, what it did for the report)``.
+    """
+
+    name: str
+    summary: str
+    apply: RefineFn
+    needs: frozenset[str] = frozenset()
+    options: type[Options] = NoOptions
+
+
+def _swap(weight, keep, pattern, stats, options: SwapOptions):
+    new, info = swap_refine(weight, stats["hessian"], keep, pattern, options.swap_rounds, options.swap_fraction)
+    return new, {"rounds": info.rounds, "swaps": info.swaps, "error_before": info.error_before,
+                 "error_after": info.error_after}
+
+
+REFINES: dict[str, Refine] = {
+    "none": Refine("none", "keep the mask as scored", lambda weight, keep, pattern, stats, options: (keep, {})),
+    "swap": Refine("swap", "swap search on the exact layer reconstruction error (needs XXᵀ)", _swap,
+                   frozenset({"hessian"}), SwapOptions),
+}
+
+
+def get_refine(name: str) -> Refine:
+    if name not in REFINES:
+        raise UserError(f"--refine {name}: choose one of {', '.join(REFINES)}")
+    return REFINES[name]
