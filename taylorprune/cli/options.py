@@ -14,6 +14,8 @@ import typer
 
 from taylorprune.calib.sampling import SAMPLINGS
 from taylorprune.calib.text import CALIB_SOURCES, EVAL_DATASETS
+from taylorprune.prune.allocation import ALLOCATIONS
+from taylorprune.prune.recon import RECONS
 from taylorprune.prune.refine import REFINES
 from taylorprune.prune.update import UPDATES
 
@@ -39,6 +41,10 @@ Refine = Annotated[str | None, typer.Option(help="Mask refinement between maskin
     f"{r.name} ({r.summary})" for r in REFINES.values()) + " [default: the method's own, else none].")]
 Update = Annotated[str, typer.Option(help="Weight update after masking: " + "; ".join(
     f"{u.name} ({u.summary})" for u in UPDATES.values()) + ".")]
+Allocation = Annotated[str, typer.Option(help="How sparsity is split over the layers: " + "; ".join(
+    f"{a.name} ({a.summary})" for a in ALLOCATIONS.values()) + ".")]
+Recon = Annotated[str, typer.Option(help="Block stage after the linears of a block are pruned: " + "; ".join(
+    f"{r.name} ({r.summary})" for r in RECONS.values()) + ".")]
 MethodOption = Annotated[list[str] | None, typer.Option(
     help="Component option as KEY=VALUE (repeatable), e.g. alpha=0.5; same names as the flags below.")]
 

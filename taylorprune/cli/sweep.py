@@ -23,6 +23,9 @@ def sweep(
     methods: str = typer.Option(",".join(BASELINES), help="Comma-separated methods (see `taylorprune methods`)."),
     sparsities: str = typer.Option(DEFAULT_SPARSITIES, help="Comma-separated unstructured sparsities."),
     patterns: str = typer.Option("unstructured", help="Comma-separated: unstructured and/or N:M (e.g. 2:4)."),
+    variants: str = typer.Option("plain", help="Comma-separated stage stacks run for every method, each plain or "
+                                 "+-joined stage values, e.g. plain,obs,swap+obs,swap+obs+block (refine swap, update "
+                                 "obs, recon block, allocation owl)."),
     group: opt.Group = "row",
     targets: opt.Targets = None,
     calib: opt.Calib = "c4",
@@ -41,8 +44,10 @@ def sweep(
     keep_models: bool = typer.Option(False, help="Also write every pruned model under OUT/models/<name>."),
     overwrite: bool = typer.Option(False, help="Replace results (and kept models) already in --out."),
     trust_remote_code: opt.TrustRemoteCode = False,
+    allocation: opt.Allocation = "uniform",
     refine: opt.Refine = None,
     update: opt.Update = "none",
+    recon: opt.Recon = "none",
     option: opt.MethodOption = None,
     component_options: dict[str, Any] | None = None,
 ) -> None:
@@ -54,16 +59,20 @@ def sweep(
     from taylorprune.report import sweep as sw
 
     with guarded() as session:
-        points = sw.grid(sw.parse_methods(methods), sw.parse_sparsities(sparsities), sw.parse_patterns(patterns))
+        points = sw.grid(sw.parse_methods(methods), sw.parse_sparsities(sparsities), sw.parse_patterns(patterns),
+                         sw.parse_variants(variants))
         base = pipeline.RunOptions(
             model=model, output=str(out_dir), group=group, targets=targets, calib=calib, calib_file=calib_file,
             nsamples=nsamples, seqlen=seqlen, seed=seed, calib_sampling=calib_sampling, batch_size=batch_size,
             dtype=dtype, device=device, overwrite=overwrite, trust_remote_code=trust_remote_code,
             eval_dataset=eval_dataset, eval_text_file=eval_text_file, eval_seqlen=eval_seqlen,
-            max_windows=max_windows, refine=refine, update=update,
+            max_windows=max_windows, allocation=allocation, refine=refine, update=update, recon=recon,
             method_options=opt.component_values(component_options or {}, option),
         )
         plan = sw.Sweep(base, out_dir, points, keep_models)
+        sw.validate(plan)
+        for note in plan.skipped:
+            err.print(f"[yellow]skipped[/] {note}", highlight=False, soft_wrap=True)
         with progress() as bar:
             hooks_for, on_row = _sweep_progress(bar, len(points), session)
             results = sw.run_sweep(plan, hooks_for, on_row)

@@ -15,12 +15,16 @@ from typing import Any
 
 from taylorprune.errors import UserError
 from taylorprune.options import Options, Spec, merge_specs
+from taylorprune.prune.allocation import ALLOCATIONS, Allocation, get_allocation
+from taylorprune.prune.recon import RECONS, Recon, get_recon
 from taylorprune.prune.refine import REFINES, Refine, get_refine
 from taylorprune.prune.update import UPDATES, Update, get_update
 from taylorprune.scoring.registry import METHODS, get_method
 from taylorprune.scoring.spec import Method
 from taylorprune.stats.registry import SOURCES, sources_for
 from taylorprune.stats.source import Source
+
+STAGES = {"allocation": ALLOCATIONS, "refine": REFINES, "update": UPDATES, "recon": RECONS}
 
 
 @dataclass(frozen=True)
@@ -42,12 +46,8 @@ def _users(name: str) -> tuple[str, ...]:
         groups = [m.options] + [s.options for s in sources_for(m.statistics)]
         if any(name in {sp.name for sp in g.specs()} for g in groups):
             found.append(m.name)
-    for r in REFINES.values():
-        if name in {sp.name for sp in r.options.specs()}:
-            found.append(f"--refine {r.name}")
-    for u in UPDATES.values():
-        if name in {sp.name for sp in u.options.specs()}:
-            found.append(f"--update {u.name}")
+    for stage, registry in STAGES.items():
+        found += [f"--{stage} {x.name}" for x in registry.values() if name in {sp.name for sp in x.options.specs()}]
     return tuple(found)
 
 
@@ -55,10 +55,13 @@ def _users(name: str) -> tuple[str, ...]:
 def all_options() -> dict[str, OptionInfo]:
     """Every option any component declares, checked for consistency (one name, one meaning)."""
     groups = [(f"method {m.name}", m.options) for m in METHODS.values()]
-    groups += [(f"refine {r.name}", r.options) for r in REFINES.values()]
-    groups += [(f"update {u.name}", u.options) for u in UPDATES.values()]
+    groups += [(f"{stage} {x.name}", x.options) for stage, registry in STAGES.items() for x in registry.values()]
     groups += [(f"statistic {s.name}", s.options) for s in SOURCES]
     return {name: OptionInfo(spec, _users(name)) for name, (spec, _) in merge_specs(groups).items()}
+
+
+class StageConflict(UserError):
+    """A stage that the method excludes (an update on a method that updates weights itself, ...)."""
 
 
 def _flag(name: str) -> str:
@@ -74,7 +77,9 @@ def check_known(values: Mapping[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class Components:
-    """Method, mask refinement, weight update and statistic sources of one run, each with its options."""
+    """The stages of one run, each with its options: how sparsity is allocated over the linears, the method that
+    scores (or solves), the mask refinement, the weight update, the block reconstruction, and the statistic
+    sources they need."""
 
     method: Method
     method_options: Options
@@ -83,14 +88,19 @@ class Components:
     update: Update
     update_options: Options
     sources: tuple[tuple[Source, Options], ...]
+    allocation: Allocation = ALLOCATIONS["uniform"]
+    allocation_options: Options = ALLOCATIONS["uniform"].options()
+    recon: Recon = RECONS["none"]
+    recon_options: Options = RECONS["none"].options()
 
     @property
     def needs(self) -> frozenset[str]:
-        return self.method.needs(self.method_options) | self.refine.needs | self.update.needs
+        return self.method.needs(self.method_options) | self.refine.needs | self.update.needs | self.allocation.needs
 
     @property
     def stages(self) -> tuple[Options, ...]:
-        return (self.method_options, self.refine_options, self.update_options, *(o for _, o in self.sources))
+        return (self.method_options, self.refine_options, self.update_options, self.allocation_options,
+                self.recon_options, *(o for _, o in self.sources))
 
     def options_of(self, source: Source) -> Options:
         for s, opts in self.sources:
@@ -108,37 +118,44 @@ class Components:
     def describe(self) -> dict[str, Any]:
         """Resolved options of every component (the report's record of what ran)."""
         return {"method": {"name": self.method.name, **self.method_options.as_dict()},
+                "allocation": {"name": self.allocation.name, **self.allocation_options.as_dict()},
                 "refine": {"name": self.refine.name, **self.refine_options.as_dict()},
                 "update": {"name": self.update.name, **self.update_options.as_dict()},
+                "recon": {"name": self.recon.name, **self.recon_options.as_dict()},
                 "statistics": {s.name: {"scope": s.scope.value, **o.as_dict()} for s, o in self.sources}}
 
     def recipe(self) -> dict[str, Any]:
         """The result-changing options of every stage (cache identities of block-scope statistics)."""
-        return {"method": self.method.name, "method_options": self.method_options.identity(),
-                "refine": self.refine.name, "refine_options": self.refine_options.identity(),
-                "update": self.update.name, "update_options": self.update_options.identity()}
+        out = {"method": self.method.name, "method_options": self.method_options.identity()}
+        for stage in ("allocation", "refine", "update", "recon"):
+            out[stage] = getattr(self, stage).name
+            out[f"{stage}_options"] = getattr(self, f"{stage}_options").identity()
+        return out
 
 
 def resolve(method: str, update: str = "none", values: Mapping[str, Any] | None = None,
-            strict: bool = True, refine: str | None = None) -> Components:
-    """Typed components for ``method``, ``refine`` (None: the method's default) and ``update`` from flat option
+            strict: bool = True, refine: str | None = None, allocation: str = "uniform",
+            recon: str = "none") -> Components:
+    """Typed components for ``method`` and its stages (``refine`` None: the method's default) from flat option
     ``values``."""
     values = dict(values or {})
     check_known(values)
-    m, u = get_method(method), get_update(update)
+    m, u, a, c = get_method(method), get_update(update), get_allocation(allocation), get_recon(recon)
     method_options = m.options.build(values)
     r = get_refine(refine if refine is not None else m.default_refine(method_options))
     if m.updates_weights and u.name != "none":
-        raise UserError(f"--method {m.name} updates weights itself; drop --update {u.name}")
+        raise StageConflict(f"--method {m.name} updates weights itself; drop --update {u.name}")
     if m.updates_weights and r.name != "none":
-        raise UserError(f"--method {m.name} chooses its mask itself; drop --refine {r.name}")
-    if m.whole_model(method_options) is not None and (r.name, u.name) != ("none", "none"):
-        raise UserError(f"--method {m.name} with these options prunes the whole model at once (no per-layer "
-                        f"stages); drop --refine/--update")
-    refine_options, update_options = r.options.build(values), u.options.build(values)
-    needs = m.needs(method_options) | r.needs | u.needs
-    made = Components(m, method_options, r, refine_options, u, update_options,
-                      tuple((s, s.options.build(values)) for s in sources_for(needs)))
+        raise StageConflict(f"--method {m.name} chooses its mask itself; drop --refine {r.name}")
+    if m.whole_model(method_options) is not None and (r.name, u.name, a.name, c.name) != (
+            "none", "none", "uniform", "none"):
+        raise StageConflict(f"--method {m.name} with these options prunes the whole model at once (global ranking, no "
+                        "per-layer stages); drop --refine/--update/--allocation/--recon")
+    stage_options = {k: x.options.build(values) for k, x in (("r", r), ("u", u), ("a", a), ("c", c))}
+    needs = m.needs(method_options) | r.needs | u.needs | a.needs
+    made = Components(m, method_options, r, stage_options["r"], u, stage_options["u"],
+                      tuple((s, s.options.build(values)) for s in sources_for(needs)), a, stage_options["a"], c,
+                      stage_options["c"])
     if strict:
         check_applies(values, [made])
     return made

@@ -34,6 +34,8 @@ class PruneResult:
     linears: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    blocks: list[dict] = field(default_factory=list)  # per-block stages (reconstruction)
+    allocation: dict = field(default_factory=dict)  # per-block numbers of a layer-wise allocation
 
     @property
     def sparsity(self) -> float:
@@ -49,7 +51,7 @@ def _tick(timings: dict[str, float], key: str, since: float) -> float:
 
 @dataclass
 class Job:
-    """What the engine does to every target: components, pattern, and where statistics come from."""
+    """What the engine does to every target: components, patterns, and where statistics come from."""
 
     parts: Components
     pattern: Pattern
@@ -58,6 +60,19 @@ class Job:
     scores: dict[str, torch.Tensor] | None
     linear_needs: frozenset[str] = frozenset()
     block_needs: frozenset[str] = frozenset()
+    patterns: Mapping[str, Pattern] = field(default_factory=dict)
+    seed: int = 0
+
+    def pattern_of(self, path: str) -> Pattern:
+        return self.patterns.get(path, self.pattern)
+
+    @property
+    def recon(self) -> bool:
+        return self.parts.recon.apply is not None
+
+    @property
+    def dense_stream(self) -> bool:
+        return self.parts.recon.dense_stream(self.parts.recon_options)
 
 
 def prune_layers(
@@ -70,17 +85,20 @@ def prune_layers(
     on_block: Callable[[int], None] | None = None,
     scores: dict[str, torch.Tensor] | None = None,
     block_cache: Stats | None = None,
+    patterns: Mapping[str, Pattern] | None = None,
+    seed: int = 0,
 ) -> PruneResult:
     """Prune every target linear of ``layout`` in place, block after block.
 
     ``model_stats`` holds the model-scope statistics (computed on the dense model before); ``scores``, when a
     dict, receives each linear's fp32 importance scores (CPU) under its module path; ``block_cache`` holds
     block-scope statistics already known for a target: they are used instead of computed, and what is
-    computed is added to it.
+    computed is added to it. ``patterns`` overrides ``pattern`` per target (layer-wise allocations); ``seed``
+    seeds the block reconstruction.
     """
     needs = parts.needs
     job = Job(parts, pattern, model_stats or {}, {} if block_cache is None else block_cache, scores,
-              of_scope(needs, Scope.LINEAR), of_scope(needs, Scope.BLOCK))
+              of_scope(needs, Scope.LINEAR), of_scope(needs, Scope.BLOCK), patterns or {}, seed)
     # Block-scope statistics differentiate through attention: capture and run everything with eager attention.
     with eager_attention(runner.model) if job.block_needs else contextlib.nullcontext():
         return _prune_blocks(runner, layout, calib_ids, job, on_block)
@@ -89,19 +107,30 @@ def prune_layers(
 def _prune_blocks(runner: BlockRunner, layout: Layout, calib_ids, job: Job, on_block) -> PruneResult:
     result = PruneResult()
     t = time.perf_counter()
-    hidden = runner.capture(calib_ids) if job.linear_needs or job.block_needs else None
+    calibrated = job.linear_needs or job.block_needs or job.recon
+    hidden = runner.capture(calib_ids) if calibrated else None
+    dense = hidden if job.dense_stream else None  # the dense model's activations, for dense recon targets
     t = _tick(result.timings, "capture", t)
     last = len(layout.blocks) - 1
     for i, targets in enumerate(layout.targets):
         with runner.on_device(i):
+            dense_out = runner.run(i, dense) if dense is not None else None  # before block i is pruned
+            same_out = runner.run(i, hidden) if job.recon and not job.dense_stream and targets else None
             stats = _block_statistics(runner, i, hidden, targets, job) if targets else {}
             t = _tick(result.timings, "statistics", t)
             for tg in targets:
                 merged = {**job.model_stats.get(tg.path, {}), **stats.get(tg.path, {})}
-                result.linears.append(_prune_linear(tg.path, tg.module, merged, job, result.warnings))
+                result.linears.append(_prune_linear(tg.path, tg.module, merged, job, result.warnings) | {"block": i})
             t = _tick(result.timings, "score_and_mask", t)
+            if job.recon and targets:
+                goal = dense_out if dense_out is not None else same_out
+                info = job.parts.recon.apply(runner, i, hidden, goal, [tg.module for tg in targets],
+                                             job.parts.recon_options, job.seed)
+                result.blocks.append({"block": i, **info})
+                t = _tick(result.timings, "recon", t)
             if hidden is not None and i < last:
                 hidden = runner.run(i, hidden)
+            dense = dense_out
             t = _tick(result.timings, "propagate", t)
         if on_block:
             on_block(i)
@@ -135,20 +164,21 @@ def _prune_linear(path: str, linear, stats, job: Job, warnings: list[str]) -> di
     weight = linear.weight
     w32 = weight.detach().to(torch.float32)
     parts = job.parts
+    pattern = job.pattern_of(path)
     refined: dict = {}
     try:
         if parts.method.solve is not None:
-            new, score = parts.method.solve(w32, stats, job.pattern, parts.method_options, path)
+            new, score = parts.method.solve(w32, stats, pattern, parts.method_options, path)
             what = parts.method.name
         else:
             score = parts.method.score(w32, stats, parts.method_options)
-            keep, refined = parts.refine.apply(w32, build_mask(score, job.pattern, path), job.pattern, stats,
+            keep, refined = parts.refine.apply(w32, build_mask(score, pattern, path), pattern, stats,
                                                parts.refine_options)
-            new = parts.update.apply(w32, keep, job.pattern, stats, parts.update_options, path)
+            new = parts.update.apply(w32, keep, pattern, stats, parts.update_options, path)
             what = f"--update {parts.update.name}"
     except CholeskyFailed as exc:  # keep going on a long run: plain masking for this one linear, recorded
         score = w32.abs() if parts.method.solve is not None else score
-        new = w32 * build_mask(score, job.pattern, path)
+        new = w32 * build_mask(score, pattern, path)
         what = "fallback masking"
         warnings.append(f"{exc}; fell back to masking without weight update (by |W| for a solver method)")
     if not torch.isfinite(new).all():
@@ -162,8 +192,9 @@ def _prune_linear(path: str, linear, stats, job: Job, warnings: list[str]) -> di
     return record
 
 
-def linear_record(path: str, weight: torch.Tensor) -> dict:
+def linear_record(path: str, weight: torch.Tensor, block: int | None = None) -> dict:
     """A pruned linear as the report lists it."""
     zeros = int((weight == 0).sum().item())
-    return {"name": path, "shape": list(weight.shape), "numel": weight.numel(), "zeros": zeros,
-            "sparsity": zeros / weight.numel()}
+    record = {"name": path, "shape": list(weight.shape), "numel": weight.numel(), "zeros": zeros,
+              "sparsity": zeros / weight.numel()}
+    return record if block is None else record | {"block": block}

@@ -115,14 +115,18 @@ def _prune(plan: Plan, model, layout, calib_ids, spec, dense_stats, scores, hook
         chosen = whole(ctx, plan.pattern, plan.parts.method_options)
         if scores is not None:
             scores.update({k: v.detach().to(torch.float32).cpu().contiguous() for k, v in chosen.items()})
-        return PruneResult([linear_record(t.path, t.module.weight) for t in layout.all_targets],
+        return PruneResult([linear_record(t.path, t.module.weight, i) for i, ts in enumerate(layout.targets)
+                            for t in ts],
                            {"whole_model": time.perf_counter() - t0})
     runner = BlockRunner(model, layout, plan.device, plan.opts.batch_size)
     block_cache = BlockCache(plan.needs, plan.parts.options_of, model, layout, spec, plan.recipe(), hooks.events)
+    patterns, allocated = plan.parts.allocation.allocate(layout, dense_stats, plan.pattern,
+                                                         plan.parts.allocation_options)
     result = prune_layers(runner, layout, plan.parts, plan.pattern, calib_ids, dense_stats,
                           on_block=hooks.task("pruning blocks", len(layout.blocks)), scores=scores,
-                          block_cache=block_cache.stats)
+                          block_cache=block_cache.stats, patterns=patterns, seed=plan.opts.seed)
     block_cache.save()
+    result.allocation = allocated
     return result
 
 
@@ -152,12 +156,33 @@ def run(opts: RunOptions, hooks: Hooks | None = None) -> dict:
     return write(prune(opts, hooks), hooks)
 
 
+def _block_report(result: PruneResult, loaded) -> list[dict]:
+    """Per decoder block: sparsity of its targets, the allocation's numbers and the reconstruction's."""
+    blocks: dict[int, dict] = {}
+    for lin in result.linears:
+        index = lin["block"]
+        entry = blocks.setdefault(index, {"block": index, "numel": 0, "zeros": 0})
+        entry["numel"] += lin["numel"]
+        entry["zeros"] += lin["zeros"]
+    for entry in blocks.values():
+        entry["sparsity"] = entry["zeros"] / max(entry["numel"], 1)
+    for name, values in (result.allocation or {}).items():
+        for index, value in enumerate(values):
+            if index in blocks:
+                blocks[index][name] = value
+    for info in result.blocks:
+        blocks.setdefault(info["block"], {"block": info["block"]}).update(info)
+    return [blocks[k] for k in sorted(blocks)]
+
+
 def build_report(p: Pruned) -> dict:
     plan, result = p.plan, p.result
     return {
         "method": plan.parts.method.name,
+        "allocation": plan.parts.allocation.name,
         "refine": plan.parts.refine.name,
         "update": plan.parts.update.name,
+        "recon": plan.parts.recon.name,
         "paper": plan.parts.method.paper,
         "pattern": plan.pattern.describe(),
         "sparsity": plan.pattern.sparsity,
@@ -167,6 +192,7 @@ def build_report(p: Pruned) -> dict:
         "source": {"model": plan.opts.model, "resolved": p.loaded.source, "gguf_file": p.loaded.gguf_file},
         "calibration": p.spec.describe() if p.spec else None,
         "linears": result.linears,
+        "blocks": _block_report(result, p.loaded),
         "warnings": result.warnings,
         "evaluation": p.evaluation,
         "phases_s": p.phases,

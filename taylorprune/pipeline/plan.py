@@ -58,8 +58,10 @@ class RunOptions:
     eval_text_file: str | None = None
     eval_seqlen: int | None = None
     max_windows: int | None = None
+    allocation: str = "uniform"
     refine: str | None = None  # None: the method's own default (none for most)
     update: str = "none"
+    recon: str = "none"
     save_scores: str | None = None
     plots: bool = False
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -93,7 +95,7 @@ class Plan:
 
     def recipe(self) -> dict[str, Any]:
         """Everything that decides how the blocks are pruned (block-scope cache identity)."""
-        keys = ("sparsity", "pattern", "group", "targets", "batch_size")
+        keys = ("sparsity", "pattern", "group", "targets", "batch_size", "seed")
         return {**{k: v for k, v in asdict(self.opts).items() if k in keys}, **self.parts.recipe()}
 
 
@@ -166,7 +168,8 @@ def _check_files(opts: RunOptions, parts: Components, inputs: list[Path]) -> Non
 
 def validate(opts: RunOptions) -> Plan:
     """Everything that can be checked before loading weights; returns the plan ``prune`` follows."""
-    parts = resolve(opts.method, opts.update, opts.method_options, refine=opts.refine)
+    parts = resolve(opts.method, opts.update, opts.method_options, refine=opts.refine, allocation=opts.allocation,
+                    recon=opts.recon)
     pattern = parse_pattern(opts.sparsity, opts.pattern, opts.group)
     _check_inputs(opts)
     device = resolve_device(opts.device)

@@ -25,6 +25,7 @@ class Pattern:
     group: str = "row"
     n: int | None = None
     m: int | None = None
+    count: int | None = None  # exact number of weights to prune in a matrix (set by layer-wise allocations)
 
     @property
     def is_nm(self) -> bool:
@@ -93,9 +94,21 @@ def build_mask(scores: torch.Tensor, pattern: Pattern, name: str = "") -> torch.
     if pattern.is_nm:
         return nm_mask(scores, pattern.n, pattern.m)
     if pattern.group == "row":
-        return _prune_lowest(scores, int(scores.shape[1] * pattern.sparsity))
-    flat = _prune_lowest(scores.reshape(1, -1), int(scores.numel() * pattern.sparsity))
-    return flat.reshape(scores.shape)
+        if pattern.count is None:
+            return _prune_lowest(scores, int(scores.shape[1] * pattern.sparsity))
+        return _prune_per_row(scores, pattern.count)
+    count = int(scores.numel() * pattern.sparsity) if pattern.count is None else pattern.count
+    return _prune_lowest(scores.reshape(1, -1), count).reshape(scores.shape)
+
+
+def _prune_per_row(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Prune ``count`` weights spread evenly over the rows (the first count % rows rows prune one more)."""
+    rows = scores.shape[0]
+    base, extra = divmod(count, rows)
+    keep = _prune_lowest(scores, base)
+    if extra:
+        keep[:extra] = _prune_lowest(scores[:extra], base + 1)
+    return keep
 
 
 def check_nm(weight: torch.Tensor, n: int, m: int) -> bool:

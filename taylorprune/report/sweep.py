@@ -12,14 +12,14 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from taylorprune import pipeline
 from taylorprune.calib.text import EVAL_DATASETS
 from taylorprune.errors import RunError, UserError
 from taylorprune.export import plots
-from taylorprune.pipeline.components import Components, check_applies, check_known, resolve
+from taylorprune.pipeline.components import Components, StageConflict, check_applies, check_known, resolve
 from taylorprune.prune.masks import parse_pattern
 from taylorprune.report import jsonio
 from taylorprune.stats.source import Scope
@@ -32,18 +32,27 @@ CACHE_DIR = ".sweep-cache"
 
 @dataclass(frozen=True)
 class Point:
-    """One grid point: a method with an unstructured sparsity or an N:M pattern."""
+    """One grid point: a method (with a variant of its stages, e.g. swap+obs) and a sparsity or N:M pattern."""
 
     method: str
     pattern: str
     sparsity: float
+    variant: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}+{self.variant}" if self.variant else self.method
 
     @property
     def name(self) -> str:
         if self.pattern == "unstructured":
-            return f"{self.method}_s{self.sparsity:g}"
+            return f"{self.label}_s{self.sparsity:g}"
         n, m = self.pattern.split(":")
-        return f"{self.method}_{n}of{m}"
+        return f"{self.label}_{n}of{m}"
+
+    def stages(self) -> dict[str, str]:
+        """The run options this point's variant sets (``--refine swap`` for ``swap`` ...)."""
+        return variant_stages(self.variant)
 
 
 @dataclass
@@ -55,6 +64,7 @@ class Sweep:
     out: Path
     points: list[Point]
     keep_models: bool = False
+    skipped: list[str] = field(default_factory=list)  # grid points whose method excludes their variant
 
 
 def split(text: str, flag: str) -> list[str]:
@@ -98,23 +108,62 @@ def parse_patterns(text: str) -> list[str]:
     return patterns
 
 
-def grid(methods: list[str], sparsities: list[float], patterns: list[str]) -> list[Point]:
-    """method × (each sparsity for unstructured, the pattern once for N:M), in the order given."""
+def _stage_values() -> dict[str, tuple[str, str]]:
+    """{stage value: (run option, value)} for every non-default value of every stage (``obs``: update obs)."""
+    from taylorprune.pipeline.components import STAGES
+
+    found: dict[str, tuple[str, str]] = {}
+    for stage, registry in STAGES.items():
+        for name in registry:
+            if name not in ("none", "uniform"):
+                if name in found:
+                    raise TypeError(f"stage value {name!r} is ambiguous ({found[name][0]} and {stage})")
+                found[name] = (stage, name)
+    return found
+
+
+def variant_stages(variant: str) -> dict[str, str]:
+    values = _stage_values()
+    out: dict[str, str] = {}
+    for token in filter(None, variant.split("+")):
+        if token not in values:
+            raise UserError(f"--variants {variant}: {token!r} is no stage; use plain or +-joined names of "
+                            f"{', '.join(values)}")
+        stage, name = values[token]
+        if stage in out:
+            raise UserError(f"--variants {variant}: two values for --{stage}")
+        out[stage] = name
+    return out
+
+
+def parse_variants(text: str) -> list[str]:
+    variants = ["" if v == "plain" else v for v in split(text, "--variants")]
+    for v in variants:
+        variant_stages(v)
+    return variants
+
+
+def grid(methods: list[str], sparsities: list[float], patterns: list[str], variants: list[str] = ("",)
+         ) -> list[Point]:
+    """method × variant × (each sparsity for unstructured, the pattern once for N:M), in the order given."""
     if "unstructured" in patterns and not sparsities:
         raise UserError("--patterns unstructured needs --sparsities")
     points = []
     for method in methods:
-        for p in patterns:
-            if p == "unstructured":
-                points.extend(Point(method, p, s) for s in sparsities)
-            else:
-                n, m = (int(x) for x in p.split(":"))
-                points.append(Point(method, p, 1.0 - n / m))
+        for variant in variants:
+            for p in patterns:
+                if p == "unstructured":
+                    points.extend(Point(method, p, s, variant) for s in sparsities)
+                else:
+                    n, m = (int(x) for x in p.split(":"))
+                    points.append(Point(method, p, 1.0 - n / m, variant))
     return points
 
 
 def components(sweep: Sweep, point: Point) -> Components:
-    return resolve(point.method, sweep.run.update, sweep.run.method_options, strict=False, refine=sweep.run.refine)
+    run = replace(sweep.run, **point.stages())
+    return resolve(point.method, run.update, run.method_options, strict=False, refine=run.refine,
+                   allocation=run.allocation, recon=run.recon)
 
 
 def point_options(sweep: Sweep, point: Point) -> pipeline.RunOptions:
@@ -129,7 +178,7 @@ def point_options(sweep: Sweep, point: Point) -> pipeline.RunOptions:
     for source, _ in parts.sources:
         if source.scope is Scope.MODEL and source.cache_option and source.cache_option not in values:
             values[source.cache_option] = str(sweep.out.expanduser() / CACHE_DIR / f"{source.name}.safetensors")
-    return replace(sweep.run, method=point.method, sparsity=None if nm else point.sparsity,
+    return replace(sweep.run, **point.stages(), method=point.method, sparsity=None if nm else point.sparsity,
                    pattern=point.pattern if nm else None, output=str(sweep.out / "models" / point.name),
                    overwrite=sweep.run.overwrite or not sweep.keep_models, eval=True, method_options=values)
 
@@ -161,9 +210,24 @@ def validate(sweep: Sweep) -> None:
     model = Path(opts.model).expanduser()
     if model.is_dir() and (out == model.resolve() or model.resolve() in out.parents):
         raise UserError(f"--out {sweep.out} is inside the model folder {opts.model}; choose a separate folder")
+    _drop_conflicts(sweep)
     _check_options(sweep)
     for point in sweep.points:
         pipeline.validate(point_options(sweep, point))
+
+
+def _drop_conflicts(sweep: Sweep) -> None:
+    """Leave out grid points whose method excludes a stage of their variant (a solver with +obs), saying so."""
+    kept = []
+    for point in sweep.points:
+        try:
+            components(sweep, point)
+            kept.append(point)
+        except StageConflict as exc:
+            sweep.skipped.append(f"{point.name}: {exc}")
+    if not kept:
+        raise UserError(f"no grid point can run: {sweep.skipped[0]}")
+    sweep.points = kept
 
 
 def remove_own_caches(sweep: Sweep) -> None:
@@ -204,7 +268,7 @@ def run_point(sweep: Sweep, point: Point, hooks: pipeline.Hooks) -> dict:
         pruned = pipeline.prune(opts, hooks)
     except RunError as exc:  # one diverging point (non-finite scores) must not throw away the whole grid
         return failed_row(point, str(exc), time.perf_counter() - t0)
-    row = {"name": point.name, "method": point.method, "pattern": point.pattern, "sparsity": point.sparsity,
+    row = {"name": point.name, "method": point.label, "pattern": point.pattern, "sparsity": point.sparsity,
            "achieved_sparsity": pruned.result.sparsity, "perplexity": pruned.evaluation["perplexity"],
            "prune_s": pruned.phases.get("prune", 0.0),
            "model_statistics_s": pruned.phases.get("model_statistics", 0.0), "model_dir": None,
@@ -221,7 +285,7 @@ def run_point(sweep: Sweep, point: Point, hooks: pipeline.Hooks) -> dict:
 
 def failed_row(point: Point, error: str, seconds: float) -> dict:
     """A grid point that could not be pruned: kept in the table (nan), reported, and excluded from the plot."""
-    return {"name": point.name, "method": point.method, "pattern": point.pattern, "sparsity": point.sparsity,
+    return {"name": point.name, "method": point.label, "pattern": point.pattern, "sparsity": point.sparsity,
             "achieved_sparsity": math.nan, "perplexity": math.nan, "prune_s": 0.0, "model_statistics_s": 0.0,
             "model_dir": None, "calibration": None, "evaluation": None, "cache_hits": [], "total_s": seconds,
             "error": error}

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from taylorprune.stats.source import Scope, Source
+from taylorprune.modeling.blocks import BlockRunner
+from taylorprune.stats.source import ModelContext, Scope, Source, Stats
 
 
 class ActNormSq:
@@ -55,3 +56,29 @@ ACT_NORM_SQ = Source("act_norm_sq", Scope.LINEAR, ("act_norm_sq",),
                      accumulator=ActNormSq)
 HESSIAN = Source("hessian", Scope.LINEAR, ("hessian",), "H = 2XXᵀ/N of each linear's inputs (SparseGPT)",
                  accumulator=Hessian)
+
+
+def dense_activations(ctx: ModelContext, wanted: frozenset[str], options) -> Stats:
+    """Σx² of every target's inputs on the *dense* model, blocks run one after another on dense outputs (the
+    pre-pass of layer-wise allocations such as OWL, before any block is pruned)."""
+    runner = BlockRunner(ctx.model, ctx.layout, ctx.device)
+    tick = ctx.progress("dense activation pass (blocks)", len(ctx.layout.blocks))
+    hidden = runner.capture(ctx.calib_ids)
+    out: Stats = {}
+    for i, targets in enumerate(ctx.layout.targets):
+        accs = {t.path: ActNormSq(t.module) for t in targets}
+        handles = [t.module.register_forward_hook(lambda m, a, o, acc=accs[t.path]: acc.add(a[0])) for t in targets]
+        try:
+            with runner.on_device(i):
+                hidden = runner.run(i, hidden)
+        finally:
+            for h in handles:
+                h.remove()
+        out.update({path: {"dense_act_norm_sq": acc.result().cpu()} for path, acc in accs.items()})
+        tick(i)
+    return out
+
+
+DENSE_ACT_NORM_SQ = Source("dense-activations", Scope.MODEL, ("dense_act_norm_sq",),
+                           "Σ x_j² of each input feature on the dense model (OWL's outlier ratios)",
+                           compute=dense_activations)

@@ -14,6 +14,7 @@ from taylorprune.stats.source import Scope, Source
 SOURCES: tuple[Source, ...] = (
     hooks.ACT_NORM_SQ,
     hooks.HESSIAN,
+    hooks.DENSE_ACT_NORM_SQ,
     gradients.SOURCE,
     hvp.MODEL_SOURCE,
     hvp.BLOCK_SOURCE,

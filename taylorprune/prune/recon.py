@@ -1,0 +1,131 @@
+"""Block reconstruction (``--recon block``): re-fit a pruned block's kept weights to the dense block's outputs.
+
+After every target linear of a block is masked (and refined and updated), the kept weights of all of them are
+optimised together with Adam so that the pruned block maps its calibration inputs (the pruned model's
+activations, as the engine propagates them) to the dense outputs — the dense block on the dense model's
+activations (``--recon-target dense``: errors of earlier blocks are corrected too, as in EBFT, Guo et al.,
+"EBFT: Effective and Block-Wise Fine-Tuning for Sparse LLMs", 2024) or on the same inputs (``same``). Masks are
+fixed: the gradient of a pruned weight is zeroed and the mask re-applied after every step. The weights are
+optimised in fp32 (a half-precision block is upcast and cast back once at the end); the last calibration
+window is held out and the weights with the lowest held-out error are kept (early stop after
+``--recon-patience`` evaluations without improvement). Batches are drawn from a generator seeded by ``--seed``
+and the block index, so runs repeat exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from taylorprune.errors import UserError
+from taylorprune.modeling.blocks import BlockRunner
+from taylorprune.options import NoOptions, Options, option
+
+TARGETS = ("dense", "same")
+
+
+@dataclass(frozen=True)
+class ReconOptions(Options):
+    recon_steps: int = option(100, "Adam steps per block at most.", minimum=1, maximum=100_000)
+    recon_lr: float = option(1e-4, "Adam learning rate of the block reconstruction.", above=0)
+    recon_batch: int = option(4, "Calibration windows per reconstruction step.", minimum=1)
+    recon_target: str = option("dense", "Fit to the dense block's outputs on the dense model's activations (dense) "
+                               "or on the pruned model's (same).", choices=TARGETS)
+    recon_patience: int = option(3, "Held-out evaluations (every 10 steps) without improvement before stopping.",
+                                 minimum=1)
+
+
+EVAL_EVERY = 10
+
+
+@dataclass(frozen=True)
+class Recon:
+    """A block-level stage after the per-linear ones: ``apply(runner, i, inputs, targets, linears, options, seed)``."""
+
+    name: str
+    summary: str
+    apply: Callable[..., dict] | None
+    options: type[Options] = NoOptions
+
+    def dense_stream(self, options: Options) -> bool:
+        """Whether the engine must carry the dense model's activations along (targets on dense inputs)."""
+        return self.apply is not None and getattr(options, "recon_target", "") == "dense"
+
+
+def _loss(runner: BlockRunner, i: int, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    out = runner.call(i, inputs)
+    return torch.nn.functional.mse_loss(out.to(torch.float32), targets.to(torch.float32))
+
+
+def reconstruct(runner: BlockRunner, i: int, inputs: torch.Tensor, targets: torch.Tensor, linears: list[nn.Linear],
+                options: ReconOptions, seed: int = 0) -> dict:
+    """Fit the kept weights of ``linears`` (in block ``i``) so the block maps ``inputs`` to ``targets``."""
+    if not linears:
+        return {}
+    block = runner.layout.blocks[i]
+    home = next(block.parameters()).dtype
+    upcast = home in (torch.float16, torch.bfloat16)
+    if upcast:
+        block.to(torch.float32)
+    weights = [lin.weight for lin in linears]
+    masks = [w.detach() != 0 for w in weights]
+    n = inputs.shape[0]
+    train = torch.arange(n - 1 if n > 1 else n)
+    held = torch.tensor([n - 1]) if n > 1 else train
+    cast = (lambda x: x.to(torch.float32)) if upcast else (lambda x: x)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
+    for w in weights:
+        w.requires_grad_(True)
+    optimizer = torch.optim.Adam(weights, lr=options.recon_lr)
+    try:
+        with torch.no_grad():
+            first = best = float(_loss(runner, i, cast(inputs[held]), targets[held]))
+        best_state = [w.detach().clone() for w in weights]
+        bad, step = 0, 0
+        for step in range(1, options.recon_steps + 1):
+            pick = train[torch.randperm(len(train), generator=generator)[: options.recon_batch]]
+            optimizer.zero_grad(set_to_none=True)
+            _loss(runner, i, cast(inputs[pick]), targets[pick]).backward()
+            for w, m in zip(weights, masks, strict=True):
+                w.grad.mul_(m)
+            optimizer.step()
+            with torch.no_grad():
+                for w, m in zip(weights, masks, strict=True):
+                    w.mul_(m)
+            if step % EVAL_EVERY and step != options.recon_steps:
+                continue
+            with torch.no_grad():
+                now = float(_loss(runner, i, cast(inputs[held]), targets[held]))
+            if now < best:
+                best, bad = now, 0
+                best_state = [w.detach().clone() for w in weights]
+            else:
+                bad += 1
+                if bad >= options.recon_patience:
+                    break
+        with torch.no_grad():
+            for w, b in zip(weights, best_state, strict=True):
+                w.copy_(b)
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+            w.grad = None
+        if upcast:
+            block.to(home)
+    return {"steps": step, "heldout_mse_before": first, "heldout_mse_after": best}
+
+
+RECONS: dict[str, Recon] = {
+    "none": Recon("none", "no block reconstruction", None),
+    "block": Recon("block", "Adam re-fit of each pruned block's kept weights to the dense outputs", reconstruct,
+                   ReconOptions),
+}
+
+
+def get_recon(name: str) -> Recon:
+    if name not in RECONS:
+        raise UserError(f"--recon {name}: choose one of {', '.join(RECONS)}")
+    return RECONS[name]

@@ -1,0 +1,124 @@
+"""Stages around the methods: OWL allocation, block reconstruction, and the sweep's grid over stage stacks."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from taylorprune import pipeline
+from taylorprune.cli import app
+from taylorprune.modeling import loading
+from taylorprune.modeling.blocks import BlockRunner
+from taylorprune.modeling.layout import find_layout
+from taylorprune.prune.allocation import block_sparsities, exact_counts
+from taylorprune.prune.masks import Pattern, build_mask
+from taylorprune.prune.recon import ReconOptions, reconstruct
+
+from .conftest import VALID
+
+runner = CliRunner()
+
+
+def opts(tmp_path, model, **kw):
+    base = dict(model=str(model), output=str(tmp_path / "o"), calib_file=str(VALID), calib_sampling="sequential",
+                nsamples=4, seqlen=32, method="wanda", sparsity=0.5)
+    return pipeline.RunOptions(**{**base, **kw})
+
+
+# --------------------------------------------------------------------------------------------------- OWL
+
+
+@given(st.lists(st.integers(1, 5000), min_size=1, max_size=12), st.floats(0.05, 0.95), st.integers(0, 10_000))
+def test_exact_counts_sum_to_the_requested_total(numels, total, seed):
+    g = torch.Generator().manual_seed(seed)
+    wanted = [float(x) for x in (total + 0.2 * (torch.rand(len(numels), generator=g) - 0.5)).clamp(0, 1)]
+    counts = exact_counts(numels, wanted, total)
+    assert sum(counts) == round(total * sum(numels))
+    assert all(0 <= c <= n for c, n in zip(counts, numels, strict=True))
+
+
+def test_owl_mapping_is_the_authors_formula():
+    got = block_sparsities([1.0, 3.0, 2.0], 0.6, 0.08)
+    assert got == pytest.approx([0.68, 0.52, 0.60])  # densities 0.32 / 0.48 / 0.40 around mean 0.4
+    assert block_sparsities([2.0, 2.0], 0.5, 0.08) == pytest.approx([0.5, 0.5])
+    counts = [Pattern(0.5, count=7), Pattern(0.5, count=7)]
+    masks = [build_mask(torch.rand(4, 5, generator=torch.Generator().manual_seed(i)), p) for i, p in enumerate(counts)]
+    assert [int((~m).sum()) for m in masks] == [7, 7] and [int((~masks[0]).sum(1)[r]) for r in range(4)] == [2, 2, 2, 1]
+
+
+def test_owl_keeps_the_total_exact_and_follows_the_outlier_ratios(tmp_path, tiny_dirs):
+    pruned = pipeline.prune(opts(tmp_path, tiny_dirs["llama"], sparsity=0.6, allocation="owl",
+                                 method_options={"owl_lambda": 0.1}))
+    report = pipeline.build_report(pruned)
+    total = sum(lin["numel"] for lin in report["linears"])
+    assert sum(lin["zeros"] for lin in report["linears"]) == round(0.6 * total)
+    blocks = report["blocks"]
+    ratios = [b["outlier_ratio_pct"] for b in blocks]
+    sparsity = [b["sparsity"] for b in blocks]
+    assert len(set(sparsity)) == len(blocks)  # not uniform
+    order = sorted(range(len(blocks)), key=lambda i: ratios[i])
+    assert [sparsity[i] for i in order] == sorted(sparsity, reverse=True)  # more outliers, fewer pruned
+    assert max(sparsity) - min(sparsity) <= 0.2 + 1e-3
+    with pytest.raises(Exception, match="unstructured"):
+        pipeline.prune(opts(tmp_path, tiny_dirs["llama"], sparsity=None, pattern="2:4", allocation="owl"))
+
+
+# ------------------------------------------------------------------------------------------ reconstruction
+
+
+def test_recon_lowers_the_block_error_and_never_changes_a_mask(stories_dir):
+    model = loading.load(str(stories_dir)).model
+    layout = find_layout(model)
+    ids = torch.randint(3, 512, (6, 24), generator=torch.Generator().manual_seed(0))
+    run = BlockRunner(model, layout, torch.device("cpu"), batch_size=2)
+    hidden = run.capture(ids)
+    for i, targets in enumerate(layout.targets):
+        dense_out = run.run(i, hidden)
+        with torch.no_grad():
+            for t in targets:  # a crude magnitude mask, so there is error to remove
+                t.module.weight.mul_(build_mask(t.module.weight.abs(), Pattern(0.6)))
+        masks = [t.module.weight != 0 for t in targets]
+        before = torch.nn.functional.mse_loss(run.run(i, hidden), dense_out).item()
+        info = reconstruct(run, i, hidden, dense_out, [t.module for t in targets],
+                           ReconOptions(recon_steps=60, recon_lr=1e-3, recon_batch=2), seed=1)
+        after = torch.nn.functional.mse_loss(run.run(i, hidden), dense_out).item()
+        assert after < before and info["heldout_mse_after"] <= info["heldout_mse_before"]
+        assert all(torch.equal(t.module.weight != 0, m) for t, m in zip(targets, masks, strict=True))
+        assert all(not t.module.weight.requires_grad for t in targets)
+        hidden = run.run(i, hidden)
+
+
+@pytest.mark.parametrize("target", ["dense", "same"])
+def test_recon_through_the_engine_is_deterministic_and_keeps_sparsity(tmp_path, stories_dir, target):
+    kw = dict(recon="block", method_options={"recon_steps": 20, "recon_lr": 1e-3, "recon_target": target})
+    a = pipeline.prune(opts(tmp_path, stories_dir, **kw))
+    b = pipeline.prune(opts(tmp_path, stories_dir, **kw))
+    plain = pipeline.prune(opts(tmp_path, stories_dir))
+    assert a.result.sparsity == plain.result.sparsity == pytest.approx(0.5)
+    for lin in a.result.linears:
+        wa = a.loaded.model.get_submodule(lin["name"]).weight
+        assert torch.equal(wa, b.loaded.model.get_submodule(lin["name"]).weight)
+        if lin["block"] == 0:  # later blocks see the reconstructed outputs, so their masks may differ
+            assert torch.equal(wa != 0, plain.loaded.model.get_submodule(lin["name"]).weight != 0)
+    assert [blk["steps"] for blk in a.result.blocks] and "recon" in a.result.timings
+    assert sum(b["heldout_mse_after"] for b in a.result.blocks) < sum(b["heldout_mse_before"] for b in a.result.blocks)
+
+
+# ------------------------------------------------------------------------------------------------ sweeps
+
+
+@pytest.mark.slow
+def test_sweep_grids_over_stage_variants_and_skips_what_a_method_excludes(tmp_path):
+    res = runner.invoke(app, ["sweep", "--model", "demo", "--methods", "wanda,sparsegpt", "--variants",
+                              "plain,swap+obs", "--sparsities", "0.5", "--calib-file", str(VALID),
+                              "--calib-sampling", "sequential", "--nsamples", "2", "--seqlen", "32",
+                              "--max-windows", "2", "--eval-seqlen", "64", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    assert "skipped sparsegpt+swap+obs_s0.5" in res.output
+    rows = json.loads((tmp_path / "s" / "results.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["wanda_s0.5", "wanda+swap+obs_s0.5", "sparsegpt_s0.5"]
+    bad = runner.invoke(app, ["sweep", "--model", "demo", "--variants", "plain,turbo", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "'turbo' is no stage" in bad.output
