@@ -137,3 +137,23 @@ def test_magnitude_needs_no_calibration(tiny_dirs):
     w = layout.targets[0][0].module.weight
     kept = w[0][w[0] != 0].abs().min()
     assert kept > 0
+
+
+def test_linears_reading_one_input_share_one_exact_hessian(tiny_dirs):
+    model, layout, runner = setup(tiny_dirs["llama"])
+    x = ids()
+    hidden = runner.capture(x)
+    targets = {t.path.rsplit(".", 1)[-1]: t for t in layout.targets[0]}
+    accs, handles = linear_hooks({t.path: t.module for t in layout.targets[0]}, frozenset({"hessian"}))
+    seen: dict[str, list[torch.Tensor]] = {}
+    probes = [t.module.register_forward_hook(lambda m, a, o, k=k: seen.setdefault(k, []).append(a[0].detach()))
+              for k, t in targets.items()]
+    runner.run(0, hidden)
+    for h in handles + probes:
+        h.remove()
+    assert accs[targets["q_proj"].path] is accs[targets["v_proj"].path]  # fed once, held once
+    assert accs[targets["gate_proj"].path] is accs[targets["up_proj"].path]
+    assert accs[targets["q_proj"].path] is not accs[targets["o_proj"].path]
+    for name, t in targets.items():
+        X = torch.cat(seen[name]).reshape(-1, t.module.in_features)
+        torch.testing.assert_close(accs[t.path]["hessian"].result(), 2 * X.T @ X / len(x), rtol=1e-5, atol=1e-5)

@@ -27,18 +27,31 @@ OptionsOf = Callable[[Source], Options]
 
 
 def linear_hooks(linears: Mapping[str, nn.Linear], needs: frozenset[str]) -> tuple[dict, list]:
-    """Attach accumulators for the linear-scope ``needs`` to each linear: ({path: {stat: acc}}, handles)."""
+    """Attach accumulators for the linear-scope ``needs`` to each linear: ({path: {stat: acc}}, handles).
+
+    Linears that read the very same input tensor (q/k/v, gate/up: called one after the other on one object)
+    share one accumulator: it is fed once, so XXᵀ of a shared input is computed and held once.
+    """
     sources = [s for s in sources_for(needs) if s.scope is Scope.LINEAR]
     accs: dict[str, dict[str, object]] = {}
     handles = []
+    last: dict[str, object] = {"input": None, "path": None}
+
     for path, linear in linears.items():
         accs[path] = {s.outputs[0]: s.accumulator(linear) for s in sources}
         if not accs[path]:
             continue
 
-        def hook(_mod, args, _out, acc=accs[path]):
-            for a in acc.values():
-                a.add(args[0])
+        def hook(_mod, args, _out, path=path):
+            x = args[0]
+            previous = last["path"]
+            if x is last["input"] and previous is not None and previous != path:
+                if accs[path] is not accs[previous]:  # first batch: alias this linear's accumulators
+                    accs[path] = accs[previous]
+            else:
+                for a in accs[path].values():
+                    a.add(x)
+            last["input"], last["path"] = x, path
 
         handles.append(linear.register_forward_hook(hook))
     return accs, handles
