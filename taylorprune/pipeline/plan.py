@@ -171,6 +171,7 @@ def validate(opts: RunOptions) -> Plan:
     parts = resolve(opts.method, opts.update, opts.method_options, refine=opts.refine, allocation=opts.allocation,
                     recon=opts.recon)
     pattern = parse_pattern(opts.sparsity, opts.pattern, opts.group)
+    parts.allocation.check(pattern)
     _check_inputs(opts)
     device = resolve_device(opts.device)
     dtype = loading.torch_dtype(opts.dtype)

@@ -43,6 +43,12 @@ class Allocation:
     allocate: Allocate
     needs: frozenset[str] = frozenset()
     options: type[Options] = NoOptions
+    unstructured_only: bool = False
+
+    def check(self, pattern: Pattern) -> None:
+        if self.unstructured_only and pattern.is_nm:
+            raise UserError(f"--allocation {self.name} spreads unstructured sparsity over layers; give --sparsity, "
+                            "not --pattern")
 
 
 def exact_counts(numels: list[int], sparsities: list[float], total_sparsity: float) -> list[int]:
@@ -89,8 +95,6 @@ def _uniform(layout, stats, pattern, options):
 
 
 def _owl(layout, stats, pattern: Pattern, options: OwlOptions):
-    if pattern.is_nm:
-        raise UserError("--allocation owl spreads unstructured sparsity over layers; give --sparsity, not --pattern")
     ratios = outlier_ratios(layout, stats, options.owl_m)
     present = [r for r in ratios if r is not None]
     per_block = iter(block_sparsities(present, pattern.sparsity, options.owl_lambda))
@@ -107,7 +111,7 @@ def _owl(layout, stats, pattern: Pattern, options: OwlOptions):
 ALLOCATIONS: dict[str, Allocation] = {
     "uniform": Allocation("uniform", "the same sparsity in every target", _uniform),
     "owl": Allocation("owl", "OWL: more weights kept in blocks with more activation outliers", _owl,
-                      frozenset({"dense_act_norm_sq"}), OwlOptions),
+                      frozenset({"dense_act_norm_sq"}), OwlOptions, unstructured_only=True),
 }
 
 
