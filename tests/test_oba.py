@@ -296,3 +296,20 @@ def test_released_mode_prunes_globally_in_steps_on_the_masked_model(tmp_path, ti
     assert len({round(lin["sparsity"], 3) for lin in pruned.result.linears}) > 3  # one global threshold
     with pytest.raises(Exception, match="whole model"):
         pipeline.prune(pipeline.RunOptions(**{**opts.__dict__, "update": "obs"}))
+
+
+def test_hvps_of_a_bf16_model_run_in_fp32_and_leave_its_weights_untouched(tiny_dirs):
+    from taylorprune.modeling import loading
+
+    ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    half = loading.load(str(tiny_dirs["llama"]), dtype="bfloat16").model
+    layout = find_layout(half)
+    before = {k: v.clone() for k, v in half.state_dict().items()}
+    got = model_hvp_pass(half, layout, ids, "blockwise", stats=frozenset({"oba_hvp", "oba_gn"}))
+    assert all(torch.equal(v, before[k]) and v.dtype == torch.bfloat16 for k, v in half.state_dict().items())
+    ref_model = loading.load(str(tiny_dirs["llama"])).model
+    ref_model.load_state_dict({k: v.float() for k, v in before.items()})  # the same bf16 weights, in fp32
+    ref = model_hvp_pass(ref_model, find_layout(ref_model), ids, "blockwise", stats=frozenset({"oba_hvp", "oba_gn"}))
+    for path in ref:
+        for k in ("oba_hvp", "oba_gn"):
+            torch.testing.assert_close(got[path][k], ref[path][k], rtol=1e-4, atol=1e-6)
