@@ -26,6 +26,7 @@ CALIB = SHARED / "data" / "wikitext-2" / "valid.txt"
 TEST = SHARED / "data" / "wikitext-2-raw" / "test.txt"
 RESULTS = ROOT / "docs" / "bench_results.json"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
+SECTIONS = [ROOT / "docs" / "bench_stack.md", ROOT / "docs" / "bench_structured.md"]
 
 CALIB_ARGS = ["--calib-file", str(CALIB), "--calib-sampling", "sequential", "--seqlen", "512"]
 EVAL_ARGS = ["--eval-text-file", str(TEST), "--eval-seqlen", "512", "--max-windows", "40"]
@@ -103,8 +104,12 @@ def run_config(model: Path, work: Path, name: str, extra: list[str], pattern: st
 
 def render(results: dict) -> str:
     rows = sorted(results.values(), key=lambda r: (r["pattern"] != "-", r["pattern"], r["ppl"]))
-    lines = [
-        "# Benchmarks",
+    lines = ["# Benchmarks", ""]
+    for section in SECTIONS:  # newer benchmarks, each written by its own script
+        if section.is_file():
+            lines += [section.read_text().rstrip(), ""]
+    lines += [
+        "## Methods at 50% and 2:4 (issues #2–#5)",
         "",
         "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32, 30 layers, 210 target linears), CPU (2 cores).",
         "Calibration: sequential windows of 512 tokens of WikiText-2 validation, 128 of them for the issue-#2 rows",

@@ -127,9 +127,17 @@ def main() -> None:
                 results[key] = measure(work, name, pattern)
                 RESULTS.write_text(json.dumps(results, indent=2) + "\n")
                 DOC.write_text(render(results))
+                rerender_benchmarks()
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     DOC.write_text(render(results))
+    rerender_benchmarks()
     print(DOC.read_text())
+
+
+def rerender_benchmarks() -> None:
+    """docs/BENCHMARKS.md again, with this section in it."""
+    if bq.RESULTS.is_file():
+        bq.DOC.write_text(bq.render(json.loads(bq.RESULTS.read_text())))
 
 
 if __name__ == "__main__":
