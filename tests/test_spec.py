@@ -181,7 +181,8 @@ def test_imports_run_one_way_between_packages():
 def test_no_method_names_in_the_cli_pipeline_or_report():
     import re
 
-    names = re.compile(r"\b(" + "|".join(m for m in METHODS if m != "magnitude") + r"|hvp)\b")
+    # the issue's own check (grep "oba\|gblm\|sparsegpt\|hvp", substrings), and every other method as a word
+    names = re.compile(r"oba|gblm|sparsegpt|hvp|\b(" + "|".join(METHODS) + r")\b")
     for folder in ("cli", "pipeline", "report"):
         for path in (PACKAGE / folder).rglob("*.py"):
             hits = [ln for ln in path.read_text().splitlines() if names.search(ln)]

@@ -149,8 +149,8 @@ def resolve(method: str, update: str = "none", values: Mapping[str, Any] | None 
         raise StageConflict(f"--method {m.name} chooses its mask itself; drop --refine {r.name}")
     if m.whole_model(method_options) is not None and (r.name, u.name, a.name, c.name) != (
             "none", "none", "uniform", "none"):
-        raise StageConflict(f"--method {m.name} with these options prunes the whole model at once (global ranking, no "
-                        "per-layer stages); drop --refine/--update/--allocation/--recon")
+        raise StageConflict(f"--method {m.name} with these options prunes the whole model at once (one ranking "
+                            "across layers, no per-layer stages); drop --refine/--update/--allocation/--recon")
     stage_options = {k: x.options.build(values) for k, x in (("r", r), ("u", u), ("a", a), ("c", c))}
     needs = m.needs(method_options) | r.needs | u.needs | a.needs
     made = Components(m, method_options, r, stage_options["r"], u, stage_options["u"],

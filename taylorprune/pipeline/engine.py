@@ -3,7 +3,7 @@
 Block inputs are captured once; then for each block in turn: collect the statistics the method needs from
 forward hooks on its linears, score, mask (and optionally update) each linear, and re-run the now-pruned
 block to produce the next block's inputs. So every block is calibrated on the outputs of the already
-pruned blocks before it. A method that needs no calibration statistics (magnitude) skips the forwards.
+pruned blocks before it. A method that needs no calibration statistics skips the forwards.
 """
 
 from __future__ import annotations
