@@ -120,8 +120,8 @@ def _prune_blocks(runner: BlockRunner, layout: Layout, calib_ids, job: Job, on_b
             t = _tick(result.timings, "statistics", t)
             for tg in targets:
                 merged = {**job.model_stats.get(tg.path, {}), **stats.get(tg.path, {})}
-                result.linears.append(_prune_linear(tg.path, tg.module, merged, job, result.warnings) | {"block": i})
-            t = _tick(result.timings, "score_and_mask", t)
+                result.linears.append(_prune_linear(tg.path, tg.module, merged, job, result) | {"block": i})
+            t = time.perf_counter()  # the linears' steps are timed inside
             if job.recon and targets:
                 goal = dense_out if dense_out is not None else same_out
                 info = job.parts.recon.apply(runner, i, hidden, goal, [tg.module for tg in targets],
@@ -160,27 +160,36 @@ def _block_statistics(runner: BlockRunner, i: int, hidden, targets, job: Job) ->
 
 
 @torch.no_grad()
-def _prune_linear(path: str, linear, stats, job: Job, warnings: list[str]) -> dict:
+def _prune_linear(path: str, linear, stats, job: Job, result: PruneResult) -> dict:
+    """Score → mask → refine → update one linear (or the method's own solver); each step timed as a phase."""
     weight = linear.weight
     w32 = weight.detach().to(torch.float32)
     parts = job.parts
     pattern = job.pattern_of(path)
     refined: dict = {}
+    keep = None
+    t = time.perf_counter()
     try:
         if parts.method.solve is not None:
             new, score = parts.method.solve(w32, stats, pattern, parts.method_options, path)
             what = parts.method.name
+            t = _tick(result.timings, "solve", t)
         else:
             score = parts.method.score(w32, stats, parts.method_options)
-            keep, refined = parts.refine.apply(w32, build_mask(score, pattern, path), pattern, stats,
-                                               parts.refine_options)
+            keep = build_mask(score, pattern, path)
+            t = _tick(result.timings, "score_and_mask", t)
+            keep, refined = parts.refine.apply(w32, keep, pattern, stats, parts.refine_options)
+            t = _tick(result.timings, "refine", t)
             new = parts.update.apply(w32, keep, pattern, stats, parts.update_options, path)
             what = f"--update {parts.update.name}"
+            t = _tick(result.timings, "update", t)
     except CholeskyFailed as exc:  # keep going on a long run: plain masking for this one linear, recorded
-        score = w32.abs() if parts.method.solve is not None else score
-        new = w32 * build_mask(score, pattern, path)
+        if keep is None:
+            score = w32.abs() if parts.method.solve is not None else score
+            keep = build_mask(score, pattern, path)
+        new = w32 * keep
         what = "fallback masking"
-        warnings.append(f"{exc}; fell back to masking without weight update (by |W| for a solver method)")
+        result.warnings.append(f"{exc}; fell back to masking without weight update (by |W| for a solver method)")
     if not torch.isfinite(new).all():
         raise RunError(f"{path}: {what} produced non-finite weights; try --dtype float32 or more --nsamples")
     weight.copy_(new.to(weight.dtype))
