@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from taylorprune.modeling.layout import Layout
+from taylorprune.modeling.streaming import Streamer
 
 _DROP = {"cache", "past_key_values", "past_key_value"}
 
@@ -46,10 +47,17 @@ def patched_forwards(blocks: nn.ModuleList, forwards: list) -> Iterator[None]:
 
 
 class BlockRunner:
-    """Captures block inputs for a batch of token windows and runs single blocks over them."""
+    """Captures block inputs for a batch of token windows and runs single blocks over them.
+
+    ``stream``: the runner places modules itself (``Streamer``): each block visits the compute device while it
+    is used (a no-op for a block already there, e.g. a resident model) and the next block's copy starts while
+    the current one computes. Without it (an accelerate device map, or a caller that placed the model) nothing
+    is moved. ``dtype``: the dtype streamed modules compute in (fp32 HVPs of a half-precision model stored on
+    the CPU: the stored weights stay untouched).
+    """
 
     def __init__(self, model: nn.Module, layout: Layout, device: torch.device, batch_size: int = 1,
-                 stream: bool | None = None) -> None:
+                 stream: bool | None = None, dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.layout = layout
         self.device = torch.device(device)
@@ -59,6 +67,8 @@ class BlockRunner:
         if stream is None:
             stream = self.device.type != "cpu" and not getattr(model, "hf_device_map", None)
         self.stream = stream
+        self.dtype = dtype if stream else None
+        self.streamer = Streamer(self.device) if stream else None
         self.block_kwargs: list[dict] = [{} for _ in layout.blocks]
 
     # -- capture ------------------------------------------------------------------------------------
@@ -78,28 +88,35 @@ class BlockRunner:
         blocks = self.layout.blocks
         return patched_forwards(blocks, [self._recorder(i, sink) for i in range(len(blocks))])
 
-    def _non_block_modules(self) -> list[nn.Module]:
+    def _non_block_modules(self, head: bool = False) -> list[nn.Module]:
+        """Modules outside the decoder blocks: the base model's (embeddings, rotary, final norm), and with
+        ``head`` also those of the outer model (the LM head)."""
         base = self.model.base_model
-        return [m for m in base.children() if m is not self.layout.blocks]
+        inner = [m for m in base.children() if m is not self.layout.blocks]
+        if not head or base is self.model:
+            return inner
+        return inner + [m for m in self.model.children() if m is not base]
+
+    @contextlib.contextmanager
+    def outside_on_device(self, head: bool = False) -> Iterator[None]:
+        """Everything outside the blocks (``head``: the LM head too) on the compute device, read-only."""
+        if not self.stream:
+            yield
+            return
+        with self.streamer.hold(nn.ModuleList(self._non_block_modules(head)), self.dtype, write=False):
+            yield
 
     @torch.no_grad()
     def capture(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Return block-0 inputs [n, seqlen, hidden] on the compute device; record every block's kwargs."""
         sink: list[torch.Tensor] = []
         self.block_kwargs = [{} for _ in self.layout.blocks]
-        moved = self._non_block_modules() if self.stream else []
-        for m in moved:
-            m.to(self.device)
-        try:
-            with self._recording(sink):
-                # The first window alone: recorded masks then have batch 1 and broadcast over any batch.
-                chunks = [input_ids[:1]] + list(input_ids[1:].split(self.batch_size))
-                for chunk in chunks:
-                    if chunk.numel():
-                        self.model.base_model(input_ids=chunk.to(self.input_device), use_cache=False)
-        finally:
-            for m in moved:
-                m.to("cpu")
+        with self.outside_on_device(), self._recording(sink):
+            # The first window alone: recorded masks then have batch 1 and broadcast over any batch.
+            chunks = [input_ids[:1]] + list(input_ids[1:].split(self.batch_size))
+            for chunk in chunks:
+                if chunk.numel():
+                    self.model.base_model(input_ids=chunk.to(self.input_device), use_cache=False)
         return torch.cat(sink).to(self.device)
 
     @property
@@ -110,16 +127,20 @@ class BlockRunner:
 
     # -- running blocks ------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def on_device(self, i: int) -> Iterator[nn.Module]:
-        """Block ``i`` on the compute device for the duration (streamed back to CPU afterwards)."""
+    def on_device(self, i: int, write: bool = True, prefetch: int | None = -1) -> Iterator[nn.Module]:
+        """Block ``i`` on the compute device for the duration (streamed back to CPU afterwards).
+
+        ``write``: copy the block's weights back (they were changed); ``prefetch``: the block visited next, whose
+        copy starts now (default ``i + 1``; None: none).
+        """
         block = self.layout.blocks[i]
-        if self.stream:
-            block.to(self.device)
-        try:
+        if not self.stream:
             yield block
-        finally:
-            if self.stream:
-                block.to("cpu")
+            return
+        nxt = i + 1 if prefetch == -1 else prefetch
+        after = self.layout.blocks[nxt] if nxt is not None and 0 <= nxt < len(self.layout.blocks) else None
+        with self.streamer.hold(block, self.dtype, write=write, prefetch=after):
+            yield block
 
     def call(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
         """One forward of block ``i`` on a batch of hidden states (autograd follows the caller's mode)."""
@@ -131,3 +152,13 @@ class BlockRunner:
         """Outputs of block ``i`` for all windows, batched; the block must already be on its device."""
         outs = [self.call(i, chunk).to(hidden.device) for chunk in hidden.split(self.batch_size)]
         return torch.cat(outs)
+
+    def head(self, ids: torch.Tensor, hidden: torch.Tensor, labels: bool = False):
+        """The model's own output for windows ``ids`` whose last block returned ``hidden``: every block passes
+        ``hidden`` through, so the final norm, LM head, soft-capping and loss are the model's code. Use inside
+        ``outside_on_device(head=True)``; ``labels``: the output carries the causal-LM loss (labels = ids)."""
+        blocks = self.layout.blocks
+        ids = ids.to(self.input_device)
+        extra = {"labels": ids} if labels else {}
+        with patched_forwards(blocks, [lambda *a, **k: hidden] * len(blocks)):
+            return self.model(input_ids=ids, use_cache=False, **extra)

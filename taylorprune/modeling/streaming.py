@@ -1,0 +1,341 @@
+"""Where the weights live while a pass runs, and how decoder blocks visit the compute device.
+
+Placement (``choose_placement``), decided once per run after loading:
+
+- ``resident``: the whole model moves to the compute device and stays there (the fast path). Chosen when the
+  weights plus the run's working set fit in 90% of the device's budget: its free memory (plus what PyTorch's
+  own allocator holds but does not use), or ``--max-gpu-memory`` when that is lower. On the CPU the model is
+  already where it computes, so it is resident unless a cap or ``--stream`` says otherwise;
+- ``stream``: the model stays in CPU memory and one decoder block at a time visits the device (``--stream``
+  forces it on any device, the CPU included, so that every block-by-block code path can be run and tested);
+- ``device_map``: accelerate placed the model (``--device-map``); passes run on it as placed.
+
+``Streamer`` moves a module's tensors to the device for the duration of a use and puts the CPU tensors back
+afterwards (copying results back only where the caller changed the weights). On CUDA the next block is copied
+while the current one computes: a worker thread pins its CPU tensors (once: the pinned copy becomes the
+block's CPU tensor) and issues non-blocking copies on a side stream; the compute stream waits on an event
+before using them. Every tensor identity stays: parameters keep their ``nn.Parameter`` objects (hooks,
+``requires_grad`` and optimizers see the same objects), only their ``.data`` is swapped, as ``Module.to`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+GIB = 2**30
+USABLE = 0.9  # fraction of the device budget a resident model and its working set may take
+
+
+# ------------------------------------------------------------------------------------------------ placement
+@dataclass(frozen=True)
+class Placement:
+    """Where the weights live for a run: ``resident`` on the device, ``stream`` from the CPU, or ``device_map``."""
+
+    mode: str
+    device: torch.device
+    reason: str
+    model_bytes: int
+    budget_bytes: int | None = None
+
+    @property
+    def stream(self) -> bool:
+        return self.mode == "stream"
+
+    def fits(self, extra_bytes: int) -> bool:
+        """Whether a pass holding the whole model plus ``extra_bytes`` on the device fits this placement."""
+        if self.mode == "device_map":
+            return True
+        if self.mode == "stream":
+            return False
+        return self.budget_bytes is None or self.model_bytes + extra_bytes <= USABLE * self.budget_bytes
+
+    def describe(self) -> dict:
+        """The report's record of the decision."""
+        budget = None if self.budget_bytes is None else round(self.budget_bytes / GIB, 3)
+        return {"mode": self.mode, "device": str(self.device), "reason": self.reason,
+                "model_gib": round(self.model_bytes / GIB, 3), "budget_gib": budget}
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (shared tensors counted once, meta tensors not at all)."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in seen or t.is_meta:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def normalized(device: torch.device | str) -> torch.device:
+    """``cuda`` as ``cuda:<current>``, so it compares equal to the device of the tensors placed there."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def device_budget(device: torch.device, max_gpu_memory: float | None = None) -> int | None:
+    """Bytes this process may use on ``device``: free memory (CUDA; plus memory PyTorch's allocator holds
+    unused), capped by ``max_gpu_memory`` GiB; None when unlimited (the CPU without a cap)."""
+    limits = [] if max_gpu_memory is None else [int(max_gpu_memory * GIB)]
+    if device.type == "cuda":
+        device = normalized(device)
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        limits.append(free)
+    return min(limits) if limits else None
+
+
+def choose_placement(model: nn.Module, device: torch.device, stream: bool = False,
+                     max_gpu_memory: float | None = None, working_bytes: int = 0) -> Placement:
+    """Resident when the model and ``working_bytes`` fit the device budget with headroom, else streamed."""
+    size = model_bytes(model)
+    if getattr(model, "hf_device_map", None):
+        return Placement("device_map", device, "placed by accelerate (--device-map)", size)
+    budget = device_budget(device, max_gpu_memory)
+    if stream:
+        return Placement("stream", device, "--stream", size, budget)
+    if budget is None:
+        return Placement("resident", device, "the compute device is the CPU, where the model is loaded", size)
+    words = f"{size / GIB:.2f} GiB of weights + {working_bytes / GIB:.2f} GiB working set"
+    limit = f"{USABLE:.0%} of {budget / GIB:.2f} GiB" + (" (--max-gpu-memory)" if max_gpu_memory is not None else "")
+    if size + working_bytes <= USABLE * budget:
+        return Placement("resident", device, f"{words} fit in {limit}", size, budget)
+    return Placement("stream", device, f"{words} exceed {limit}", size, budget)
+
+
+def activation_bytes(config, seqlen: int, element_size: int, windows: int = 1) -> int:
+    """Rough autograd working set of ``windows`` windows through the whole model (saved activations of every
+    block plus the fp32 logits and their gradient). A heuristic for placement decisions only."""
+    hidden = config.hidden_size
+    inter = getattr(config, "intermediate_size", None) or 4 * hidden
+    layers = config.num_hidden_layers
+    per_token = layers * (12 * hidden + 5 * inter) * element_size + config.vocab_size * (element_size + 8)
+    return windows * seqlen * per_token
+
+
+@contextlib.contextmanager
+def memory_cap(device: torch.device, max_gpu_memory: float | None) -> Iterator[None]:
+    """Cap PyTorch's CUDA allocator at ``max_gpu_memory`` GiB for the duration (a no-op elsewhere): a cap smaller
+    than the model then really holds, and exceeding it is an out-of-memory error instead of a silent overrun."""
+    if max_gpu_memory is None or torch.device(device).type != "cuda":
+        yield
+        return
+    device = normalized(device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, max_gpu_memory * GIB / total), device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+@dataclass(frozen=True)
+class _Slot:
+    """One tensor entry of a module: a parameter (swapped through ``.data``) or a buffer (swapped in place)."""
+
+    owner: nn.Module
+    name: str
+    param: bool
+
+    def get(self) -> torch.Tensor:
+        return self.owner._parameters[self.name].data if self.param else self.owner._buffers[self.name]
+
+    def set(self, value: torch.Tensor) -> None:
+        if self.param:
+            self.owner._parameters[self.name].data = value
+        else:
+            self.owner._buffers[self.name] = value
+
+
+def _slots(module: nn.Module) -> list[_Slot]:
+    out, params = [], set()
+    for sub in module.modules():
+        for name, p in sub._parameters.items():
+            if p is not None and id(p) not in params and not p.is_meta:
+                params.add(id(p))
+                out.append(_Slot(sub, name, True))
+        out.extend(_Slot(sub, name, False) for name, b in sub._buffers.items() if b is not None and not b.is_meta)
+    return out
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.dtype == b.dtype and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    """A page-locked copy of a CPU tensor (what makes host-to-device copies asynchronous), or ``t`` itself when
+    pinning is impossible (no CUDA, page-lock limit)."""
+    try:
+        return t.pin_memory()
+    except RuntimeError:
+        return t
+
+
+@dataclass
+class _Staged:
+    """Device copies of a module's tensors: {home storage pointer: (source, copy)}, and when they are ready."""
+
+    dtype: torch.dtype | None
+    copies: dict[tuple, tuple[torch.Tensor, torch.Tensor]]
+    event: object = None
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return (t.device, t.dtype, t.data_ptr(), tuple(t.shape))
+
+
+class Streamer:
+    """Holds modules on the compute device for the duration of a use; prefetches the next one.
+
+    ``hold(module, dtype, write, prefetch)``: the module's tensors on ``device`` (floating ones in ``dtype`` when
+    given) inside the block; afterwards the CPU tensors come back, updated from the device copies when ``write``
+    (the engine prunes in place) and untouched otherwise (read-only passes, upcasts for fp32 HVPs: casting back
+    is then unnecessary, the originals are restored bit for bit). A tensor already on the device in the right
+    dtype is used as is (a resident model costs nothing). ``prefetch``: a module whose copies start now, to be
+    held next. ``asynchronous`` (default: on CUDA) stages copies in a worker thread; elsewhere they are made
+    when needed (the same bookkeeping, so it is tested on the CPU).
+    """
+
+    def __init__(self, device: torch.device | str, asynchronous: bool | None = None, pin: bool | None = None):
+        self.device = normalized(device)
+        self.cuda = self.device.type == "cuda"
+        self.asynchronous = self.cuda if asynchronous is None else asynchronous
+        self.pin = self.cuda if pin is None else pin
+        self._pool: ThreadPoolExecutor | None = None
+        self._side = None
+        self._staged: dict[int, Future] = {}
+        self._held: set[int] = set()
+        self.log: list[tuple[str, int]] = []  # ("stage"|"hold"|"release"|"discard", id(module)), for tests
+
+    # -- copies ----------------------------------------------------------------------------------
+    def _needs_copy(self, t: torch.Tensor, dtype: torch.dtype | None) -> bool:
+        return t.device != self.device or (dtype is not None and t.is_floating_point() and t.dtype != dtype)
+
+    def _stream(self):
+        if not self.cuda:
+            return contextlib.nullcontext()
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(self._side)
+
+    def _stage(self, homes: list[torch.Tensor], dtype: torch.dtype | None) -> _Staged:
+        """Device copies of ``homes`` (run in the worker thread when asynchronous)."""
+        copies = {}
+        with torch.cuda.device(self.device) if self.cuda else contextlib.nullcontext(), self._stream():
+            for t in homes:
+                src = _pinned(t) if self.pin and t.device.type == "cpu" and not t.is_pinned() else t
+                cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
+                copies[_key(t)] = (src, src.to(self.device, cast, non_blocking=self.cuda))
+            event = None
+            if self.cuda:
+                event = torch.cuda.Event()
+                event.record(self._side)
+        return _Staged(dtype, copies, event)
+
+    def _submit(self, module: nn.Module, dtype: torch.dtype | None) -> Future:
+        homes = [s.get() for s in _slots(module)]
+        homes = [t for t in homes if self._needs_copy(t, dtype)]
+        self.log.append(("stage", id(module)))
+        if self.asynchronous and homes:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taylorprune-prefetch")
+            return self._pool.submit(self._stage, homes, dtype)
+        done: Future = Future()
+        done.set_result(self._stage(homes, dtype))
+        return done
+
+    def prefetch(self, module: nn.Module, dtype: torch.dtype | None = None) -> None:
+        """Start copying ``module`` to the device (nothing when it is held or already staged)."""
+        if id(module) in self._held or id(module) in self._staged:
+            return
+        self._staged[id(module)] = self._submit(module, dtype)
+
+    def discard(self, module: nn.Module | None = None) -> None:
+        """Drop staged copies (of ``module``, or all), waiting for copies still in flight."""
+        keys = list(self._staged) if module is None else [id(module)]
+        for key in keys:
+            future = self._staged.pop(key, None)
+            if future is not None:
+                future.result()
+                self.log.append(("discard", key))
+
+    def _take(self, module: nn.Module, dtype: torch.dtype | None) -> _Staged:
+        future = self._staged.pop(id(module), None)
+        staged = future.result() if future is not None else None
+        if staged is None or staged.dtype != dtype:
+            if staged is not None:
+                self.log.append(("discard", id(module)))
+            staged = self._submit(module, dtype).result()
+        if self.cuda and staged.event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(staged.event)
+            for src, copy in staged.copies.values():
+                if copy.is_cuda and not _same(src, copy):
+                    copy.record_stream(current)
+        return staged
+
+    # -- holding ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def hold(self, module: nn.Module, dtype: torch.dtype | None = None, write: bool = True,
+             prefetch: nn.Module | None = None) -> Iterator[nn.Module]:
+        """``module`` on the device (in ``dtype``) for the duration; see the class docstring."""
+        if id(module) in self._held:  # nested use of a held module: it is already there
+            yield module
+            return
+        slots = _slots(module)
+        staged = self._take(module, dtype)
+        homes = self._swap_in(slots, staged, dtype)
+        self._held.add(id(module))
+        self.log.append(("hold", id(module)))
+        try:
+            if prefetch is not None and prefetch is not module:
+                self.prefetch(prefetch, dtype)
+            yield module
+        finally:
+            self._swap_out(slots, homes, write)
+            self._held.discard(id(module))
+            self.log.append(("release", id(module)))
+
+    def _swap_in(self, slots: list[_Slot], staged: _Staged, dtype: torch.dtype | None) -> list[torch.Tensor]:
+        """Put device copies in place; return each slot's CPU tensor (its pinned copy when one was made)."""
+        homes = []
+        for slot in slots:
+            home = slot.get()
+            src, copy = staged.copies.get(_key(home), (home, None))
+            if copy is None and self._needs_copy(home, dtype):  # changed since it was staged: copy it now
+                cast = dtype if dtype is not None and home.is_floating_point() else home.dtype
+                copy = home.to(self.device, cast)
+            homes.append(src)
+            if copy is not None:
+                slot.set(copy)
+            elif src is not home:
+                slot.set(src)
+        return homes
+
+    @staticmethod
+    def _swap_out(slots: list[_Slot], homes: list[torch.Tensor], write: bool) -> None:
+        for slot, home in zip(slots, homes, strict=True):
+            current = slot.get()
+            if _same(current, home):
+                continue
+            if write:
+                with torch.no_grad():
+                    home.copy_(current)
+            slot.set(home)
+
+    def close(self) -> None:
+        """Wait for and drop staged copies; stop the worker thread."""
+        self.discard()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
