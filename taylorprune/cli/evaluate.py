@@ -23,6 +23,9 @@ def eval_cmd(
     dtype: opt.DType = "auto",
     device: opt.Device = "auto",
     device_map: str = typer.Option(None, help="accelerate device map (auto, balanced, ...)."),
+    stream: opt.Stream = False,
+    max_gpu_memory: opt.MaxGpuMemory = None,
+    stream_batch: opt.StreamBatch = 16,
     trust_remote_code: opt.TrustRemoteCode = False,
 ) -> None:
     """Perplexity with the papers' protocol: text tokenized once, non-overlapping windows."""
@@ -36,6 +39,7 @@ def eval_cmd(
             raise UserError(f"--text-file {text_file}: file not found")
         if max_windows is not None and max_windows < 1:
             raise UserError(f"--max-windows {max_windows}: must be at least 1")
+        pipeline.check_placement(stream, max_gpu_memory, stream_batch, device_map)
         dev = pipeline.resolve_device(device)
         config = loading.load_config(model, trust_remote_code)
         pipeline.resolve_seqlen(seqlen, config)
@@ -45,7 +49,7 @@ def eval_cmd(
             loaded = loading.load(model, dtype, device_map, None, trust_remote_code, config=config)
             hooks.current = "evaluating perplexity"
             result = pipeline.evaluate_model(loaded.model, loaded.tokenizer, model, dataset, text_file, seqlen,
-                                             max_windows, dev, hooks.windows)
+                                             max_windows, dev, hooks.windows, stream, max_gpu_memory, stream_batch)
         out.print(f"perplexity {result.perplexity:.4f}  ({result.dataset}, {result.windows} windows × "
                   f"{result.seqlen} tokens)", highlight=False)
         if json_out:

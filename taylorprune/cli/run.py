@@ -33,6 +33,9 @@ def run(
     device: opt.Device = "auto",
     device_map: str = typer.Option(None, help="accelerate device map (auto, balanced, sequential, cpu)."),
     offload_folder: str = typer.Option(None, help="Folder for accelerate's disk offload."),
+    stream: opt.Stream = False,
+    max_gpu_memory: opt.MaxGpuMemory = None,
+    stream_batch: opt.StreamBatch = 16,
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     trust_remote_code: opt.TrustRemoteCode = False,
     eval: bool = typer.Option(False, "--eval", help="Evaluate perplexity of the pruned model."),
@@ -58,7 +61,8 @@ def run(
             model=model, output=str(output), method=method, sparsity=sparsity, pattern=pattern, group=group,
             targets=targets, calib=calib, calib_file=calib_file, nsamples=nsamples, seqlen=seqlen, seed=seed,
             calib_sampling=calib_sampling, batch_size=batch_size, dtype=dtype, device=device,
-            device_map=device_map, offload_folder=offload_folder, overwrite=overwrite,
+            device_map=device_map, offload_folder=offload_folder, stream=stream, max_gpu_memory=max_gpu_memory,
+            stream_batch=stream_batch, overwrite=overwrite,
             trust_remote_code=trust_remote_code, eval=eval, eval_dataset=eval_dataset,
             eval_text_file=eval_text_file, eval_seqlen=eval_seqlen, max_windows=max_windows,
             allocation=allocation, refine=refine, update=update, recon=recon,
@@ -79,6 +83,10 @@ def show_summary(report: dict) -> None:
     for phase, secs in report["phases_s"].items():
         if "." not in phase:
             table.add_row(f"{phase} time", f"{secs:.2f} s")
+    table.add_row("process wall time", f"{report['wall_s']:.2f} s")
+    placement = report.get("placement") or {}
+    if placement:
+        table.add_row("model placement", f"{placement['mode']} ({placement['reason']})")
     table.add_row("peak RSS", f"{report['peak_memory_mib']['rss_mib']:.0f} MiB")
     if report.get("evaluation"):
         ev = report["evaluation"]

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from taylorprune.calib.sampling import tokenize
 from taylorprune.errors import UserError
+from taylorprune.modeling.blocks import BlockRunner
+from taylorprune.modeling.layout import Layout
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,11 @@ def windows_of(ids: torch.Tensor, seqlen: int, max_windows: int | None, name: st
 @torch.no_grad()
 def window_nll(model, window: torch.Tensor) -> float:
     """Mean NLL of one [1, seqlen] window over its shifted tokens."""
-    logits = model(input_ids=window, use_cache=False).logits[:, :-1].to(torch.float32)
+    return _nll(model(input_ids=window, use_cache=False).logits, window)
+
+
+def _nll(logits: torch.Tensor, window: torch.Tensor) -> float:
+    logits = logits[:, :-1].to(torch.float32)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1)).item()
 
 
@@ -87,15 +93,51 @@ def perplexity_of_windows(
     on_window: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     """Perplexity over pre-cut [windows, seqlen] token windows."""
-    seqlen = ids.shape[1]
     nlls = []
     for i, window in enumerate(ids):
-        nll = window_nll(model, window.unsqueeze(0).to(device))
-        if not math.isfinite(nll):
-            nll = float("inf")
-        nlls.append(nll)
+        nlls.append(window_nll(model, window.unsqueeze(0).to(device)))
         if on_window:
             on_window(i + 1, len(ids))
+    return _result(nlls, ids, dataset, model_name)
+
+
+@torch.no_grad()
+def streamed_perplexity_of_windows(
+    model,
+    layout: Layout,
+    ids: torch.Tensor,
+    dataset: str,
+    model_name: str,
+    device: torch.device | str = "cpu",
+    on_window: Callable[[int, int], None] | None = None,
+    windows_per_sweep: int = 16,
+    batch_size: int = 1,
+) -> EvalResult:
+    """``perplexity_of_windows`` for a model that stays where it is (CPU memory): per sweep of windows, every
+    block visits ``device`` once (the next one copied while the current one computes), then the model's own
+    final norm and head give each window's logits. Equal to the whole-model forward up to float round-off."""
+    runner = BlockRunner(model, layout, torch.device(device), batch_size, stream=True)
+    nlls = []
+    try:
+        for start in range(0, len(ids), windows_per_sweep):
+            batch = ids[start:start + windows_per_sweep]
+            hidden = runner.capture(batch)
+            for i in range(len(layout.blocks)):
+                with runner.on_device(i, write=False):
+                    hidden = runner.run(i, hidden)
+            with runner.outside_on_device(head=True):
+                for k in range(len(batch)):
+                    window = batch[k:k + 1].to(runner.input_device)
+                    nlls.append(_nll(runner.head(window, hidden[k:k + 1]).logits, window))
+                    if on_window:
+                        on_window(start + k + 1, len(ids))
+    finally:
+        runner.streamer.close()
+    return _result(nlls, ids, dataset, model_name)
+
+
+def _result(nlls: list[float], ids: torch.Tensor, dataset: str, model_name: str) -> EvalResult:
+    nlls = [n if math.isfinite(n) else float("inf") for n in nlls]
     mean = sum(nlls) / len(nlls)
     ppl = math.exp(mean) if mean < 709.0 else float("inf")
-    return EvalResult(ppl, dataset, seqlen, len(ids), int(ids.numel()), model_name)
+    return EvalResult(ppl, dataset, ids.shape[1], len(ids), int(ids.numel()), model_name)

@@ -138,6 +138,40 @@ def memory_cap(device: torch.device, max_gpu_memory: float | None) -> Iterator[N
         torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
+@contextlib.contextmanager
+def kept_buffers(module: nn.Module) -> Iterator[None]:
+    """Put every buffer back as it was when the block exits. ``module.to(float32)`` then ``.to(bfloat16)``
+    restores half-precision weights exactly but rounds buffers that were fp32 all along (rotary ``inv_freq``),
+    which would change every later forward."""
+    saved = [(sub, name, b) for sub in module.modules() for name, b in sub._buffers.items() if b is not None]
+    try:
+        yield
+    finally:
+        for sub, name, b in saved:
+            if sub._buffers.get(name) is not b:
+                sub._buffers[name] = b.to(sub._buffers[name].device) if sub._buffers.get(name) is not None else b
+
+
+@contextlib.contextmanager
+def moved(module: nn.Module, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Iterator[None]:
+    """``module`` on ``device`` and in ``dtype`` for the duration (None: unchanged), then back where and as it was:
+    half-precision weights come back exactly from fp32, buffers are restored as they were (``kept_buffers``)."""
+    first = next(module.parameters())
+    home, home_dtype = first.device, first.dtype
+    with kept_buffers(module):
+        try:
+            if device is not None:
+                module.to(device)
+            if dtype is not None:
+                module.to(dtype)
+            yield
+        finally:
+            if dtype is not None:
+                module.to(home_dtype)
+            if device is not None:
+                module.to(home)
+
+
 # ------------------------------------------------------------------------------------------------ streaming
 @dataclass(frozen=True)
 class _Slot:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from taylorprune.export import atomic, save
 from taylorprune.modeling import loading
 from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.modeling.layout import find_layout
+from taylorprune.modeling.streaming import Placement, choose_placement, memory_cap
 from taylorprune.pipeline.engine import PruneResult, linear_record, prune_layers
 from taylorprune.pipeline.evaluation import eval_windows, evaluate_windows
 from taylorprune.pipeline.hooks import Hooks
@@ -51,6 +52,8 @@ class Pruned:
     result: PruneResult
     phases: dict[str, float]
     evaluation: dict | None = None
+    placement: Placement | None = None
+    events: list[str] = field(default_factory=list)  # what the run did (cache hits, passes streamed)
 
     @property
     def opts(self) -> RunOptions:
@@ -78,39 +81,74 @@ def prune(opts: RunOptions | Plan, hooks: Hooks | None = None) -> Pruned:
     opts = plan.opts
     hooks.memory_hints = plan.parts.memory_hints()
     torch.manual_seed(opts.seed)
-    phases: dict[str, float] = {}
+    phases: dict[str, float] = {"startup": process_seconds()}
     calib_ids, spec, windows, dense_stats = None, None, None, {}
     loaded, layout = _load(plan, hooks, phases)
-    with hooks.timed(phases, "calibration_data", "tokenizing calibration and evaluation text"):
-        if plan.calibrated:
-            calib_ids, spec = load_calibration(opts, loaded.tokenizer, plan.seqlen)
-        if opts.eval:  # before any heavy work: a too-short evaluation text fails now, not after pruning
-            windows = eval_windows(loaded.tokenizer, opts.eval_dataset, opts.eval_text_file, plan.eval_seqlen,
-                                   opts.max_windows)
-    if of_scope(plan.needs, Scope.MODEL):
-        with hooks.timed(phases, "model_statistics", "model-scope statistics on the dense model"):
-            ctx = ModelContext(loaded.model, layout, calib_ids, plan.device, hooks.task, hooks.events)
-            dense_stats = model_statistics(plan.needs, ctx, spec, plan.parts.options_of)
-    with hooks.timed(phases, "prune", f"pruning with {plan.parts.method.name} ({plan.pattern.describe()})"):
-        scores: dict[str, torch.Tensor] | None = {} if opts.save_scores else None
-        result = _prune(plan, loaded.model, layout, calib_ids, spec, dense_stats, scores, hooks)
-        if scores is not None:
-            save.write_tensors(Path(opts.save_scores), scores,
-                               {"method": plan.parts.method.name, "pattern": plan.pattern.describe()})
-    phases.update({f"prune.{k}": v for k, v in result.timings.items()})
-    pruned = Pruned(plan, loaded, spec, result, phases)
-    if windows is not None:
-        with hooks.timed(phases, "eval", "evaluating perplexity"):
-            pruned.evaluation = evaluate_windows(loaded.model, loaded.tokenizer, *windows, opts.output, plan.device,
-                                                 hooks.windows).to_dict()
+    with memory_cap(plan.device, opts.max_gpu_memory):
+        with hooks.timed(phases, "load", "placing the model"):
+            placement = _place(plan, loaded.model)
+        with hooks.timed(phases, "calibration_data", "tokenizing calibration and evaluation text"):
+            if plan.calibrated:
+                calib_ids, spec = load_calibration(opts, loaded.tokenizer, plan.seqlen)
+            if opts.eval:  # before any heavy work: a too-short evaluation text fails now, not after pruning
+                windows = eval_windows(loaded.tokenizer, opts.eval_dataset, opts.eval_text_file, plan.eval_seqlen,
+                                       opts.max_windows)
+        ctx = ModelContext(loaded.model, layout, calib_ids, plan.device, hooks.task, hooks.events, placement,
+                           opts.stream_batch, opts.batch_size)
+        if of_scope(plan.needs, Scope.MODEL):
+            with hooks.timed(phases, "model_statistics", "model-scope statistics on the dense model"):
+                dense_stats = model_statistics(plan.needs, ctx, spec, plan.parts.options_of)
+        with hooks.timed(phases, "prune", f"pruning with {plan.parts.method.name} ({plan.pattern.describe()})"):
+            scores: dict[str, torch.Tensor] | None = {} if opts.save_scores else None
+            result = _prune(plan, ctx, spec, dense_stats, scores, hooks)
+            if scores is not None:
+                save.write_tensors(Path(opts.save_scores), scores,
+                                   {"method": plan.parts.method.name, "pattern": plan.pattern.describe()})
+        phases.update({f"prune.{k}": v for k, v in result.timings.items()})
+        pruned = Pruned(plan, loaded, spec, result, phases, placement=placement)
+        if windows is not None:
+            if placement.stream:
+                hooks.events.append("streamed:evaluation")
+            with hooks.timed(phases, "eval", "evaluating perplexity"):
+                pruned.evaluation = evaluate_windows(loaded.model, loaded.tokenizer, *windows, opts.output,
+                                                     plan.device, hooks.windows, placement, opts.stream_batch,
+                                                     opts.batch_size).to_dict()
+    pruned.events = list(hooks.events)
     return pruned
 
 
-def _prune(plan: Plan, model, layout, calib_ids, spec, dense_stats, scores, hooks: Hooks) -> PruneResult:
+def _place(plan: Plan, model) -> Placement:
+    """Resident on the device when the weights and the run's working set fit (moved there now), else streamed."""
+    opts = plan.opts
+    placement = choose_placement(model, plan.device, opts.stream, opts.max_gpu_memory, _working_bytes(plan, model))
+    if placement.mode == "resident" and plan.device.type != "cpu":
+        model.to(plan.device)
+    return placement
+
+
+def _working_bytes(plan: Plan, model) -> int:
+    """Device memory the layer-by-layer engine and the evaluation need beside the weights (a heuristic): block
+    inputs and outputs of every calibration window, one linear's fp32 Hessian and its factor, one window's fp32
+    logits. Model-scope passes check their own needs against the placement."""
+    config, param = model.config, next(model.parameters())
+    hidden = 2 * plan.opts.nsamples * plan.seqlen * config.hidden_size * param.element_size()
+    widest = max((t.module.in_features for t in find_layout(model, plan.opts.targets).all_targets), default=0)
+    logits = 2 * plan.eval_seqlen * config.vocab_size * 4 if plan.opts.eval else 0
+    return hidden + 3 * 4 * widest**2 + logits
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (interpreter start-up and imports included)."""
+    import psutil
+
+    return max(0.0, time.time() - psutil.Process().create_time())
+
+
+def _prune(plan: Plan, ctx: ModelContext, spec, dense_stats, scores, hooks: Hooks) -> PruneResult:
     """The layer-by-layer engine, or the method's own whole-model procedure when it has one."""
     whole = plan.whole_model
+    model, layout, calib_ids = ctx.model, ctx.layout, ctx.calib_ids
     if whole is not None:
-        ctx = ModelContext(model, layout, calib_ids, plan.device, hooks.task, hooks.events)
         t0 = time.perf_counter()
         chosen = whole(ctx, plan.pattern, plan.parts.method_options)
         if scores is not None:
@@ -118,13 +156,16 @@ def _prune(plan: Plan, model, layout, calib_ids, spec, dense_stats, scores, hook
         return PruneResult([linear_record(t.path, t.module.weight, i) for i, ts in enumerate(layout.targets)
                             for t in ts],
                            {"whole_model": time.perf_counter() - t0})
-    runner = BlockRunner(model, layout, plan.device, plan.opts.batch_size)
+    runner = BlockRunner(model, layout, plan.device, plan.opts.batch_size, stream=ctx.placement.mode != "device_map")
     block_cache = BlockCache(plan.needs, plan.parts.options_of, model, layout, spec, plan.recipe(), hooks.events)
     patterns, allocated = plan.parts.allocation.allocate(layout, dense_stats, plan.pattern,
                                                          plan.parts.allocation_options)
-    result = prune_layers(runner, layout, plan.parts, plan.pattern, calib_ids, dense_stats,
-                          on_block=hooks.task("pruning blocks", len(layout.blocks)), scores=scores,
-                          block_cache=block_cache.stats, patterns=patterns, seed=plan.opts.seed)
+    try:
+        result = prune_layers(runner, layout, plan.parts, plan.pattern, calib_ids, dense_stats,
+                              on_block=hooks.task("pruning blocks", len(layout.blocks)), scores=scores,
+                              block_cache=block_cache.stats, patterns=patterns, seed=plan.opts.seed)
+    finally:
+        runner.streamer.close()
     block_cache.save()
     result.allocation = allocated
     return result
@@ -143,6 +184,7 @@ def write(pruned: Pruned, hooks: Hooks | None = None) -> dict:
         save.verify(tmp, pruned.result.linears)
         report["phases_s"]["save"] = time.perf_counter() - t0
         report["peak_memory_mib"] = save.peak_memory()
+        report["wall_s"] = process_seconds()
         save.write_report(tmp, report)
         if opts.plots:
             from taylorprune.export.plots import plot_layer_sparsity
@@ -196,6 +238,9 @@ def build_report(p: Pruned) -> dict:
         "warnings": result.warnings,
         "evaluation": p.evaluation,
         "phases_s": p.phases,
+        "wall_s": process_seconds(),
+        "placement": p.placement.describe() if p.placement else None,
+        "streamed_passes": [e.split(":", 1)[1] for e in p.events if e.startswith("streamed:")],
         "peak_memory_mib": save.peak_memory(),
         "versions": versions(),
     }

@@ -51,6 +51,9 @@ class RunOptions:
     device: str = "auto"
     device_map: str | None = None
     offload_folder: str | None = None
+    stream: bool = False
+    max_gpu_memory: float | None = None
+    stream_batch: int = 16
     overwrite: bool = False
     trust_remote_code: bool = False
     eval: bool = False
@@ -128,7 +131,20 @@ def _at_least(value: int | None, minimum: int, flag: str) -> None:
         raise UserError(f"{flag} {value}: must be at least {minimum}")
 
 
+def check_placement(stream: bool, max_gpu_memory: float | None, stream_batch: int, device_map: str | None) -> None:
+    """The memory options: a positive cap, a whole number of windows per sweep, and no accelerate device map
+    (which places the model itself) beside them."""
+    if max_gpu_memory is not None and not max_gpu_memory > 0:
+        raise UserError(f"--max-gpu-memory {max_gpu_memory:g}: must be above 0 (GiB)")
+    _at_least(stream_batch, 1, "--stream-batch")
+    if device_map and (stream or max_gpu_memory is not None):
+        flag = "--stream" if stream else "--max-gpu-memory"
+        raise UserError(f"{flag} and --device-map {device_map} both decide where the model lives; drop one (without "
+                        "--device-map, taylorprune keeps the model on the GPU when it fits and streams it otherwise)")
+
+
 def _check_inputs(opts: RunOptions) -> None:
+    check_placement(opts.stream, opts.max_gpu_memory, opts.stream_batch, opts.device_map)
     _at_least(opts.nsamples, 1, "--nsamples")
     _at_least(opts.seqlen, 2, "--seqlen")
     _at_least(opts.batch_size, 1, "--batch-size")

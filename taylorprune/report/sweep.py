@@ -254,7 +254,8 @@ def evaluate_dense(sweep: Sweep, hooks: pipeline.Hooks) -> dict:
     hooks.phase("evaluating perplexity")
     result = pipeline.evaluate_model(loaded.model, loaded.tokenizer, opts.model, opts.eval_dataset,
                                      opts.eval_text_file, opts.eval_seqlen, opts.max_windows,
-                                     pipeline.resolve_device(opts.device), hooks.windows)
+                                     pipeline.resolve_device(opts.device), hooks.windows, opts.stream,
+                                     opts.max_gpu_memory, opts.stream_batch)
     return {"name": "dense", "method": "dense", "pattern": "dense", "sparsity": 0.0,
             "achieved_sparsity": zeros / max(numel, 1), "perplexity": result.perplexity, "prune_s": 0.0,
             "model_statistics_s": 0.0, "model_dir": None, "evaluation": result.to_dict()}

@@ -18,7 +18,7 @@ import torch
 
 from taylorprune.modeling.layout import Target
 from taylorprune.prune.masks import Pattern, nm_mask
-from taylorprune.stats.hvp import model_hvp_pass
+from taylorprune.stats.hvp import model_hvp_pass, streaming
 from taylorprune.stats.source import ModelContext
 
 
@@ -58,8 +58,9 @@ def _step_windows(calib_ids: torch.Tensor, per_step: int, step: int) -> torch.Te
 def residual_importance(ctx: ModelContext, windows: torch.Tensor, dtype: str = "float32") -> list[torch.Tensor]:
     """Σ over ``windows`` of δθ ⊙ (R·δθ) for every target (fp64), δθ = −W of the current model."""
     tick = ctx.progress("residual HVPs (windows)", len(windows))
-    stats = model_hvp_pass(ctx.model, ctx.layout, windows, "blockwise", ctx.device, tick,
-                           frozenset({"oba_hvp", "oba_gn"}), dtype)
+    wanted = frozenset({"oba_hvp", "oba_gn"})
+    stats = model_hvp_pass(ctx.model, ctx.layout, windows, "blockwise", ctx.device, tick, wanted, dtype,
+                           **streaming(ctx, wanted, dtype))
     out = []
     for t in ctx.layout.all_targets:
         delta = -t.module.weight.detach().to(torch.float64).cpu()

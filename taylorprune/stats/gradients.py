@@ -10,6 +10,13 @@ scaled (``--grad-scale``, 100 in the paper) and reduced in fp32:
 Unlike the reference (two scripts, full fp16 ``.grad`` of every parameter, fp16 accumulators), only target
 weights require grad, and a post-accumulate hook folds each weight's gradient into its statistics and frees
 it at once, so at most one target ``.grad`` is alive at any time.
+
+``streamed_gradient_pass`` computes the same statistics for models that do not fit on the device (or with
+``--stream``): per sweep of windows, a forward block by block keeps each block's input (in CPU memory when the
+device is not the CPU), the head gives each window's adjoint of the last hidden state, and a backward block by
+block in reverse recomputes each block's forward from its stored input and pulls the adjoint through it, one
+window at a time (so each per-sample gradient is exact). Each block visits the device once per sweep and
+direction; its statistics are summed on the device during the visit and added to fp32 sums in CPU memory.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import torch
 from torch import nn
 
 from taylorprune.errors import RunError
+from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.modeling.layout import Layout
+from taylorprune.modeling.streaming import activation_bytes
 from taylorprune.options import Options, option
 from taylorprune.stats.source import ModelContext, Scope, Source, Stats
 
@@ -32,19 +41,20 @@ FP16_LOSS_SCALE = 1024.0
 class _Accumulator:
     """fp32 reductions of one weight's scaled per-sample gradients."""
 
-    def __init__(self, path: str, weight: nn.Parameter, stats: frozenset[str], scale: float) -> None:
+    def __init__(self, path: str, shape: torch.Size, stats: frozenset[str], scale: float,
+                 device: torch.device | str = "cpu") -> None:
         self.path, self.scale = path, scale  # ``scale`` also undoes the loss scaling of fp16 models
-        zeros = lambda: torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # noqa: E731
-        self.sums = {"grad_l1": zeros()} if "grad_l1" in stats else {}
-        if "grad_l2" in stats:
-            self.sums["grad_l2"] = zeros()
-        if "grad_sum" in stats:
-            self.sums["grad_sum"] = zeros()
+        self.sums = {name: torch.zeros(shape, dtype=torch.float32, device=device)
+                     for name in GRAD_STATS if name in stats}
 
     def __call__(self, param: nn.Parameter) -> None:
         """Fold the just-accumulated ``.grad`` into the sums in place, then free it (no extra copies)."""
         g = param.grad
         param.grad = None
+        self.fold(g)
+
+    def fold(self, g: torch.Tensor) -> None:
+        """Add one sample's gradient (consumed: scaled in place when already fp32)."""
         g = g.to(torch.float32) if g.dtype != torch.float32 else g
         g.mul_(self.scale)
         if "grad_l2" in self.sums:
@@ -53,6 +63,11 @@ class _Accumulator:
             self.sums["grad_sum"].add_(g)
         if "grad_l1" in self.sums:
             self.sums["grad_l1"].add_(g.abs_())
+
+    def merge(self, other: _Accumulator) -> None:
+        """Add another accumulator's sums (made on another device, e.g. during one block's visit)."""
+        for name, t in other.sums.items():
+            self.sums[name].add_(t.to(self.sums[name].device))
 
     def result(self) -> dict[str, torch.Tensor]:
         out = dict(self.sums)
@@ -92,7 +107,8 @@ def gradient_pass(
     input_device = model.get_input_embeddings().weight.device
     try:
         for tg in layout.all_targets:
-            acc = _Accumulator(tg.path, tg.module.weight, stats, scale / loss_scale)
+            weight = tg.module.weight
+            acc = _Accumulator(tg.path, weight.shape, stats, scale / loss_scale, weight.device)
             accs[tg.path] = acc
             tg.module.weight.requires_grad_(True)
             handles.append(tg.module.weight.register_post_accumulate_grad_hook(acc))
@@ -124,6 +140,119 @@ def gradient_pass(
     return {path: acc.result() for path, acc in accs.items()}
 
 
+def streamed_gradient_pass(
+    model: nn.Module,
+    layout: Layout,
+    calib_ids: torch.Tensor,
+    stats: frozenset[str],
+    scale: float = 100.0,
+    device: torch.device | str = "cpu",
+    on_sample: Callable[[int], None] | None = None,
+    windows_per_sweep: int = 16,
+    batch_size: int = 1,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``gradient_pass``'s statistics, block by block (see the module docstring); the model stays where it is."""
+    stats = frozenset(s for s in stats if s in GRAD_STATS)
+    runner = BlockRunner(model, layout, torch.device(device), batch_size, stream=True)
+    loss_scale = FP16_LOSS_SCALE if next(model.parameters()).dtype == torch.float16 else 1.0
+    totals = {t.path: _Accumulator(t.path, t.module.weight.shape, stats, 1.0) for t in layout.all_targets}
+    first = next(i for i, targets in enumerate(layout.targets) if targets)
+    weights = [t.module.weight for t in layout.all_targets]
+    was_training = model.training
+    model.eval()
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        for start in range(0, len(calib_ids), windows_per_sweep):
+            ids = calib_ids[start:start + windows_per_sweep]
+            stored, last = _forward_sweep(runner, ids, first)
+            adjoints = _head_adjoints(runner, ids, last, loss_scale, start)
+            del last
+            _backward_sweep(runner, stored, adjoints, first, totals, stats, scale / loss_scale)
+            for k in range(len(ids)):
+                if on_sample:
+                    on_sample(start + k)
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+            w.grad = None
+        model.train(was_training)
+        runner.streamer.close()
+    return {path: acc.result() for path, acc in totals.items()}
+
+
+def _forward_sweep(runner: BlockRunner, ids: torch.Tensor, first: int) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Block inputs from block ``first`` on (in CPU memory unless computing on the CPU), and the last output."""
+    offload = runner.device.type != "cpu"
+    hidden = runner.capture(ids)
+    stored: dict[int, torch.Tensor] = {}
+    for i in range(len(runner.layout.blocks)):
+        with runner.on_device(i, write=False):
+            if i >= first:
+                stored[i] = hidden.to("cpu") if offload else hidden
+            hidden = runner.run(i, hidden)
+    return stored, hidden
+
+
+def _head_adjoints(runner: BlockRunner, ids: torch.Tensor, last: torch.Tensor, loss_scale: float,
+                   start: int) -> torch.Tensor:
+    """d(loss · loss_scale)/d(last hidden state) of each window, from the model's own head and loss."""
+    adjoints = []
+    with runner.outside_on_device(head=True):
+        for k in range(len(ids)):
+            h = last[k:k + 1].detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss = runner.head(ids[k:k + 1], h, labels=True).loss
+                if not torch.isfinite(loss):
+                    raise RunError(f"calibration window {start + k}: non-finite loss ({loss.item()}); check --dtype")
+                (adjoint,) = torch.autograd.grad(loss * loss_scale, h)
+            adjoints.append(adjoint)
+    return torch.cat(adjoints)
+
+
+def _backward_sweep(runner: BlockRunner, stored: dict[int, torch.Tensor], adjoints: torch.Tensor, first: int,
+                    totals: dict[str, _Accumulator], stats: frozenset[str], scale: float) -> None:
+    """Last block first: recompute each window's block forward, pull its adjoint through, fold the gradients."""
+    for i in reversed(range(first, len(runner.layout.blocks))):
+        targets = runner.layout.targets[i]
+        with runner.on_device(i, write=False, prefetch=i - 1 if i > first else None):
+            weights = [t.module.weight for t in targets]
+            partial = [_Accumulator(t.path, w.shape, stats, scale, w.device) for t, w in zip(targets, weights,
+                                                                                             strict=True)]
+            need_input = i > first
+            pulled = []
+            for k in range(len(adjoints)):
+                x = stored[i][k:k + 1].to(runner.device)
+                if need_input:
+                    x.requires_grad_(True)
+                with torch.enable_grad():
+                    y = runner.call(i, x)
+                    grads = list(torch.autograd.grad(y, ([x] if need_input else []) + weights,
+                                                     grad_outputs=adjoints[k:k + 1]))
+                if need_input:
+                    pulled.append(grads.pop(0))
+                for acc, g in zip(partial, grads, strict=True):
+                    acc.fold(g)
+            for t, acc in zip(targets, partial, strict=True):
+                totals[t.path].merge(acc)
+        del stored[i]
+        if need_input:
+            adjoints = torch.cat(pulled)
+
+
+def in_memory_bytes(ctx: ModelContext, wanted: frozenset[str], checkpointing: bool) -> int:
+    """Device memory ``gradient_pass`` needs beside the weights: fp32 sums of every target weight and the
+    autograd activations of one window (a heuristic; with checkpointing, block inputs plus one block's)."""
+    numel = sum(t.module.weight.numel() for t in ctx.layout.all_targets)
+    param = next(ctx.model.parameters())
+    seqlen = ctx.calib_ids.shape[-1]
+    activations = activation_bytes(ctx.model.config, seqlen, param.element_size())
+    if checkpointing:
+        layers = max(1, ctx.model.config.num_hidden_layers)
+        activations = activations // layers + layers * seqlen * ctx.model.config.hidden_size * param.element_size()
+    return 4 * len(set(wanted) & set(GRAD_STATS)) * numel + activations
+
+
 @dataclass(frozen=True)
 class GradientOptions(Options):
     grad_scale: float = option(100.0, "Scale of each per-sample gradient (GBLM-Pruner uses 100).", above=0)
@@ -135,8 +264,13 @@ class GradientOptions(Options):
 
 
 def _compute(ctx: ModelContext, wanted: frozenset[str], options: GradientOptions) -> Stats:
-    tick = ctx.progress("gradient pass (samples)", len(ctx.calib_ids))
     ctx.event("gradient_pass")
+    if ctx.blockwise(in_memory_bytes(ctx, wanted, options.grad_checkpointing)):
+        ctx.event("streamed:gradients")
+        tick = ctx.progress("gradient pass, block by block (samples)", len(ctx.calib_ids))
+        return streamed_gradient_pass(ctx.model, ctx.layout, ctx.calib_ids, wanted, options.grad_scale, ctx.device,
+                                      tick, ctx.stream_batch, ctx.batch_size)
+    tick = ctx.progress("gradient pass (samples)", len(ctx.calib_ids))
     return gradient_pass(ctx.model, ctx.layout, ctx.calib_ids, wanted, options.grad_scale, ctx.device,
                          options.grad_checkpointing, tick)
 

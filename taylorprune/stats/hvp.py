@@ -40,8 +40,9 @@ from torch.func import functional_call, grad, jvp, vjp
 
 from taylorprune.errors import RunError
 from taylorprune.modeling.attention import eager_attention
-from taylorprune.modeling.blocks import BlockRunner, patched_forwards
+from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.modeling.layout import Layout, Target
+from taylorprune.modeling.streaming import activation_bytes, model_bytes, moved
 from taylorprune.options import Options, option
 from taylorprune.stats.source import ModelContext, Scope, Source, Stats
 
@@ -116,59 +117,101 @@ def residual_hvp(logits_fn: Callable[..., torch.Tensor], params: tuple[torch.Ten
     return tuple(h - g for h, g in zip(hv, gn, strict=True))
 
 
-def _head(model: nn.Module, layout: Layout, ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Logits as a function of the last block's output: every block returns h, the model's own code does the rest."""
-
-    def logits(h: torch.Tensor) -> torch.Tensor:
-        with patched_forwards(layout.blocks, [lambda *a, **k: h] * len(layout.blocks)):
-            return model(input_ids=ids, use_cache=False).logits
-
-    return logits
-
-
 def causal_lm_loss_of_logits(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """transformers' causal-LM loss with labels = inputs: mean next-token cross-entropy, logits in fp32."""
     shifted = logits[:, :-1].to(torch.float32)
     return torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def blockwise_hvp(runner, ids: torch.Tensor, gauss_newton: bool = False) -> Iterator[tuple[int, Grads, Grads, Grads]]:
-    """Yield (block index, g, H·δθ, GN·δθ) of one window's loss, δθ = −W, last block first (see module doc).
+def _first_target_block(layout: Layout) -> int:
+    return next((i for i, targets in enumerate(layout.targets) if targets), len(layout.blocks))
 
+
+def blockwise_hvp(runner, ids: torch.Tensor, gauss_newton: bool = False) -> Iterator[tuple[int, Grads, Grads, Grads]]:
+    """Yield (block index, g, H·δθ, GN·δθ) of the loss summed over the windows ``ids`` (each window's mean
+    next-token cross-entropy), δθ = −W, last block first (see module doc); fp32 sums.
+
+    Windows go through in chunks of ``runner.batch_size``; each block visits the device once per sweep (a
+    streaming runner moves it; the block inputs and tangents then wait in CPU memory when the device is not the
+    CPU). Blocks before the first one with targets carry a zero tangent, so they run a plain forward.
     ``gauss_newton``: also the Gauss–Newton part Jᵀ(∇²_z ℓ)(J·δθ) of H·δθ (z: the logits), by one more reverse
     sweep whose cotangent is the loss Hessian applied to the logits' tangent; otherwise its entries are empty.
     A generator, so the caller folds each block's results into its sums before the next block's exist.
     """
-    model, layout = runner.model, runner.layout
+    layout = runner.layout
+    first = _first_target_block(layout)
+    offload = runner.stream and runner.device.type != "cpu"
+    keep = (lambda t: t.to("cpu")) if offload else (lambda t: t)
+    windows = list(ids.split(runner.batch_size))
     hidden = runner.capture(ids)
-    fns = [_block_fn(block, layout.targets[i], runner.block_kwargs[i]) for i, block in enumerate(layout.blocks)]
-    weights = [tuple(t.module.weight.detach() for t in block_targets) for block_targets in layout.targets]
-    states = [(hidden, torch.zeros_like(hidden))]
-    for f, w in zip(fns, weights, strict=True):
-        h, dh = states[-1]
-        states.append(jvp(f, (h, *w), (dh, *(-x for x in w))))
-    head = _head(model, layout, ids)
+    h = list(hidden.split(runner.batch_size))
+    del hidden
+    dh = [torch.zeros_like(x) for x in h]
+    states: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for i in range(len(layout.blocks)):
+        with runner.on_device(i, write=False) as block:
+            if i < first:
+                h = [runner.run(i, x) for x in h]
+                continue
+            f = _block_fn(block, layout.targets[i], runner.block_kwargs[i])
+            w = tuple(t.module.weight.detach() for t in layout.targets[i])
+            states[i] = [(keep(x), keep(dx)) for x, dx in zip(h, dh, strict=True)]
+            outs = [jvp(f, (x, *w), (dx, *(-v for v in w))) for x, dx in zip(h, dh, strict=True)]
+            h, dh = [o[0] for o in outs], [o[1] for o in outs]
+    adj, dadj, gn = _head_adjoints(runner, windows, h, dh, gauss_newton)
+    del h, dh
+    for i in reversed(range(first, len(layout.blocks))):
+        with runner.on_device(i, write=False, prefetch=i - 1 if i > first else None) as block:
+            f = _block_fn(block, layout.targets[i], runner.block_kwargs[i])
+            w = tuple(t.module.weight.detach() for t in layout.targets[i])
+            sums: list[list[torch.Tensor]] = [[], [], []]
+            for c, (x, dx) in enumerate(states.pop(i)):
+                x, dx = x.to(runner.device), dx.to(runner.device)
 
-    def head_loss(h: torch.Tensor) -> torch.Tensor:
-        return causal_lm_loss_of_logits(head(h), ids)
+                def pull(h: torch.Tensor, a: torch.Tensor, *ws: torch.Tensor, f=f) -> tuple[torch.Tensor, ...]:
+                    return vjp(f, h, *ws)[1](a)
 
-    adj, dadj = jvp(grad(head_loss), (states[-1][0],), (states[-1][1],))
-    gn = None
-    if gauss_newton:
-        z, dz = jvp(head, (states[-1][0],), (states[-1][1],))
-        _, u = jvp(grad(lambda x: causal_lm_loss_of_logits(x, ids)), (z.detach(),), (dz.detach(),))
-        gn = vjp(head, states[-1][0])[1](u)[0]
-    for i in reversed(range(len(fns))):
-        f, w = fns[i], weights[i]
+                (adj[c], *g), (dadj[c], *hv) = jvp(pull, (x, adj[c], *w), (dx, dadj[c], *(-v for v in w)))
+                gnv: list[torch.Tensor] = []
+                if gn is not None:
+                    gn[c], *gnv = vjp(f, x, *w)[1](gn[c])
+                for acc, values in zip(sums, (g, hv, gnv), strict=True):
+                    _add(acc, values)
+            yield i, tuple(sums[0]), tuple(sums[1]), tuple(sums[2])
 
-        def pull(h: torch.Tensor, a: torch.Tensor, *ws: torch.Tensor, f=f) -> tuple[torch.Tensor, ...]:
-            return vjp(f, h, *ws)[1](a)
 
-        (adj, *g), (dadj, *hv) = jvp(pull, (states[i][0], adj, *w), (states[i][1], dadj, *(-x for x in w)))
-        gnv: Grads = ()
-        if gn is not None:
-            gn, *gnv = vjp(f, states[i][0], *w)[1](gn)
-        yield i, tuple(g), tuple(hv), tuple(gnv)
+def _add(sums: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    if not sums:
+        sums.extend(v.to(torch.float32) for v in values)
+    else:
+        for acc, v in zip(sums, values, strict=True):
+            acc.add_(v.to(torch.float32))
+
+
+def _head_adjoints(runner, windows: list[torch.Tensor], h: list[torch.Tensor], dh: list[torch.Tensor],
+                   gauss_newton: bool):
+    """Per chunk of windows: the adjoint of the last hidden state, its tangent along δθ, and (``gauss_newton``)
+    the Gauss–Newton cotangent Jᵀ_head(∇²_z ℓ)(ż); ℓ = the chunk's summed window losses."""
+    adj, dadj, gn = [], [], [] if gauss_newton else None
+    with runner.outside_on_device(head=True):
+        for ids, x, dx in zip(windows, h, dh, strict=True):
+            ids = ids.to(runner.input_device)
+            count = ids.shape[0]
+
+            def head(z: torch.Tensor, ids=ids) -> torch.Tensor:
+                return runner.head(ids, z).logits
+
+            def loss_of_logits(z: torch.Tensor, ids=ids, count=count) -> torch.Tensor:
+                return causal_lm_loss_of_logits(z, ids) * count  # windows of equal length: Σ of window means
+
+            a, da = jvp(grad(lambda z: loss_of_logits(head(z))), (x,), (dx,))
+            adj.append(a)
+            dadj.append(da)
+            if gn is not None:
+                z, dz = jvp(head, (x,), (dx,))
+                _, u = jvp(grad(loss_of_logits), (z.detach(),), (dz.detach(),))
+                gn.append(vjp(head, x)[1](u)[0])
+    return adj, dadj, gn
 
 
 def model_hvp_pass(
@@ -180,51 +223,104 @@ def model_hvp_pass(
     on_sample: Callable[[int], None] | None = None,
     stats: frozenset[str] = frozenset(MODEL_HVP_STATS),
     dtype: str = "float32",
+    stream: bool = False,
+    windows_per_sweep: int = 16,
+    batch_size: int = 1,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Σ over windows of g, H·δθ (and GN·δθ when ``oba_gn`` is in ``stats``), fp32 on the CPU, for every target.
 
     ``dtype`` float32 runs a bf16/fp16 model in fp32 for the pass (second-order products overflow or lose all
     precision in half precision) and casts it back afterwards, which restores the weights exactly.
+    ``stream``: the model stays where it is and blocks visit ``device`` one at a time (always ``blockwise``),
+    ``windows_per_sweep`` windows per sweep in forward calls of ``batch_size``; half-precision blocks are upcast
+    on the device only, the stored weights are never touched.
     """
+    if stream:
+        return _streamed_hvp_pass(model, layout, calib_ids, device or torch.device("cpu"), on_sample, stats, dtype,
+                                  windows_per_sweep, batch_size)
     if "oba_gn" in stats and mode != "blockwise":
         raise ValueError("the Gauss–Newton part is computed in blockwise mode only")
     targets = layout.all_targets
-    home, home_dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    home_dtype = next(model.parameters()).dtype
     upcast = dtype == "float32" and home_dtype in (torch.float16, torch.bfloat16)
     movable = device is not None and not getattr(model, "hf_device_map", None)
-    if movable:
-        model.to(device)
-    if upcast:
-        model.to(torch.float32)
-    input_device = model.get_input_embeddings().weight.device
     names = [s for s in ALL_MODEL_STATS if s in stats]
-    sums = {n: [torch.zeros(t.module.weight.shape, dtype=torch.float32, device=t.module.weight.device)
-                for t in targets] for n in names}
+    with moved(model, device if movable else None, torch.float32 if upcast else None), eager_attention(model):
+        input_device = model.get_input_embeddings().weight.device
+        sums = {n: [torch.zeros(t.module.weight.shape, dtype=torch.float32, device=t.module.weight.device)
+                    for t in targets] for n in names}
+        runner = BlockRunner(model, layout, input_device, stream=False)  # the model already sits there
+        starts = _starts(layout)
+        for i, ids in enumerate(calib_ids):
+            window = ids.unsqueeze(0).to(input_device)
+            if mode == "blockwise":
+                parts = ((starts[b], *rest) for b, *rest in blockwise_hvp(runner, window, "oba_gn" in stats))
+            else:
+                parts = [(0, *model_hvp(model, targets, window, mode), ())]
+            _fold(sums, parts)
+            if on_sample:
+                on_sample(i)
+    return _checked({t.path: {n: sums[n][k].cpu() for n in names} for k, t in enumerate(targets)})
+
+
+def _starts(layout: Layout) -> list[int]:
+    """Index of each block's first target in ``layout.all_targets``."""
+    starts = [0]
+    for block_targets in layout.targets:
+        starts.append(starts[-1] + len(block_targets))
+    return starts
+
+
+def _fold(sums: dict[str, list[torch.Tensor]], parts) -> None:
+    for first, g, hv, gnv in parts:
+        for name, values in (("oba_g", g), ("oba_hvp", hv), ("oba_gn", gnv)):
+            if name in sums:
+                for j, v in enumerate(values):
+                    sums[name][first + j].add_(v.to(sums[name][first + j].device, torch.float32))
+
+
+def _streamed_hvp_pass(model, layout, calib_ids, device, on_sample, stats, dtype, windows_per_sweep, batch_size):
+    home_dtype = next(model.parameters()).dtype
+    upcast = dtype == "float32" and home_dtype in (torch.float16, torch.bfloat16)
+    runner = BlockRunner(model, layout, torch.device(device), batch_size, stream=True,
+                         dtype=torch.float32 if upcast else None)
+    targets = layout.all_targets
+    names = [s for s in ALL_MODEL_STATS if s in stats]
+    sums = {n: [torch.zeros(t.module.weight.shape, dtype=torch.float32) for t in targets] for n in names}
+    starts = _starts(layout)
     try:
         with eager_attention(model):
-            runner = BlockRunner(model, layout, input_device, stream=False)  # the model already sits there
-            starts = [0]
-            for block_targets in layout.targets:
-                starts.append(starts[-1] + len(block_targets))
-            for i, ids in enumerate(calib_ids):
-                window = ids.unsqueeze(0).to(input_device)
-                if mode == "blockwise":
-                    parts = ((starts[b], *rest) for b, *rest in blockwise_hvp(runner, window, "oba_gn" in stats))
-                else:
-                    parts = [(0, *model_hvp(model, targets, window, mode), ())]
-                for first, g, hv, gnv in parts:
-                    for name, values in (("oba_g", g), ("oba_hvp", hv), ("oba_gn", gnv)):
-                        if name in sums:
-                            for j, v in enumerate(values):
-                                sums[name][first + j].add_(v.to(torch.float32))
-                if on_sample:
-                    on_sample(i)
+            for start in range(0, len(calib_ids), windows_per_sweep):
+                ids = calib_ids[start:start + windows_per_sweep]
+                _fold(sums, ((starts[b], *rest) for b, *rest in blockwise_hvp(runner, ids, "oba_gn" in stats)))
+                for k in range(len(ids)):
+                    if on_sample:
+                        on_sample(start + k)
     finally:
-        if upcast:
-            model.to(home_dtype)
-        if movable:
-            model.to(home)
-    return _checked({t.path: {n: sums[n][k].cpu() for n in names} for k, t in enumerate(targets)})
+        runner.streamer.close()
+    return _checked({t.path: {n: sums[n][k] for n in names} for k, t in enumerate(targets)})
+
+
+def in_memory_bytes(ctx: ModelContext, wanted: frozenset[str], dtype: str) -> int:
+    """Device memory ``model_hvp_pass`` needs beside the weights (a heuristic): the fp32 copy of a half-precision
+    model, fp32 sums per target weight, one window's block inputs and tangents, one block's second-order graph
+    and the logits' (fp32)."""
+    config, param = ctx.model.config, next(ctx.model.parameters())
+    upcast = dtype == "float32" and param.dtype in (torch.float16, torch.bfloat16)
+    numel = sum(t.module.weight.numel() for t in ctx.layout.all_targets)
+    seqlen, layers = ctx.calib_ids.shape[-1], max(1, config.num_hidden_layers)
+    states = 2 * layers * seqlen * config.hidden_size * 4
+    graphs = 3 * activation_bytes(config, seqlen, 4) // layers + 3 * seqlen * config.vocab_size * 4
+    return (model_bytes(ctx.model) if upcast else 0) + 4 * len(wanted) * numel + states + graphs
+
+
+def streaming(ctx: ModelContext, wanted: frozenset[str], dtype: str) -> dict:
+    """``model_hvp_pass`` arguments for ``ctx``: block by block when the weights are streamed or the whole-model
+    pass would not fit next to them."""
+    stream = ctx.blockwise(in_memory_bytes(ctx, wanted, dtype))
+    if stream:
+        ctx.event("streamed:hvp")
+    return {"stream": stream, "windows_per_sweep": ctx.stream_batch, "batch_size": ctx.batch_size}
 
 
 def block_hvp(block: nn.Module, kwargs: dict, targets: list[Target], hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -259,17 +355,12 @@ def block_hvp_stats(runner, i: int, hidden: torch.Tensor, targets: list[Target],
     home = next(block.parameters()).dtype
     upcast = getattr(options, "hvp_dtype", "float32") == "float32" and home in (torch.float16, torch.bfloat16)
     if upcast:
-        block.to(torch.float32)
         kwargs = _float_kwargs(kwargs)
-    try:
-        with eager_attention(runner.model):
-            for chunk in hidden.split(runner.batch_size):
-                chunk = chunk.to(torch.float32) if upcast else chunk
-                for acc, hv in zip(sums, block_hvp(block, kwargs, targets, chunk), strict=True):
-                    acc.add_(hv.to(torch.float32))
-    finally:
-        if upcast:
-            block.to(home)
+    with moved(block, dtype=torch.float32 if upcast else None), eager_attention(runner.model):
+        for chunk in hidden.split(runner.batch_size):
+            chunk = chunk.to(torch.float32) if upcast else chunk
+            for acc, hv in zip(sums, block_hvp(block, kwargs, targets, chunk), strict=True):
+                acc.add_(hv.to(torch.float32))
     return _checked({t.path: {"oba_block_hvp": s} for t, s in zip(targets, sums, strict=True)})
 
 
@@ -306,7 +397,7 @@ def _model_compute(ctx: ModelContext, wanted: frozenset[str], options: ModelHvpO
     tick = ctx.progress("Hessian-vector products (samples)", len(ctx.calib_ids))
     ctx.event("hvp_pass")
     return model_hvp_pass(ctx.model, ctx.layout, ctx.calib_ids, options.hvp_mode, ctx.device, tick, wanted,
-                          options.hvp_dtype)
+                          options.hvp_dtype, **streaming(ctx, wanted, options.hvp_dtype))
 
 
 MODEL_SOURCE = Source("hvp", Scope.MODEL, ALL_MODEL_STATS,

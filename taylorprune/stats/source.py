@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from taylorprune.modeling.layout import Layout
+from taylorprune.modeling.streaming import Placement
 from taylorprune.options import NoOptions, Options
 
 Stats = dict[str, dict[str, torch.Tensor]]  # {target path: {statistic: tensor}}
@@ -70,7 +71,12 @@ class Source:
 
 @dataclass
 class ModelContext:
-    """What a model-scope pass may use: the dense model, its targets, the calibration windows, progress."""
+    """What a model-scope pass may use: the dense model, its targets, the calibration windows, progress, and where
+    the weights live (``placement``; None: wherever they are, the whole-model passes move them to ``device``).
+
+    ``stream_batch``: calibration windows per block-by-block sweep (each block visits the device once per sweep
+    and direction); ``batch_size``: windows per forward call inside a sweep.
+    """
 
     model: nn.Module
     layout: Layout
@@ -78,7 +84,15 @@ class ModelContext:
     device: torch.device
     progress: Callable[[str, int], Callable[[int], None]] = lambda name, total: (lambda i: None)
     events: list[str] | None = None
+    placement: Placement | None = None
+    stream_batch: int = 16
+    batch_size: int = 1
 
     def event(self, name: str) -> None:
         if self.events is not None:
             self.events.append(name)
+
+    def blockwise(self, extra_bytes: int) -> bool:
+        """Whether a pass goes block by block: the weights are streamed, or the whole model plus the pass's own
+        ``extra_bytes`` would not fit on the device next to each other."""
+        return self.placement is not None and not self.placement.fits(extra_bytes)
