@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if "TAYLORPRUNE_CACHE" not in os.environ:  # the token cache of the tests' runs: never the user's ~/.cache
+    os.environ["TAYLORPRUNE_CACHE"] = tempfile.mkdtemp(prefix="taylorprune-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["TAYLORPRUNE_CACHE"], True)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

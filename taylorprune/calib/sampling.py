@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from taylorprune.calib.cache import cached_ids, tokenizer_fingerprint
 from taylorprune.calib.text import Corpus
 from taylorprune.errors import UserError
 
@@ -89,8 +90,9 @@ def _random_from_docs(tokenizer, corpus: Corpus, n: int, seqlen: int, rng: rando
     return torch.stack(windows)
 
 
-def sample(tokenizer, corpus: Corpus, nsamples: int, seqlen: int, seed: int, sampling: str):
-    """Return (input_ids [nsamples, seqlen], CalibSpec)."""
+def sample(tokenizer, corpus: Corpus, nsamples: int, seqlen: int, seed: int, sampling: str, cache: bool = False):
+    """Return (input_ids [nsamples, seqlen], CalibSpec); ``cache``: through the on-disk token cache
+    (``calib.cache``: a hit skips tokenizing, and gives the very same ids)."""
     if nsamples < 1:
         raise UserError(f"--nsamples {nsamples}: must be at least 1")
     if seqlen < 2:
@@ -101,12 +103,28 @@ def sample(tokenizer, corpus: Corpus, nsamples: int, seqlen: int, seed: int, sam
     if not text.strip():
         raise UserError(f"calibration text {corpus.name} is empty")
     spec = CalibSpec(corpus.name, nsamples, seqlen, seed, sampling, hashlib.sha256(text.encode()).hexdigest())
-    rng = random.Random(seed)
-    if sampling == "random" and corpus.docs is not None:
-        return _random_from_docs(tokenizer, corpus, nsamples, seqlen, rng), spec
+    if not cache:
+        return _windows(tokenizer, corpus, text, spec), spec
+    documents = len(corpus.docs) if corpus.docs is not None else None  # documents are sampled differently
+    key = {"tokenizer": tokenizer_fingerprint(tokenizer), "text_sha256": spec.text_sha256, "documents": documents,
+           "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "sampling": sampling}
+    return cached_ids("calibration", key, lambda: _windows(tokenizer, corpus, text, spec)), spec
+
+
+def _windows(tokenizer, corpus: Corpus, text: str, spec: CalibSpec) -> torch.Tensor:
+    rng = random.Random(spec.seed)
+    nsamples, seqlen = spec.nsamples, spec.seqlen
+    if spec.sampling == "random" and corpus.docs is not None:
+        return _random_from_docs(tokenizer, corpus, nsamples, seqlen, rng)
     ids = tokenize(tokenizer, text)
-    if sampling == "random":
-        return _random_from_text(ids, nsamples, seqlen, rng, corpus), spec
+    if spec.sampling == "random":
+        return _random_from_text(ids, nsamples, seqlen, rng, corpus)
     if ids.numel() < nsamples * seqlen:
         raise _too_short(corpus, ids.numel(), nsamples, seqlen)
-    return ids[: nsamples * seqlen].view(nsamples, seqlen).clone(), spec
+    return ids[: nsamples * seqlen].view(nsamples, seqlen).clone()
+
+
+def tokenize_cached(tokenizer, text: str) -> torch.Tensor:
+    """``tokenize`` through the on-disk token cache (evaluation texts: the same text, tokenizer, ids)."""
+    key = {"tokenizer": tokenizer_fingerprint(tokenizer), "text_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    return cached_ids("text", key, lambda: tokenize(tokenizer, text))

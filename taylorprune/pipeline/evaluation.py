@@ -32,7 +32,7 @@ def eval_windows(tokenizer, dataset: str, text_file: str | None, seqlen: int,
                  max_windows: int | None) -> tuple[torch.Tensor, str]:
     """Tokenize the evaluation text once and cut its windows (fails early when the text is too short)."""
     body, label = eval_text(dataset, text_file)
-    return windows_of(sampling.tokenize(tokenizer, body), seqlen, max_windows, label), label
+    return windows_of(sampling.tokenize_cached(tokenizer, body), seqlen, max_windows, label), label
 
 
 def evaluate_windows(model, tokenizer, windows: torch.Tensor, label: str, name: str, device: torch.device,

@@ -32,7 +32,7 @@ from taylorprune.stats.source import ModelContext, Scope
 
 def load_calibration(opts: RunOptions, tokenizer, seqlen: int):
     corpus = text.read_file(opts.calib_file) if opts.calib_file else text.calibration_corpus(opts.calib)
-    return sampling.sample(tokenizer, corpus, opts.nsamples, seqlen, opts.seed, opts.calib_sampling)
+    return sampling.sample(tokenizer, corpus, opts.nsamples, seqlen, opts.seed, opts.calib_sampling, cache=True)
 
 
 def versions() -> dict[str, str]:
