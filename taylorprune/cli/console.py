@@ -79,7 +79,7 @@ def guarded() -> Iterator[Session]:
         raise
     except Exception as exc:
         if type(exc).__name__ == "OutOfMemoryError":
-            fail(f"CUDA out of memory while {session.phase}; {session.memory_advice('--device-map auto')}", 1)
+            fail(f"CUDA out of memory while {session.phase}; {session.memory_advice('--stream')}", 1)
         if os.environ.get("TAYLORPRUNE_DEBUG"):
             raise
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
