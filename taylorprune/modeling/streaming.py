@@ -97,12 +97,16 @@ def device_budget(device: torch.device, max_gpu_memory: float | None = None) -> 
 def choose_placement(model: nn.Module, device: torch.device, stream: bool = False,
                      max_gpu_memory: float | None = None, working_bytes: int = 0) -> Placement:
     """Resident when the model and ``working_bytes`` fit the device budget with headroom, else streamed."""
+    device = torch.device(device)
     size = model_bytes(model)
     if getattr(model, "hf_device_map", None):
         return Placement("device_map", device, "placed by accelerate (--device-map)", size)
     budget = device_budget(device, max_gpu_memory)
     if stream:
         return Placement("stream", device, "--stream", size, budget)
+    target = normalized(device)
+    if device.type != "cpu" and all(p.device == target for p in model.parameters()):
+        return Placement("resident", device, "already on the device", size)
     if budget is None:
         return Placement("resident", device, "the compute device is the CPU, where the model is loaded", size)
     words = f"{size / GIB:.2f} GiB of weights + {working_bytes / GIB:.2f} GiB working set"
