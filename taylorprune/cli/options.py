@@ -33,10 +33,10 @@ DType = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
 Device = Annotated[str, typer.Option(help="Compute device: auto, cpu, cuda, cuda:1, ...")]
 Stream = Annotated[bool, typer.Option(
     "--stream", help="Keep the model in CPU memory and bring one decoder block at a time to the device, for every "
-    "pass (statistics, pruning, evaluation), on any device [default: only when the model does not fit].")]
+    "pass (statistics, pruning, evaluation), on any device (default: only when the model does not fit).")]
 MaxGpuMemory = Annotated[float | None, typer.Option(
     help="GiB of device memory this run may use: the model stays on the GPU when it fits under this (with its "
-    "working set), else it streams; also caps PyTorch's CUDA allocator [default: the free memory].")]
+    "working set), else it streams; also caps PyTorch's CUDA allocator (default: the free memory).")]
 StreamBatch = Annotated[int, typer.Option(
     help="Calibration or evaluation windows per block-by-block sweep: each block visits the device once per sweep "
     "(more: fewer transfers, more memory for stored block inputs).")]

@@ -16,6 +16,11 @@ Hessian-vector product, never the Hessian itself:
 The last two keep the whole model's second-order graph (8–11 GiB for one 512-token window of SmolLM2-135M)
 and serve as references in the tests.
 
+Streamed (``--stream``, or weights that do not fit beside the pass): ``blockwise`` with the model left in CPU
+memory, each block visiting the device once per sweep of ``--stream-batch`` windows and direction, the block
+inputs and tangents waiting in CPU memory, a half-precision block upcast on the device only. Equal to the
+in-memory pass up to float round-off (tests/test_streamed_passes.py).
+
 Scopes:
 - ``model``: the calibration loss of the whole model (mean next-token cross-entropy per window, summed over
   windows), at the dense weights, before pruning — cross-layer terms included;
@@ -390,7 +395,8 @@ class BlockHvpOptions(Options):
 class ModelHvpOptions(BlockHvpOptions):
     hvp_mode: str = option("blockwise", "How exact HVPs of the whole model are taken: blockwise (jvp of each "
                            "block's vjp, one block's graph in memory), fwd-rev (jvp of grad, whole model) or "
-                           "double-backward.", choices=HVP_MODES, identity=False)
+                           "double-backward; a streamed pass (--stream, or a model that does not fit) is always "
+                           "blockwise.", choices=HVP_MODES, identity=False)
 
 
 def _model_compute(ctx: ModelContext, wanted: frozenset[str], options: ModelHvpOptions) -> Stats:
