@@ -197,3 +197,26 @@ def test_memory_option_errors_are_one_line_before_loading(tmp_path, command, ext
     assert res.exit_code == 2, res.output
     assert needle in res.output and "Traceback" not in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_the_engine_writes_pruned_copies_back_and_prefetches_each_block_once(tiny_dirs):
+    """A runner whose blocks compute in float64 copies (real copies on the CPU): pruning lands in the stored
+    float32 weights, every block is staged once (the next one while the current one is held)."""
+    from taylorprune.modeling.blocks import BlockRunner
+    from taylorprune.pipeline.components import resolve
+    from taylorprune.pipeline.engine import prune_layers
+    from taylorprune.prune.masks import parse_pattern
+
+    model = loading.load(str(tiny_dirs["qwen2"])).model
+    layout = find_layout(model)
+    runner = BlockRunner(model, layout, torch.device("cpu"), batch_size=2, stream=True, dtype=torch.float64)
+    prune_layers(runner, layout, resolve("wanda"), parse_pattern(0.5, None), ids(4))
+    for t in layout.all_targets:
+        w = t.module.weight
+        assert w.dtype == torch.float32
+        assert torch.all((w == 0).sum(dim=1) == w.shape[1] // 2)  # exactly half of every row, written back
+    staged = [key for what, key in runner.streamer.log if what == "stage"]
+    blocks = [id(b) for b in layout.blocks]
+    assert [k for k in staged if k in blocks] == blocks
+    held = [key for what, key in runner.streamer.log if what == "hold" and key in blocks]
+    assert held == blocks and not runner.streamer._staged
