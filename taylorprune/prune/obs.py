@@ -21,18 +21,41 @@ from dataclasses import dataclass
 import torch
 
 from taylorprune.errors import RunError
-from taylorprune.options import Options, option
+from taylorprune.options import option
 from taylorprune.prune.masks import Pattern, _prune_lowest
+from taylorprune.prune.refine import SwapOptions, search
 
 DAMP_RETRIES = (1.0, 10.0, 100.0)
 MIN_RETRY_DAMP = 1e-4  # retries of an undamped (percdamp 0) Hessian start from this fraction
 
 
 @dataclass(frozen=True)
-class ObsOptions(Options):
+class ObsOptions(SwapOptions):
     percdamp: float = option(0.01, "OBS damping λ as a fraction of mean diag(H) (SparseGPT: 0.01).", minimum=0,
                              below=10)
     blocksize: int = option(128, "OBS columns per lazy-update block (SparseGPT: 128).", minimum=1)
+    obs_swaps: int = option(0, "After the OBS update, alternate this many times: a swap search on the updated "
+                            "weights' exact error (a restored weight at its error-minimising value), then OBS "
+                            "again on the new mask (0: plain OBS / SparseGPT as published).", minimum=0, maximum=20)
+
+
+def obs_swaps(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, keep: torch.Tensor,
+              updated: torch.Tensor, options: ObsOptions, name: str = "") -> torch.Tensor:
+    """``options.obs_swaps`` rounds of (swap search on the residual of ``updated`` → OBS on the new mask).
+
+    The swap search takes the mask the update was made for and the updated kept weights; a swap prunes a kept
+    weight at its updated value and restores a pruned one at v_j/H_jj, accepted only when the row's exact error
+    drops; OBS then re-fits all kept weights of the new mask (from the dense weights), which can only lower
+    that error further up to damping. Both steps keep per-row counts and N:M groups.
+    """
+    for _ in range(options.obs_swaps):
+        keep, info, _ = search(weight, hessian, keep, pattern, options.swap_rounds, options.swap_fraction,
+                               values=updated, restore="optimal")
+        if not info.swaps:
+            break
+        updated, _, _ = obs_prune(weight, hessian, pattern, keep=keep, percdamp=options.percdamp,
+                                  blocksize=options.blocksize, name=name)
+    return updated
 
 
 class CholeskyFailed(RunError):
@@ -116,4 +139,4 @@ def obs_prune(
         W[:, i1:i2] = W1
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     W[pruned] = 0
-    return W, saliency, {"percdamp_used": damp, "dead_inputs": int(dead.sum())}
+    return W, saliency, {"percdamp_used": damp, "dead_inputs": int(dead.sum()), "keep": ~pruned}

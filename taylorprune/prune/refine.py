@@ -61,13 +61,15 @@ def _take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx.reshape(idx.shape[0], -1)).view(idx.shape)
 
 
-def _swap_gain(c: torch.Tensor, W: torch.Tensor, H: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-    """Exact change of a row's error when kept ``i`` and pruned ``j`` swap: 2c_i − 2c_j − 2·w_i·w_j·H_ij."""
+def _swap_gain(c: torch.Tensor, A: torch.Tensor, B: torch.Tensor, H: torch.Tensor, i: torch.Tensor,
+               j: torch.Tensor) -> torch.Tensor:
+    """Exact change of a row's error when kept ``i`` and pruned ``j`` swap: 2c_i − 2c_j − 2·a_i·b_j·H_ij."""
     h = torch.take(H, i * H.shape[1] + j)
-    return 2 * (_take_rows(c, i) - _take_rows(c, j)) - 2 * _take_rows(W, i) * _take_rows(W, j) * h
+    return 2 * (_take_rows(c, i) - _take_rows(c, j)) - 2 * _take_rows(A, i) * _take_rows(B, j) * h
 
 
-def _pairs(c: torch.Tensor, W: torch.Tensor, H: torch.Tensor, pruned: torch.Tensor, pattern: Pattern, k: int):
+def _pairs(c: torch.Tensor, A: torch.Tensor, B: torch.Tensor, H: torch.Tensor, pruned: torch.Tensor,
+           pattern: Pattern, k: int):
     """The ``k`` proposed swaps of every row as (kept i, pruned j, exact gain; inf where there is no pair).
 
     Unstructured: the k cheapest kept weights paired in order with the k costliest pruned ones. N:M: in each
@@ -89,25 +91,26 @@ def _pairs(c: torch.Tensor, W: torch.Tensor, H: torch.Tensor, pruned: torch.Tens
         first, g = torch.topk(ci - cj, min(k, groups), dim=1, largest=False)
         i, j = g * m + ii.gather(1, g), g * m + jj.gather(1, g)
         ok = torch.isfinite(first)
-    return i, j, torch.where(ok, _swap_gain(c, W, H, i, j), inf)
+    return i, j, torch.where(ok, _swap_gain(c, A, B, H, i, j), inf)
 
 
-def _best_single(c: torch.Tensor, W: torch.Tensor, H: torch.Tensor, i, j, gain):
+def _best_single(c: torch.Tensor, A: torch.Tensor, B: torch.Tensor, H: torch.Tensor, i, j, gain):
     """Each row's best single swap (i, j, exact gain) over the combinations of the kept and the pruned weights of
     its first ``GRID`` proposals."""
     g = min(i.shape[1], GRID)
     gi, gj, ok = i[:, :g], j[:, :g], torch.isfinite(gain[:, :g])
-    grid = _swap_gain(c, W, H, gi.unsqueeze(2).expand(-1, -1, g), gj.unsqueeze(1).expand(-1, g, -1))
+    grid = _swap_gain(c, A, B, H, gi.unsqueeze(2).expand(-1, -1, g), gj.unsqueeze(1).expand(-1, g, -1))
     grid = torch.where(ok.unsqueeze(2) & ok.unsqueeze(1), grid, float("inf")).flatten(1)
     value, best = grid.min(dim=1)
     return gi.gather(1, (best // g)[:, None]), gj.gather(1, (best % g)[:, None]), value
 
 
-def _change(W: torch.Tensor, i: torch.Tensor, j: torch.Tensor, use: torch.Tensor):
-    """The change of U = W⊙S as (columns, values) per row: +w_i where i is pruned, −w_j where j is restored."""
-    zero = torch.zeros((), dtype=W.dtype, device=W.device)
+def _change(A: torch.Tensor, B: torch.Tensor, i: torch.Tensor, j: torch.Tensor, use: torch.Tensor):
+    """The change of the residual U as (columns, values) per row: +a_i where i is pruned, −b_j where j is
+    restored."""
+    zero = torch.zeros((), dtype=A.dtype, device=A.device)
     cols = torch.cat([i, j], dim=1)
-    vals = torch.cat([torch.where(use, W.gather(1, i), zero), torch.where(use, -W.gather(1, j), zero)], dim=1)
+    vals = torch.cat([torch.where(use, A.gather(1, i), zero), torch.where(use, -B.gather(1, j), zero)], dim=1)
     return cols, vals
 
 
@@ -137,23 +140,40 @@ def _apply(pruned: torch.Tensor, i: torch.Tensor, j: torch.Tensor, use: torch.Te
 def swap_refine(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, pattern: Pattern,
                 rounds: int = 10, fraction: float = 0.02) -> tuple[torch.Tensor, SwapInfo]:
     """A keep-mask with the same per-row (and per-group) counts as ``keep`` and no row error higher."""
+    new, info, _ = search(weight, hessian, keep, pattern, rounds, fraction)
+    return new, info
+
+
+def search(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, pattern: Pattern, rounds: int = 10,
+           fraction: float = 0.02, values: torch.Tensor | None = None,
+           restore: str = "dense") -> tuple[torch.Tensor, SwapInfo, torch.Tensor]:
+    """The swap search on the residual U = W − A⊙keep: (keep, info, A).
+
+    ``values`` A holds the kept weights' current values (default: W itself, no update yet). A pruned weight is
+    pruned by its value a_i; a restored weight j gets b_j: its dense value (``restore`` dense) or, after an
+    update, the value that alone minimises the row's error, v_j/H_jj (``optimal``). Costs generalise to
+    c = A⊙V + ½·d⊙A² for kept and B⊙V − ½·d⊙B² for pruned weights (V = U·H), a swap changing the row's error by
+    2c_i − 2c_j − 2·a_i·b_j·H_ij; A is returned with the restored weights' values.
+    """
     W = weight.to(torch.float32)
     H = hessian.to(device=W.device, dtype=torch.float32)
     d = torch.diagonal(H)
+    A = W.clone() if values is None else values.to(device=W.device, dtype=torch.float32).clone()
     if pattern.is_nm and any(int(r) != pattern.n for r in keep[:, : W.shape[1] - W.shape[1] % pattern.m]
                              .reshape(W.shape[0], -1, pattern.m).sum(2).unique()):
-        return keep, SwapInfo(0, 0, 0.0, 0.0)  # groups not exactly N:M (dead columns): leave the mask alone
+        return keep, SwapInfo(0, 0, 0.0, 0.0), A  # groups not exactly N:M (dead columns): leave the mask alone
     pruned = ~keep.to(W.device)
-    V = (W * pruned) @ H
-    err = ((W * pruned) * V).sum(1)
+    U = W - A * ~pruned
+    V = U @ H
+    err = (U * V).sum(1)
     before = float(err.sum())
     k = max(1, int(round(fraction * W.shape[1])))
-    dw2 = d * W.pow(2)
     eps = 1e-6  # relative: a swap must lower the row's error by more than fp32 round-off to be taken
     total, done = 0, 0
     for step in range(1, rounds + 1):
-        c = W * V + dw2 * (0.5 - pruned.to(W.dtype))
-        i, j, gain = _pairs(c, W, H, pruned, pattern, k)
+        B = W if restore == "dense" else torch.where(d > 0, V / d.clamp_min(torch.finfo(W.dtype).tiny), 0.0)
+        c = torch.where(pruned, B * V - 0.5 * d * B.pow(2), A * V + 0.5 * d * A.pow(2))
+        i, j, gain = _pairs(c, A, B, H, pruned, pattern, k)
         gain, order = gain.sort(dim=1)  # most helpful single swaps first
         i, j = i.gather(1, order), j.gather(1, order)
         tol = eps * err.abs().clamp_min(torch.finfo(torch.float32).tiny)
@@ -166,7 +186,7 @@ def swap_refine(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor,
         while size >= 1 and open_rows.numel():
             use = valid[open_rows, :size]
             oi, oj = i[open_rows, :size], j[open_rows, :size]
-            cols, vals = _change(W[open_rows], oi, oj, use)
+            cols, vals = _change(A[open_rows], B[open_rows], oi, oj, use)
             P = _product((open_rows.numel(), V.shape[1]), H, cols, vals)
             row = _row_change(V[open_rows], P, cols, vals)
             ok = row < -tol[open_rows]
@@ -180,20 +200,30 @@ def swap_refine(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor,
         single = torch.zeros_like(valid[:, :1])
         open_rows = (~taken.any(1)).nonzero().flatten()
         if open_rows.numel() and not pattern.is_nm:  # the best single swap among cheapest × costliest pairs
-            bi, bj, bg = _best_single(c[open_rows], W[open_rows], H, i[open_rows], j[open_rows], gain[open_rows])
+            bi, bj, bg = _best_single(c[open_rows], A[open_rows], B[open_rows], H, i[open_rows], j[open_rows],
+                                      gain[open_rows])
             ok = bg < -tol[open_rows]
             rows = open_rows[ok]
             si[rows], sj[rows], single[rows] = bi[ok], bj[ok], True
-            cols, vals = _change(W[rows], bi[ok], bj[ok], single[rows])
+            cols, vals = _change(A[rows], B[rows], bi[ok], bj[ok], single[rows])
             V[rows] += _product((rows.numel(), V.shape[1]), H, cols, vals)
             change[rows] = bg[ok]
         if not (taken.any() or single.any()):
             break
+        A = _restore_values(_restore_values(A, B, j, taken), B, sj, single)
         pruned = _apply(_apply(pruned, i, j, taken), si, sj, single)
         err = err + change
         total += int(taken.sum() + single.sum())
         done = step
-    return ~pruned, SwapInfo(done, total, before, float(err.sum()))
+    return ~pruned, SwapInfo(done, total, before, float(err.sum())), A
+
+
+def _restore_values(A: torch.Tensor, B: torch.Tensor, j: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
+    """A with the restored weights ``j`` (where ``use``) at their restore values."""
+    rows = torch.arange(A.shape[0], device=A.device).unsqueeze(1).expand_as(j)
+    out = A.clone()
+    out[rows[use], j[use]] = B[rows[use], j[use]]
+    return out
 
 
 # ------------------------------------------------------------------------------------------ refine stages

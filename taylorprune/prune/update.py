@@ -15,7 +15,7 @@ import torch
 from taylorprune.errors import UserError
 from taylorprune.options import NoOptions, Options
 from taylorprune.prune.masks import Pattern
-from taylorprune.prune.obs import ObsOptions, obs_prune
+from taylorprune.prune.obs import ObsOptions, obs_prune, obs_swaps
 
 ApplyFn = Callable[[torch.Tensor, torch.Tensor, Pattern, Mapping[str, torch.Tensor], Options, str], torch.Tensor]
 
@@ -38,7 +38,7 @@ def _none(weight, keep, pattern, stats, options, name):
 def _obs(weight, keep, pattern, stats, options: ObsOptions, name):
     new, _, _ = obs_prune(weight, stats["hessian"], pattern, keep=keep, percdamp=options.percdamp,
                           blocksize=options.blocksize, name=name)
-    return new
+    return obs_swaps(weight, stats["hessian"], pattern, keep, new, options, name)
 
 
 UPDATES: dict[str, Update] = {
