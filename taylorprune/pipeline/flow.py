@@ -51,6 +51,7 @@ class Pruned:
     result: PruneResult
     phases: dict[str, float]
     evaluation: dict | None = None
+    structured: dict | None = None  # structured runs: what was removed, parameters, sizes, speed
 
     @property
     def opts(self) -> RunOptions:
@@ -77,6 +78,10 @@ def prune(opts: RunOptions | Plan, hooks: Hooks | None = None) -> Pruned:
     plan = opts if isinstance(opts, Plan) else validate(opts)
     opts = plan.opts
     hooks.memory_hints = plan.parts.memory_hints()
+    if plan.structured is not None:
+        from taylorprune.pipeline.structured import prune_structured
+
+        return prune_structured(plan, hooks)
     torch.manual_seed(opts.seed)
     phases: dict[str, float] = {}
     calib_ids, spec, windows, dense_stats = None, None, None, {}
@@ -141,6 +146,11 @@ def write(pruned: Pruned, hooks: Hooks | None = None) -> dict:
     with atomic.atomic_dir(Path(opts.output), opts.overwrite) as tmp:
         save.save_model(pruned.loaded.model, pruned.loaded.tokenizer, tmp)
         save.verify(tmp, pruned.result.linears)
+        if pruned.structured is not None:
+            from taylorprune.pipeline.structured import check_written
+
+            check_written(tmp, pruned)
+            report["structured"] = pruned.structured
         report["phases_s"]["save"] = time.perf_counter() - t0
         report["peak_memory_mib"] = save.peak_memory()
         save.write_report(tmp, report)
@@ -184,9 +194,9 @@ def build_report(p: Pruned) -> dict:
         "update": plan.parts.update.name,
         "recon": plan.parts.recon.name,
         "paper": plan.parts.method.paper,
-        "pattern": plan.pattern.describe(),
+        "pattern": plan.describe(),
         "sparsity": plan.pattern.sparsity,
-        "achieved_sparsity": result.sparsity,
+        "achieved_sparsity": result.sparsity if p.structured is None else None,
         "options": asdict(plan.opts),
         "components": plan.parts.describe(),
         "source": {"model": plan.opts.model, "resolved": p.loaded.source, "gguf_file": p.loaded.gguf_file},
@@ -195,6 +205,7 @@ def build_report(p: Pruned) -> dict:
         "blocks": _block_report(result, p.loaded),
         "warnings": result.warnings,
         "evaluation": p.evaluation,
+        **({"structured": p.structured} if p.structured is not None else {}),
         "phases_s": p.phases,
         "peak_memory_mib": save.peak_memory(),
         "versions": versions(),

@@ -17,10 +17,21 @@ def _index(*methods: Method) -> dict[str, Method]:
         if m.name in out:
             raise TypeError(f"method {m.name!r} registered twice")
         unknown = set(m.statistics) - set(STATISTICS)
+        for options in _option_samples(m):
+            group = m.group_score(options)
+            unknown |= set(group.statistics if group else ()) - set(STATISTICS)
         if unknown:
             raise TypeError(f"method {m.name} needs unregistered statistics {sorted(unknown)}")
         out[m.name] = m
     return out
+
+
+def _option_samples(m: Method) -> list:
+    """The method's default options and each choice of its choice options (to check every group score)."""
+    samples = [m.options.build({})]
+    for spec in m.options.specs():
+        samples += [m.options.build({spec.name: c}) for c in spec.choices or ()]
+    return samples
 
 
 DEFAULT_METHOD = "wanda"  # cheap, needs no gradients, and a sound baseline at every sparsity
