@@ -11,6 +11,7 @@ timing. Compare two models only from one call (same process, device and threads)
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from collections.abc import Callable
@@ -34,17 +35,23 @@ def _prefill(model, ids: torch.Tensor) -> None:
     model(input_ids=ids, use_cache=False)
 
 
+def _cache_name(model) -> str:
+    """The KV-cache keyword of this transformers version (``cache`` replaced ``past_key_values``)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def _decode(model, prompt: torch.Tensor, steps: int) -> Callable[[], None]:
     """Prefill the prompt (untimed); returns the timed part: ``steps`` single-token forwards with the cache."""
+    name = _cache_name(model)
     out = model(input_ids=prompt, use_cache=True)
-    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, nxt = getattr(out, name), out.logits[:, -1:].argmax(-1)
 
     def steps_fn() -> None:
         nonlocal cache, nxt
         for _ in range(steps):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=nxt, use_cache=True, **{name: cache})
+            cache, nxt = getattr(out, name), out.logits[:, -1:].argmax(-1)
 
     return steps_fn
 

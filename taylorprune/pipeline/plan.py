@@ -19,7 +19,7 @@ from taylorprune.export import atomic
 from taylorprune.modeling import loading
 from taylorprune.pipeline.components import Components, resolve
 from taylorprune.prune.masks import Pattern, parse_pattern
-from taylorprune.prune.structured import Shape, parse_structures, removal_counts
+from taylorprune.prune.structured import Shape, check_config, parse_structures, removal_counts
 from taylorprune.scoring.registry import DEFAULT_METHOD
 from taylorprune.stats.collect import cache_path
 
@@ -218,7 +218,10 @@ def _structured(opts: RunOptions) -> tuple[str, ...]:
 def _structured_plan(kinds: tuple[str, ...], opts: RunOptions, parts: Components, config) -> StructuredPlan:
     heads = parts.structure_options("heads")
     mode = heads.head_mode if heads is not None else "kv-groups"
-    counts = removal_counts(kinds, opts.sparsity, Shape.of(config), mode) if opts.sparsity is not None else None
+    counts = None
+    if opts.sparsity is not None:
+        counts = removal_counts(kinds, opts.sparsity, Shape.of(config), mode)
+        check_config(config, counts, Shape.of(config), mode, f"--sparsity {opts.sparsity:g}")
     return StructuredPlan(kinds, opts.sparsity, opts.target_params, counts)
 
 

@@ -30,6 +30,7 @@ from taylorprune.prune.structured import (
     WIDTH_KINDS,
     Groups,
     Shape,
+    check_config,
     choose,
     compensate,
     count_parameters,
@@ -73,9 +74,12 @@ def counts_for_target(kind: str, fraction: float, model, layout: Layout, head_mo
                         f"{unit * (units - 1):,} at most without removing every one); lower it or add structures")
     ratio_units = max(need, 1) * step
     if kind == "heads" and head_mode == "kv-groups":
-        return removal_counts((kind,), ratio_units / shape.kv_heads, shape, head_mode)
-    total_units = {"blocks": shape.layers, "neurons": shape.intermediate, "heads": shape.heads}[kind]
-    return removal_counts((kind,), ratio_units / total_units, shape, head_mode)
+        counts = removal_counts((kind,), ratio_units / shape.kv_heads, shape, head_mode)
+    else:
+        total_units = {"blocks": shape.layers, "neurons": shape.intermediate, "heads": shape.heads}[kind]
+        counts = removal_counts((kind,), ratio_units / total_units, shape, head_mode)
+    check_config(model.config, counts, shape, head_mode, f"--target-params {fraction:g}")
+    return counts
 
 
 # ------------------------------------------------------------------------------------------- blocks

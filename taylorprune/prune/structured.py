@@ -18,6 +18,7 @@ the consumer of removed channels (down_proj, o_proj) by least squares on calibra
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -153,6 +154,45 @@ def removal_counts(kinds: tuple[str, ...], ratio: float, shape: Shape, head_mode
                                 f"in every group); use one of: {fine or 'none (one query head per group)'}")
             counts[kind] = heads
     return counts
+
+
+def widths_after(counts: Mapping[str, int], shape: Shape, head_mode: str) -> dict[str, int]:
+    """The config widths once ``counts`` are removed."""
+    heads = counts.get("heads", 0)
+    kv_gone = heads // (shape.heads // shape.kv_heads) if head_mode == "kv-groups" else 0
+    return {"num_hidden_layers": shape.layers - counts.get("blocks", 0), "num_attention_heads": shape.heads - heads,
+            "num_key_value_heads": shape.kv_heads - kv_gone, "head_dim": shape.head_dim,
+            "intermediate_size": shape.intermediate - counts.get("neurons", 0)}
+
+
+def set_widths(config, widths: Mapping[str, int]) -> None:
+    """Write ``widths`` into ``config`` (its text config), per-layer lists cut to the new depth."""
+    text = getattr(config, "text_config", None) or config
+    layers = text.num_hidden_layers
+    for key, value in list(vars(text).items()):
+        if isinstance(value, list) and len(value) == layers and not key.startswith("_"):
+            setattr(text, key, value[: widths["num_hidden_layers"]])
+    for key, value in widths.items():
+        setattr(text, key, value)
+
+
+def check_config(config, counts: Mapping[str, int], shape: Shape, head_mode: str, flag: str) -> None:
+    """Refuse, before any work, widths the model's own config class would refuse when the output is saved or loaded
+    (LlamaConfig wants num_attention_heads to divide hidden_size, even with an explicit head_dim)."""
+    validate = getattr(config, "validate", None)
+    if validate is None:
+        return
+    probe = copy.deepcopy(config)
+    widths = widths_after(counts, shape, head_mode)
+    set_widths(probe, widths)
+    try:
+        probe.validate()
+    except Exception as exc:  # transformers raises its own validation error types
+        cause = getattr(exc, "__cause__", None) or exc
+        reason = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+        raise UserError(f"{flag} leaves {widths['num_attention_heads']} attention heads / "
+                        f"{widths['num_key_value_heads']} KV heads, a config {type(config).__name__} refuses "
+                        f"({reason}); choose another ratio or --head-mode") from None
 
 
 def _checked(count: int, total: int, ratio: float, what: str, all_gone: str) -> int:
@@ -419,11 +459,11 @@ def update_config(config, blocks: nn.ModuleList) -> dict[str, int]:
     widths = [block_widths(b) for b in blocks]
     if any(w != widths[0] for w in widths):
         raise RuntimeError(f"non-uniform widths after structured pruning: {widths}")
+    out = {**widths[0], "num_hidden_layers": len(blocks)}
     text = getattr(config, "text_config", None) or config
-    for key, value in widths[0].items():
+    for key, value in out.items():
         setattr(text, key, value)
-    text.num_hidden_layers = len(blocks)
-    return {**widths[0], "num_hidden_layers": len(blocks)}
+    return out
 
 
 def count_parameters(model: nn.Module) -> int:
