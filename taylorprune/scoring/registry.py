@@ -48,6 +48,20 @@ METHODS: dict[str, Method] = _index(
 )
 
 
+def group_summaries(m: Method) -> dict[str, str]:
+    """What the method's structured score computes, per option setting that changes it ("" = the defaults)."""
+    out: dict[str, str] = {}
+    default = m.options.build({})
+    for options in _option_samples(m):
+        group = m.group_score(options)
+        changed = ", ".join(f"{s.flag} {getattr(options, s.name)}" for s in m.options.specs()
+                            if getattr(options, s.name) != getattr(default, s.name))
+        text = group.summary if group else "none (use another method or option for --structure)"
+        if text not in out.values():
+            out[changed] = text
+    return out
+
+
 def get_method(name: str) -> Method:
     if name not in METHODS:
         raise UserError(f"--method {name}: unknown; registered methods: {', '.join(sorted(METHODS))}")
