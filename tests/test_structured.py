@@ -247,7 +247,7 @@ def test_target_params_removes_the_fewest_neurons_that_reach_it(tiny_dirs, tmp_p
     ["--structure", "heads", "--sparsity", "0.5", "--method", "taylor"],
     ["--structure", "heads", "--head-mode", "query-heads", "--sparsity", "0.5", "--method", "oba"],
     ["--structure", "blocks", "--sparsity", "0.2", "--block-score", "loss"],
-    ["--structure", "blocks,heads,neurons", "--sparsity", "0.2", "--method", "fisher", "--no-compensate"],
+    ["--structure", "blocks,heads,neurons", "--sparsity", "0.4", "--method", "fisher", "--no-compensate"],
 ])
 def test_structured_runs_end_to_end_on_stories260k(stories_dir, tmp_path, extra):
     out = tmp_path / "o"

@@ -150,7 +150,7 @@ def _prune_kind(runner, i: int, hidden, kind: str, parts: Components, count: int
         scores = _scores(parts, groups, stats)
         drop = choose(scores, groups_to_remove(groups, count), groups.chunk)
     if options.compensate:
-        compensate(groups, drop, stats[groups.consumer.path]["hessian"], options.percdamp)
+        compensate(groups, drop, stats[groups.consumer.path]["hessian"], options.compensate_damp)
     remove(groups, drop, block)
     info = {"removed": drop.tolist(), "kept": groups.size - len(drop), "of": groups.size}
     if scores is not None:

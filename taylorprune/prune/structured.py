@@ -45,13 +45,13 @@ def _compensate():
 
 
 def _percdamp():
-    return option(0.01, "Dampening as a fraction of the mean Hessian diagonal.", minimum=0)
+    return option(0.01, "Compensation: dampening of H_KK as a fraction of its mean diagonal.", minimum=0)
 
 
 @dataclass(frozen=True)
 class NeuronOptions(Options):
     compensate: bool = _compensate()
-    percdamp: float = _percdamp()
+    compensate_damp: float = _percdamp()
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class HeadOptions(Options):
                             "or query-heads (the same number of query heads from every KV group).",
                             choices=HEAD_MODES)
     compensate: bool = _compensate()
-    percdamp: float = _percdamp()
+    compensate_damp: float = _percdamp()
 
 
 @dataclass(frozen=True)
