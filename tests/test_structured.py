@@ -292,3 +292,18 @@ def test_methods_document_each_structured_score():
     assert "--oba-mode released" in listed["oba"]["structured"] and listed["sparsegpt"]["structured"] == {}
     detail = runner.invoke(app, ["methods", "wanda"], terminal_width=200)
     assert "structured score" in detail.output and "Wanda-sp" in detail.output
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_all_three_structures_on_smollm2(smollm2_gguf, tmp_path):
+    """SmolLM2-135M (9 heads / 3 KV, 30 blocks): one KV group, a third of the blocks and of the neurons go."""
+    out = tmp_path / "o"
+    res = runner.invoke(app, ["run", "--model", str(smollm2_gguf), *CALIB, "--structure", "blocks,heads,neurons",
+                              "--sparsity", "0.34", "--method", "wanda", "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"],
+            config["head_dim"], config["intermediate_size"]) == (20, 6, 2, 64, 1014)
+    model = _load(out)
+    assert model.generate(_ids(1, 4), max_new_tokens=3, do_sample=False).shape == (1, 7)

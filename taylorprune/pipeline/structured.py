@@ -145,17 +145,13 @@ def _prune_kind(runner, i: int, hidden, kind: str, parts: Components, count: int
         stats.setdefault(m.path, {}).update({k: v for k, v in model_stats.get(m.path, {}).items()
                                              if k not in stats[m.path]})
     if preset is not None:
-        drop, scores = preset[(kind, i)], None
+        drop = preset[(kind, i)]
     else:
-        scores = _scores(parts, groups, stats)
-        drop = choose(scores, groups_to_remove(groups, count), groups.chunk)
+        drop = choose(_scores(parts, groups, stats), groups_to_remove(groups, count), groups.chunk)
     if options.compensate:
         compensate(groups, drop, stats[groups.consumer.path]["hessian"], options.compensate_damp)
     remove(groups, drop, block)
-    info = {"removed": drop.tolist(), "kept": groups.size - len(drop), "of": groups.size}
-    if scores is not None:
-        info["scores"] = [float(s) for s in scores]
-    return info
+    return {"removed": drop.tolist(), "kept": groups.size - len(drop), "of": groups.size}
 
 
 def prune_widths(model, layout: Layout, parts: Components, plan, counts: dict[str, int], calib_ids, model_stats,
