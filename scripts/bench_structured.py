@@ -41,6 +41,7 @@ SCORES: dict[str, list[str]] = {
     "fisher": ["--method", "fisher", *GRAD],
     "gblm": ["--method", "gblm", *GRAD],
     "oba-recon": ["--method", "oba"],
+    "sparsegpt-obs": ["--method", "sparsegpt"],
     # The authors use ~50 steps over all windows; 10 steps × 8 windows keeps one run near 10 min on 2 cores.
     "oba-released": ["--method", "oba", "--oba-mode", "released", "--oba-steps", "10", "--oba-step-windows", "8"],
 }

@@ -212,7 +212,8 @@ def test_oba_released_selection_prunes_in_steps_and_restores_the_model(tiny_dirs
     (["--structure", "neurons", "--pattern", "2:4"], "--pattern is for unstructured"),
     (["--structure", "neurons"], "exactly one of --sparsity"),
     (["--structure", "nodes", "--sparsity", "0.2"], "choose from neurons, heads, blocks"),
-    (["--structure", "neurons", "--sparsity", "0.2", "--method", "sparsegpt"], "has no structured score"),
+    (["--structure", "neurons", "--sparsity", "0.2", "--method", "oba", "--oba-mode", "full"],
+     "has no structured score"),
     (["--structure", "neurons", "--sparsity", "0.2", "--update", "obs"], "applies to unstructured"),
     (["--structure", "neurons,heads", "--target-params", "0.2"], "takes one --structure"),
     (["--sparsity", "0.5", "--target-params", "0.2"], "applies to structured"),
@@ -289,7 +290,7 @@ def test_methods_document_each_structured_score():
     res = runner.invoke(app, ["methods", "--json"])
     listed = {r["name"]: r for r in json.loads(res.output)}
     assert "|Σ_G W·Σg|" in listed["taylor"]["structured"][""]
-    assert "--oba-mode released" in listed["oba"]["structured"] and listed["sparsegpt"]["structured"] == {}
+    assert "--oba-mode released" in listed["oba"]["structured"] and "tr(W_G" in listed["sparsegpt"]["structured"][""]
     detail = runner.invoke(app, ["methods", "wanda"], terminal_width=200)
     assert "structured score" in detail.output and "Wanda-sp" in detail.output
 
@@ -307,3 +308,21 @@ def test_all_three_structures_on_smollm2(smollm2_gguf, tmp_path):
             config["head_dim"], config["intermediate_size"]) == (20, 6, 2, 64, 1014)
     model = _load(out)
     assert model.generate(_ids(1, 4), max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+def test_obs_cost_is_the_error_left_after_the_optimal_refit(tiny_dirs):
+    from taylorprune.prune.structured import obs_cost
+
+    model = _load(tiny_dirs["llama"])
+    layout = find_layout(model)
+    groups = groups_of("neurons", layout.blocks[0], f"{layout.blocks_path}.0", 0)
+    x = _down_inputs(model, _ids(8, 32))
+    h = 2 * x.T @ x / 8
+    w = groups.consumer.module.weight.detach().double()
+    cost = obs_cost(groups, h, 0.0)
+    j = 7
+    keep = [c for c in range(w.shape[1]) if c != j]
+    refit = torch.linalg.lstsq(x[:, keep], x @ w.T).solution.T  # best weights on the kept inputs
+    left = (x[:, keep] @ refit.T - x @ w.T).pow(2).sum() * 2 / 8
+    torch.testing.assert_close(cost[j], left, rtol=1e-6, atol=1e-9)
+    assert (cost <= removal_cost(groups, h) + 1e-9).all()  # refitting never costs more than not refitting

@@ -356,6 +356,24 @@ def removal_cost(groups: Groups, hessian: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def obs_cost(groups: Groups, hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """The consumer's reconstruction error left after removing one group's inputs *and* refitting the other
+    columns optimally (structured OBS, Kurtic et al. ZipLM 2023, Ling et al. SlimGPT 2024):
+    tr(W_G·((H⁻¹)_GG)⁻¹·W_Gᵀ), H = 2XXᵀ/N damped by ``percdamp`` × its mean diagonal."""
+    c = groups.consumer
+    w = c.module.weight.detach().to(torch.float64)
+    h = hessian.to(w.device, torch.float64)
+    h = h + percdamp * torch.diagonal(h).mean().clamp_min(1e-12) * torch.eye(h.shape[0], dtype=h.dtype,
+                                                                              device=h.device)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    out = torch.empty(groups.size, dtype=torch.float64)
+    for g, cols in enumerate(c.index):
+        cols = cols.to(w.device)
+        wg = w[:, cols]
+        out[g] = (torch.linalg.solve(hinv[cols][:, cols], wg.T) * wg.T).sum().cpu()
+    return out
+
+
 def choose(scores: torch.Tensor, count: int, chunk: int | None = None) -> torch.Tensor:
     """Sorted indices of the ``count`` lowest scores (stable: ties go to the lower index); with ``chunk``, the
     same number from every run of ``chunk`` consecutive groups."""
