@@ -269,7 +269,9 @@ def test_structured_runs_end_to_end_on_stories260k(stories_dir, tmp_path, extra)
     assert evaluated.exit_code == 0 and "perplexity" in evaluated.output
     inspected = runner.invoke(app, ["inspect", str(out), "--json", str(tmp_path / "i.json")])
     assert inspected.exit_code == 0
-    shapes = {r["name"]: r["shape"] for r in json.loads((tmp_path / "i.json").read_text())["linears"]}
+    info = json.loads((tmp_path / "i.json").read_text())
+    assert info["report"]["structured"]["config"] == st["config"] and "before → after" in inspected.output
+    shapes = {r["name"]: r["shape"] for r in info["linears"]}
     assert shapes["model.layers.0.mlp.down_proj.weight"] == [64, config["intermediate_size"]]
     assert shapes["model.layers.0.self_attn.q_proj.weight"] == [config["num_attention_heads"] * 8, 64]
     assert len({k.split(".")[2] for k in shapes}) == config["num_hidden_layers"]
