@@ -158,9 +158,9 @@ def _structured(m: Method, method_options: Options, names: tuple[str, ...], valu
                                                                    GroupScore | None]:
     """The structure stages and the method's group score; unstructured stages are refused."""
     refine, update, allocation, recon = stages
-    for flag, given, default in (("--refine", refine, None), ("--update", update, "none"),
+    for flag, given, default in (("--refine", refine, "none"), ("--update", update, "none"),
                                  ("--allocation", allocation, "uniform"), ("--recon", recon, "none")):
-        if given != default:
+        if given not in (default, None):
             raise StageConflict(f"{flag} {given} applies to unstructured pruning; drop it with --structure")
     structures = tuple((STRUCTURES[n], STRUCTURES[n].options.build(values)) for n in names)
     group = m.group_score(method_options)
