@@ -43,10 +43,11 @@ def _loss_from(runner: BlockRunner, start: int, hidden: torch.Tensor, ids: torch
         with runner.on_device(j):
             hidden = runner.run(j, hidden)
     model, blocks = runner.model, runner.layout.blocks
+    home = model.get_input_embeddings().weight.device  # the head runs where the model keeps it (blocks may stream)
     losses = []
     for h, chunk in zip(hidden.split(runner.batch_size), ids.split(runner.batch_size), strict=True):
-        with patched_forwards(blocks, [lambda *a, h=h, **k: h] * len(blocks)):
-            logits = model(input_ids=chunk.to(runner.input_device), use_cache=False).logits
+        with patched_forwards(blocks, [lambda *a, h=h.to(home), **k: h] * len(blocks)):
+            logits = model(input_ids=chunk.to(home), use_cache=False).logits
         logits = logits[:, :-1].to(torch.float32)
         target = chunk[:, 1:].to(logits.device)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
