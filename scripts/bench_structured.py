@@ -159,7 +159,13 @@ def render(results: dict, proto: dict, smoke: bool) -> str:
 
 
 def into_benchmarks(section: str) -> None:
-    """Put the section into docs/BENCHMARKS.md between markers (appended the first time)."""
+    """Refresh docs/BENCHMARKS.md: through bench_quality's renderer where it includes docs/bench_structured.md
+    (its ``SECTIONS``), else by putting the section between markers (appended the first time)."""
+    import bench_quality
+
+    if hasattr(bench_quality, "SECTIONS") and bench_quality.RESULTS.is_file():
+        bench_quality.DOC.write_text(bench_quality.render(json.loads(bench_quality.RESULTS.read_text())))
+        return
     doc = DOCS / "BENCHMARKS.md"
     text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
     block = f"{BEGIN}\n{section.rstrip()}\n{END}"
