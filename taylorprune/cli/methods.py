@@ -90,6 +90,9 @@ def show_method(method) -> None:
     for when, summary in groups.items():
         out.print(escape(f"structured score (--structure neurons|heads{', ' + when if when else ''}): {summary}"),
                   highlight=False)
+    if groups:
+        out.print("structured ranking: within each block, the same count of each structure in every block (uniform "
+                  "widths); --structure blocks ranks blocks over the model by --block-score instead.", highlight=False)
     for source in sources_for(method.statistics):
         out.print(escape(f"statistic {', '.join(source.outputs)} ({source.scope.value} scope): {source.summary}"),
                   highlight=False)

@@ -107,5 +107,5 @@ def released_select(ctx: ModelContext, counts: dict[str, int], blocks: dict[str,
 
 
 RELEASED = GroupScore("authors' recipe: mean over member linears of |Σ_G δθ⊙(R·δθ)| / windows (R: residual Hessian, "
-                      "exact HVPs), max-normalised per block, --oba-steps steps with recomputation, ranked within each "
-                      "block", select=released_select)
+                      "exact HVPs), max-normalised per block, --oba-steps steps with recomputation (the authors rank "
+                      "globally)", select=released_select)
