@@ -70,6 +70,15 @@ def report_table(rep: dict) -> Table:
         ev = rep["evaluation"]
         table.add_row(f"perplexity ({ev.get('dataset')}, {ev.get('windows')}×{ev.get('seqlen')})",
                       _num(ev.get("perplexity"), 3))
+    st = rep.get("structured")
+    if st:
+        params, size, widths = st.get("parameters") or {}, st.get("file_bytes") or {}, st.get("config") or {}
+        table.add_row("structures removed", ", ".join(st.get("kinds") or []))
+        table.add_row("widths", ", ".join(f"{k}={v}" for k, v in widths.items()))
+        if params:
+            table.add_row("parameters before → after", f"{params['before']:,} → {params['after']:,}")
+        if size.get("after"):
+            table.add_row("weight bytes before → after", f"{size['before']:,} → {size['after']:,}")
     table.add_row("taylorprune version", str(rep["taylorprune"]))
     return table
 

@@ -23,12 +23,19 @@ def _option_specs(method) -> list:
     return list(seen.values())
 
 
+def _structured(method) -> dict[str, str]:
+    from taylorprune.scoring.registry import group_summaries
+
+    return group_summaries(method) if method.structured is not None else {}
+
+
 def record(method) -> dict:
     """A method's declaration as plain data (``methods --json``)."""
     from taylorprune.stats.registry import STATISTICS
 
     return {"name": method.name, "summary": method.summary, "paper": method.paper,
             "updates_weights": method.updates_weights,
+            "structured": _structured(method),
             "statistics": {s: STATISTICS[s].scope.value for s in method.statistics},
             "options": [{"name": s.name, "flag": s.flag, "type": s.kind.__name__, "default": s.default,
                          "choices": list(s.choices) if s.choices else None, "help": s.help}
@@ -52,12 +59,14 @@ def methods(
             show_method(get_method(name))
             return
         table = Table(title="registered methods (taylorprune methods NAME for details)")
-        for col in ("method", "score", "statistics (scope)", "options (defaults)", "paper"):
+        for col in ("method", "score", "structured score (--structure)", "statistics (scope)", "options (defaults)",
+                    "paper"):
             table.add_column(col)
         for m in sorted(METHODS.values(), key=lambda m: m.name):
             stats = ", ".join(f"{s} ({STATISTICS[s].scope.value})" for s in m.statistics) or "-"
             options = ", ".join(f"{s.name}={s.shown_default()}" for s in _option_specs(m)) or "-"
-            table.add_row(m.name, escape(m.summary), stats, escape(options), m.paper)
+            structured = "; ".join(f"{w + ': ' if w else ''}{s.split(':')[0]}" for w, s in _structured(m).items())
+            table.add_row(m.name, escape(m.summary), escape(structured or "-"), stats, escape(options), m.paper)
         out.print(table)
 
 
@@ -75,6 +84,15 @@ def show_method(method) -> None:
         choices = f" ({', '.join(spec.choices)})" if spec.choices else ""
         table.add_row(spec.flag, escape(spec.shown_default()), escape(spec.help + choices))
     out.print(table)
+    groups = _structured(method)
+    if not groups:
+        out.print("structured score (--structure neurons|heads): none", highlight=False)
+    for when, summary in groups.items():
+        out.print(escape(f"structured score (--structure neurons|heads{', ' + when if when else ''}): {summary}"),
+                  highlight=False)
+    if groups:
+        out.print("structured ranking: within each block, the same count of each structure in every block (uniform "
+                  "widths); --structure blocks ranks blocks over the model by --block-score instead.", highlight=False)
     for source in sources_for(method.statistics):
         out.print(escape(f"statistic {', '.join(source.outputs)} ({source.scope.value} scope): {source.summary}"),
                   highlight=False)

@@ -17,6 +17,7 @@ from taylorprune.calib.text import CALIB_SOURCES, EVAL_DATASETS
 from taylorprune.prune.allocation import ALLOCATIONS
 from taylorprune.prune.recon import RECONS
 from taylorprune.prune.refine import REFINES
+from taylorprune.prune.structured import STRUCTURES
 from taylorprune.prune.update import UPDATES
 
 Model = Annotated[str, typer.Option(help="HF folder, hub id, .gguf file, or 'demo' (bundled stories260K).")]
@@ -54,6 +55,9 @@ Allocation = Annotated[str, typer.Option(help="How sparsity is split over the la
     f"{a.name} ({a.summary})" for a in ALLOCATIONS.values()) + ".")]
 Recon = Annotated[str, typer.Option(help="Block stage after the linears of a block are pruned: " + "; ".join(
     f"{r.name} ({r.summary})" for r in RECONS.values()) + ".")]
+Structure = Annotated[str | None, typer.Option(help="Structured pruning: remove " + "; ".join(
+    f"{s.name} ({s.summary})" for s in STRUCTURES.values()) + ", comma-separated to combine. The output is a smaller "
+    "dense model (tensors and config.json shrink).")]
 MethodOption = Annotated[list[str] | None, typer.Option(
     help="Component option as KEY=VALUE (repeatable), e.g. alpha=0.5; same names as the flags below.")]
 

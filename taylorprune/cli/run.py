@@ -18,7 +18,14 @@ def run(
     model: opt.Model,
     output: Path = typer.Option(..., help="Folder to write (created atomically; must not exist)."),
     method: str = typer.Option(DEFAULT_METHOD, help="Pruning method; see `taylorprune methods`."),
-    sparsity: float = typer.Option(None, help="Fraction of weights to prune in each target, e.g. 0.5."),
+    sparsity: float = typer.Option(None, help="Fraction of weights to prune in each target, e.g. 0.5; with "
+                                   "--structure the fraction of each structure removed in every block (of blocks: "
+                                   "of the model's blocks)."),
+    structure: opt.Structure = None,
+    target_params: float = typer.Option(None, help="With --structure instead of --sparsity: fraction of all "
+                                        "parameters to remove (the smallest uniform count reaching it)."),
+    speed: bool = typer.Option(False, "--speed", help="With --structure: time prefill (512 tokens) and decode (128 "
+                               "tokens) of the dense and the pruned model; tokens/s and ratios go in the report."),
     pattern: str = typer.Option(None, help="N:M semi-structured pattern, e.g. 2:4 (keep N of every M)."),
     group: opt.Group = "row",
     targets: opt.Targets = None,
@@ -67,7 +74,8 @@ def run(
             eval_text_file=eval_text_file, eval_seqlen=eval_seqlen, max_windows=max_windows,
             allocation=allocation, refine=refine, update=update, recon=recon,
             save_scores=save_scores, plots=plots,
-            method_options=opt.component_values(component_options or {}, option),
+            method_options=opt.component_values(component_options or {}, option), structure=structure,
+            target_params=target_params, speed=speed,
         )
         with progress() as bar:
             report = run_pipeline(opts, session.hooks(bar))
@@ -79,7 +87,10 @@ def show_summary(report: dict) -> None:
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("target linears", str(len(report["linears"])))
-    table.add_row("achieved sparsity", f"{report['achieved_sparsity']:.4f}")
+    if report.get("structured"):
+        structured_rows(table, report["structured"])
+    else:
+        table.add_row("achieved sparsity", f"{report['achieved_sparsity']:.4f}")
     for phase, secs in report["phases_s"].items():
         if "." not in phase:
             table.add_row(f"{phase} time", f"{secs:.2f} s")
@@ -93,3 +104,23 @@ def show_summary(report: dict) -> None:
         table.add_row(f"perplexity ({ev['dataset']}, {ev['windows']}×{ev['seqlen']})", f"{ev['perplexity']:.3f}")
     table.add_row("output", report["options"]["output"])
     out.print(table)
+
+
+def structured_rows(table: Table, st: dict) -> None:
+    """What a structured run removed, and what it saved."""
+    if st.get("depth"):
+        table.add_row("blocks removed", ", ".join(map(str, st["depth"]["blocks_removed"])))
+    widths = st["config"]
+    table.add_row("widths now", f"{widths['num_hidden_layers']} blocks, {widths['num_attention_heads']} heads / "
+                  f"{widths['num_key_value_heads']} KV, intermediate {widths['intermediate_size']}")
+    params = st["parameters"]
+    table.add_row("parameters", f"{params['before']:,} → {params['after']:,} (−{params['removed_fraction']:.1%})")
+    size = st["file_bytes"]
+    if size.get("after"):
+        table.add_row("weight files", f"{size['before'] / 2**20:.1f} → {size['after'] / 2**20:.1f} MiB")
+    if st.get("speed"):
+        sp = st["speed"]
+        table.add_row("prefill tokens/s (pruned/dense)", f"{sp['pruned']['prefill_tok_s']:.0f} / "
+                      f"{sp['dense']['prefill_tok_s']:.0f} = {sp['prefill_ratio']:.2f}×")
+        table.add_row("decode tokens/s (pruned/dense)", f"{sp['pruned']['decode_tok_s']:.1f} / "
+                      f"{sp['dense']['decode_tok_s']:.1f} = {sp['decode_ratio']:.2f}×")

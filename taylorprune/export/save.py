@@ -56,6 +56,30 @@ def verify(folder: Path, linears: list[dict]) -> None:
             )
 
 
+def verify_structured(folder: Path, shapes: dict[str, list[int]], widths: dict[str, int]) -> None:
+    """Re-read a structured output: every linear has the shape the pruned model has in memory, and config.json
+    carries the new widths (so ``from_pretrained`` builds exactly these tensors)."""
+    stored: dict[str, list[int]] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                stored[key] = list(f.get_slice(key).get_shape())
+    for name, shape in shapes.items():
+        got = stored.get(f"{name}.weight")
+        if got != list(shape):
+            raise RunError(f"verification failed: {name}.weight has shape {got} on disk, {list(shape)} in memory")
+    config = json.loads((folder / "config.json").read_text())
+    config = config.get("text_config", config)
+    for key, value in widths.items():
+        if config.get(key) != value:
+            raise RunError(f"verification failed: config.json has {key}={config.get(key)}, the weights need {value}")
+
+
+def folder_bytes(folder: Path) -> int:
+    """Size of the weight files (safetensors) of a folder."""
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file atomically (temporary file beside it, then rename)."""
     import os

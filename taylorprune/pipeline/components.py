@@ -18,13 +18,14 @@ from taylorprune.options import Options, Spec, merge_specs
 from taylorprune.prune.allocation import ALLOCATIONS, Allocation, get_allocation
 from taylorprune.prune.recon import RECONS, Recon, get_recon
 from taylorprune.prune.refine import REFINES, Refine, get_refine
+from taylorprune.prune.structured import STRUCTURES, Structure
 from taylorprune.prune.update import UPDATES, Update, get_update
 from taylorprune.scoring.registry import METHODS, get_method
-from taylorprune.scoring.spec import Method
+from taylorprune.scoring.spec import GroupScore, Method
 from taylorprune.stats.registry import SOURCES, sources_for
 from taylorprune.stats.source import Source
 
-STAGES = {"allocation": ALLOCATIONS, "refine": REFINES, "update": UPDATES, "recon": RECONS}
+STAGES = {"allocation": ALLOCATIONS, "refine": REFINES, "update": UPDATES, "recon": RECONS, "structure": STRUCTURES}
 
 
 @dataclass(frozen=True)
@@ -92,15 +93,26 @@ class Components:
     allocation_options: Options = ALLOCATIONS["uniform"].options()
     recon: Recon = RECONS["none"]
     recon_options: Options = RECONS["none"].options()
+    structures: tuple[tuple[Structure, Options], ...] = ()  # --structure: what is removed, in processing order
+    group: GroupScore | None = None  # the method's structured score (None: blocks only)
+
+    @property
+    def structured(self) -> bool:
+        return bool(self.structures)
 
     @property
     def needs(self) -> frozenset[str]:
+        if self.structured:
+            return structured_needs(self.structures, self.group)
         return self.method.needs(self.method_options) | self.refine.needs | self.update.needs | self.allocation.needs
+
+    def structure_options(self, name: str) -> Options | None:
+        return next((o for s, o in self.structures if s.name == name), None)
 
     @property
     def stages(self) -> tuple[Options, ...]:
         return (self.method_options, self.refine_options, self.update_options, self.allocation_options,
-                self.recon_options, *(o for _, o in self.sources))
+                self.recon_options, *(o for _, o in self.structures), *(o for _, o in self.sources))
 
     def options_of(self, source: Source) -> Options:
         for s, opts in self.sources:
@@ -122,6 +134,7 @@ class Components:
                 "refine": {"name": self.refine.name, **self.refine_options.as_dict()},
                 "update": {"name": self.update.name, **self.update_options.as_dict()},
                 "recon": {"name": self.recon.name, **self.recon_options.as_dict()},
+                "structures": {s.name: o.as_dict() for s, o in self.structures},
                 "statistics": {s.name: {"scope": s.scope.value, **o.as_dict()} for s, o in self.sources}}
 
     def recipe(self) -> dict[str, Any]:
@@ -133,15 +146,51 @@ class Components:
         return out
 
 
+def structured_needs(structures, group: GroupScore | None) -> frozenset[str]:
+    """Statistics of a structured run: the group score's (width kinds only) and each structure stage's."""
+    needs = frozenset().union(*(s.needs(o) for s, o in structures))
+    widths = any(s.name != "blocks" for s, _ in structures)
+    return needs | (group.statistics if group is not None and widths else frozenset())
+
+
+def _structured(m: Method, method_options: Options, names: tuple[str, ...], values: Mapping[str, Any],
+                stages: tuple[str | None, str, str, str]) -> tuple[tuple[tuple[Structure, Options], ...],
+                                                                   GroupScore | None]:
+    """The structure stages and the method's group score; unstructured stages are refused."""
+    refine, update, allocation, recon = stages
+    for flag, given, default in (("--refine", refine, "none"), ("--update", update, "none"),
+                                 ("--allocation", allocation, "uniform"), ("--recon", recon, "none")):
+        if given not in (default, None):
+            raise StageConflict(f"{flag} {given} applies to unstructured pruning; drop it with --structure")
+    structures = tuple((STRUCTURES[n], STRUCTURES[n].options.build(values)) for n in names)
+    group = m.group_score(method_options)
+    if group is None and any(n != "blocks" for n in names):
+        having = ", ".join(sorted(x.name for x in METHODS.values() if x.structured is not None))
+        raise UserError(f"--method {m.name} has no structured score with these options; for --structure "
+                        f"{','.join(n for n in names if n != 'blocks')} choose one of {having} (see `taylorprune "
+                        "methods NAME`)")
+    return structures, group
+
+
 def resolve(method: str, update: str = "none", values: Mapping[str, Any] | None = None,
             strict: bool = True, refine: str | None = None, allocation: str = "uniform",
-            recon: str = "none") -> Components:
+            recon: str = "none", structures: tuple[str, ...] = ()) -> Components:
     """Typed components for ``method`` and its stages (``refine`` None: the method's default) from flat option
-    ``values``."""
+    ``values``; ``structures`` (``--structure``) makes it a structured run."""
     values = dict(values or {})
     check_known(values)
     m, u, a, c = get_method(method), get_update(update), get_allocation(allocation), get_recon(recon)
     method_options = m.options.build(values)
+    if structures:
+        chosen, group = _structured(m, method_options, structures, values, (refine, update, allocation, recon))
+        needs = structured_needs(chosen, group)
+        none = {k: x.options.build(values) for k, x in (("r", get_refine("none")), ("u", u), ("a", a), ("c", c))}
+        made = Components(m, method_options, get_refine("none"), none["r"], u, none["u"],
+                          tuple((s, s.options.build(values)) for s in sources_for(needs)), a, none["a"], c,
+                          none["c"], chosen, group)
+        if strict:
+            check_applies(values, [made])
+        return made
     r = get_refine(refine if refine is not None else m.default_refine(method_options))
     if m.updates_weights and u.name != "none":
         raise StageConflict(f"--method {m.name} updates weights itself; drop --update {u.name}")

@@ -54,6 +54,7 @@ class Pruned:
     evaluation: dict | None = None
     placement: Placement | None = None
     events: list[str] = field(default_factory=list)  # what the run did (cache hits, passes streamed)
+    structured: dict | None = None  # structured runs: what was removed, parameters, sizes, speed
 
     @property
     def opts(self) -> RunOptions:
@@ -80,6 +81,10 @@ def prune(opts: RunOptions | Plan, hooks: Hooks | None = None) -> Pruned:
     plan = opts if isinstance(opts, Plan) else validate(opts)
     opts = plan.opts
     hooks.memory_hints = plan.parts.memory_hints()
+    if plan.structured is not None:
+        from taylorprune.pipeline.structured import prune_structured
+
+        return prune_structured(plan, hooks)
     torch.manual_seed(opts.seed)
     phases: dict[str, float] = {"startup": process_seconds()}
     calib_ids, spec, windows, dense_stats = None, None, None, {}
@@ -182,6 +187,11 @@ def write(pruned: Pruned, hooks: Hooks | None = None) -> dict:
     with atomic.atomic_dir(Path(opts.output), opts.overwrite) as tmp:
         save.save_model(pruned.loaded.model, pruned.loaded.tokenizer, tmp)
         save.verify(tmp, pruned.result.linears)
+        if pruned.structured is not None:
+            from taylorprune.pipeline.structured import check_written
+
+            check_written(tmp, pruned)
+            report["structured"] = pruned.structured
         report["phases_s"]["save"] = time.perf_counter() - t0
         report["peak_memory_mib"] = save.peak_memory()
         report["wall_s"] = process_seconds()
@@ -226,9 +236,9 @@ def build_report(p: Pruned) -> dict:
         "update": plan.parts.update.name,
         "recon": plan.parts.recon.name,
         "paper": plan.parts.method.paper,
-        "pattern": plan.pattern.describe(),
+        "pattern": plan.describe(),
         "sparsity": plan.pattern.sparsity,
-        "achieved_sparsity": result.sparsity,
+        "achieved_sparsity": result.sparsity if p.structured is None else None,
         "options": asdict(plan.opts),
         "components": plan.parts.describe(),
         "source": {"model": plan.opts.model, "resolved": p.loaded.source, "gguf_file": p.loaded.gguf_file},
@@ -237,6 +247,7 @@ def build_report(p: Pruned) -> dict:
         "blocks": _block_report(result, p.loaded),
         "warnings": result.warnings,
         "evaluation": p.evaluation,
+        **({"structured": p.structured} if p.structured is not None else {}),
         "phases_s": p.phases,
         "wall_s": process_seconds(),
         "placement": p.placement.describe() if p.placement else None,

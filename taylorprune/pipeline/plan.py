@@ -19,6 +19,7 @@ from taylorprune.export import atomic
 from taylorprune.modeling import loading
 from taylorprune.pipeline.components import Components, resolve
 from taylorprune.prune.masks import Pattern, parse_pattern
+from taylorprune.prune.structured import Shape, check_config, parse_structures, removal_counts
 from taylorprune.scoring.registry import DEFAULT_METHOD
 from taylorprune.stats.collect import cache_path
 
@@ -68,6 +69,24 @@ class RunOptions:
     save_scores: str | None = None
     plots: bool = False
     method_options: dict[str, Any] = field(default_factory=dict)
+    structure: str | None = None  # e.g. "neurons" or "heads,neurons": structured pruning, --sparsity = ratio
+    target_params: float | None = None  # structured: fraction of all parameters to remove (instead of --sparsity)
+    speed: bool = False  # time prefill/decode of the dense and the pruned model and add it to the report
+
+
+@dataclass(frozen=True)
+class StructuredPlan:
+    """What a structured run removes: kinds in processing order, the ratio or the parameter target, and (for a
+    ratio) the count of each kind per block, known from the config alone."""
+
+    kinds: tuple[str, ...]
+    ratio: float | None
+    target_params: float | None
+    counts: dict[str, int] | None
+
+    def describe(self) -> str:
+        how = f"ratio {self.ratio:g}" if self.ratio is not None else f"{self.target_params:g} of the parameters"
+        return f"structured {'+'.join(self.kinds)}, {how}"
 
 
 @dataclass(frozen=True)
@@ -82,6 +101,7 @@ class Plan:
     config: Any
     seqlen: int
     eval_seqlen: int
+    structured: StructuredPlan | None = None
 
     @property
     def needs(self) -> frozenset[str]:
@@ -94,7 +114,12 @@ class Plan:
 
     @property
     def calibrated(self) -> bool:
+        if self.structured is not None:
+            return bool(self.needs) or "blocks" in self.structured.kinds or self.parts.group.select is not None
         return bool(self.needs) or self.whole_model is not None
+
+    def describe(self) -> str:
+        return self.structured.describe() if self.structured else self.pattern.describe()
 
     def recipe(self) -> dict[str, Any]:
         """Everything that decides how the blocks are pruned (block-scope cache identity)."""
@@ -182,11 +207,49 @@ def _check_files(opts: RunOptions, parts: Components, inputs: list[Path]) -> Non
             raise UserError(f"{flag} {value}: inside the input model folder, which taylorprune never writes to")
 
 
+def _structured(opts: RunOptions) -> tuple[str, ...]:
+    """The structures asked for, and the checks of the options that go with them (config not needed)."""
+    if opts.structure is None:
+        for flag, value in (("--target-params", opts.target_params), ("--speed", opts.speed or None)):
+            if value is not None:
+                raise UserError(f"{flag} applies to structured pruning; add --structure neurons|heads|blocks")
+        return ()
+    kinds = parse_structures(opts.structure)
+    if opts.pattern is not None:
+        raise UserError("--pattern is for unstructured pruning; with --structure give --sparsity (the fraction of "
+                        "each structure removed) or --target-params")
+    if opts.targets is not None:
+        raise UserError("--targets does not apply with --structure (structures span several linears)")
+    if (opts.sparsity is None) == (opts.target_params is None):
+        raise UserError("with --structure give exactly one of --sparsity (fraction of each structure removed in "
+                        "every block) and --target-params (fraction of all parameters to remove)")
+    for flag, value in (("--sparsity", opts.sparsity), ("--target-params", opts.target_params)):
+        if value is not None and not 0.0 < value < 1.0:
+            raise UserError(f"{flag} {value}: must be between 0 and 1 (exclusive)")
+    if opts.target_params is not None and len(kinds) > 1:
+        raise UserError("--target-params takes one --structure; combine structures with --sparsity")
+    return kinds
+
+
+def _structured_plan(kinds: tuple[str, ...], opts: RunOptions, parts: Components, config) -> StructuredPlan:
+    heads = parts.structure_options("heads")
+    mode = heads.head_mode if heads is not None else "kv-groups"
+    counts = None
+    if opts.sparsity is not None:
+        counts = removal_counts(kinds, opts.sparsity, Shape.of(config), mode)
+        check_config(config, counts, Shape.of(config), mode, f"--sparsity {opts.sparsity:g}")
+    return StructuredPlan(kinds, opts.sparsity, opts.target_params, counts)
+
+
 def validate(opts: RunOptions) -> Plan:
     """Everything that can be checked before loading weights; returns the plan ``prune`` follows."""
+    kinds = _structured(opts)
     parts = resolve(opts.method, opts.update, opts.method_options, refine=opts.refine, allocation=opts.allocation,
-                    recon=opts.recon)
-    pattern = parse_pattern(opts.sparsity, opts.pattern, opts.group)
+                    recon=opts.recon, structures=kinds)
+    if kinds:
+        pattern = Pattern(opts.sparsity if opts.sparsity is not None else opts.target_params)
+    else:
+        pattern = parse_pattern(opts.sparsity, opts.pattern, opts.group)
     parts.allocation.check(pattern)
     _check_inputs(opts)
     device = resolve_device(opts.device)
@@ -201,4 +264,5 @@ def validate(opts: RunOptions) -> Plan:
     size = loading.input_bytes(opts.model)
     if size is not None:
         atomic.check_free_space(Path(opts.output), size)
-    return Plan(opts, parts, pattern, device, dtype, config, seqlen, eval_seqlen)
+    structured = _structured_plan(kinds, opts, parts, config) if kinds else None
+    return Plan(opts, parts, pattern, device, dtype, config, seqlen, eval_seqlen, structured)

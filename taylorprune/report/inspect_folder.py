@@ -51,7 +51,15 @@ def report_summary(report: dict, rows: list[weights.TensorSparsity]) -> dict:
         "evaluation": report.get("evaluation") or None,
         "source": (report.get("source") or {}).get("model"),
         "taylorprune": (report.get("versions") or {}).get("taylorprune"),
+        "structured": _structured(report.get("structured")),
     }
+
+
+def _structured(record) -> dict | None:
+    """A structured run's widths, parameters and sizes (None for masks)."""
+    if not isinstance(record, dict):
+        return None
+    return {k: record.get(k) for k in ("kinds", "config", "parameters", "file_bytes")}
 
 
 def inspect_folder(folder: Path) -> dict:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from taylorprune.options import Options, option
+from taylorprune.scoring.groups import per_weight
 from taylorprune.scoring.spec import Method
 from taylorprune.scoring.wanda import activation_term
 
@@ -34,4 +35,6 @@ METHOD = Method(
     "gblm", "|W|·‖X‖₂ + α·|W|·‖G‖ (activations + gradients)", "Das et al., arXiv:2311.04902",
     statistics=("act_norm_sq", "grad_l1", "grad_l2"), options=GblmOptions, score=score,
     select=lambda o: frozenset({"act_norm_sq", f"grad_{o.grad_norm}"}),
+    structured=lambda o: per_weight("Σ_G (|W|·‖X_j‖₂ + α·|W|·G): the GBLM score summed over the group's weights",
+                                    score, "sum", frozenset({"act_norm_sq", f"grad_{o.grad_norm}"})),
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from taylorprune.scoring.groups import fixed, per_weight
 from taylorprune.scoring.spec import Method
 
 
@@ -13,4 +14,8 @@ def score(weight: torch.Tensor, stats, options) -> torch.Tensor:
     return weight.abs()
 
 
-METHOD = Method("magnitude", "|W| (no calibration data)", "Han et al., NeurIPS 2015", score=score)
+GROUP = per_weight("‖W_G‖₂: the L2 norm of all the group's weights (every member linear), no calibration",
+                   lambda weight, stats, options: weight, "l2")
+
+METHOD = Method("magnitude", "|W| (no calibration data)", "Han et al., NeurIPS 2015", score=score,
+                structured=fixed(GROUP))

@@ -26,6 +26,9 @@ the Hessian itself), cross-layer curvature included. ``--oba-mode`` picks one of
   (``block``), ranked per row; ``--oba-first-order`` adds g·δθ, ``--oba-normalize max`` the authors' per-layer
   normalisation plus |W|. It ranks weights by a signed cross-term dominated by weights that are kept, which is
   why it falls behind magnitude on LLMs (docs/BENCHMARKS.md).
+
+Structured pruning (``--structure neurons|heads``): ``released`` is the authors' structured recipe and ``swap``
+the exact removal cost on the layer reconstruction objective (``scoring.oba_structured``); ``full`` has none.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch
 
 from taylorprune.options import Options, option
 from taylorprune.scoring.oba_released import released_prune
+from taylorprune.scoring.oba_structured import RECON, RELEASED
 from taylorprune.scoring.spec import Method
 from taylorprune.scoring.wanda import activation_term
 from taylorprune.stats.hvp import dtype_option
@@ -92,4 +96,5 @@ METHOD = Method(
     select=_needs,
     refine=lambda o: "swap" if o.oba_mode == "swap" else "none",
     prune_model=lambda o: released_prune if o.oba_mode == "released" else None,
+    structured=lambda o: {"released": RELEASED, "swap": RECON}.get(o.oba_mode),
 )

@@ -17,10 +17,21 @@ def _index(*methods: Method) -> dict[str, Method]:
         if m.name in out:
             raise TypeError(f"method {m.name!r} registered twice")
         unknown = set(m.statistics) - set(STATISTICS)
+        for options in _option_samples(m):
+            group = m.group_score(options)
+            unknown |= set(group.statistics if group else ()) - set(STATISTICS)
         if unknown:
             raise TypeError(f"method {m.name} needs unregistered statistics {sorted(unknown)}")
         out[m.name] = m
     return out
+
+
+def _option_samples(m: Method) -> list:
+    """The method's default options and each choice of its choice options (to check every group score)."""
+    samples = [m.options.build({})]
+    for spec in m.options.specs():
+        samples += [m.options.build({spec.name: c}) for c in spec.choices or ()]
+    return samples
 
 
 DEFAULT_METHOD = "wanda"  # cheap, needs no gradients, and a sound baseline at every sparsity
@@ -35,6 +46,20 @@ METHODS: dict[str, Method] = _index(
     sparsegpt.METHOD,
     oba.METHOD,
 )
+
+
+def group_summaries(m: Method) -> dict[str, str]:
+    """What the method's structured score computes, per option setting that changes it ("" = the defaults)."""
+    out: dict[str, str] = {}
+    default = m.options.build({})
+    for options in _option_samples(m):
+        group = m.group_score(options)
+        changed = ", ".join(f"{s.flag} {getattr(options, s.name)}" for s in m.options.specs()
+                            if getattr(options, s.name) != getattr(default, s.name))
+        text = group.summary if group else "none (use another method or option for --structure)"
+        if text not in out.values():
+            out[changed] = text
+    return out
 
 
 def get_method(name: str) -> Method:

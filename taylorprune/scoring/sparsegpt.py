@@ -6,6 +6,12 @@ arXiv:2301.00774. H = 2XXᵀ/N in fp32, damping ``--percdamp`` (0.01) × mean di
 
 ``--obs-swaps N`` (default 0, SparseGPT as published) is our extension: after SparseGPT, N rounds of a swap search
 on the updated weights' exact layer error followed by an OBS re-fit of the new mask (``prune.obs.obs_swaps``).
+
+Structured (``--structure neurons|heads``): the structured OBS of ZipLM (Kurtic, Frantar, Alistarh, NeurIPS
+2023) and SlimGPT (Ling et al., NeurIPS 2024) on the consumer of the removed channels (down_proj, o_proj): a
+group costs tr(W_G·((H⁻¹)_GG)⁻¹·W_Gᵀ), the error left after removing it and refitting the other columns
+optimally; groups are ranked once per block (SlimGPT removes them greedily, updating H⁻¹ in between) and the
+refit is the structure stage's compensation (``--compensate``, least squares over the whole removed set).
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import torch
 
 from taylorprune.prune.masks import Pattern
 from taylorprune.prune.obs import ObsOptions, obs_prune, obs_swaps
-from taylorprune.scoring.spec import Method
+from taylorprune.prune.structured import obs_cost
+from taylorprune.scoring.groups import fixed
+from taylorprune.scoring.spec import GroupScore, Method
 
 
 def solve(weight: torch.Tensor, stats, pattern: Pattern, options: ObsOptions, name: str = ""):
@@ -24,5 +32,12 @@ def solve(weight: torch.Tensor, stats, pattern: Pattern, options: ObsOptions, na
     return obs_swaps(weight, stats["hessian"], pattern, info["keep"], new, options, name), saliency
 
 
+GROUP = GroupScore("tr(W_G·((H⁻¹)_GG)⁻¹·W_Gᵀ): structured OBS cost on the consumer (down_proj / o_proj), the error "
+                   "left after removing the group and refitting the other inputs (ZipLM, SlimGPT), H = 2XXᵀ/N",
+                   score=lambda groups, stats, options: obs_cost(groups, stats[groups.consumer.path]["hessian"],
+                                                                 options.percdamp),
+                   statistics=frozenset({"hessian"}))
+
 METHOD = Method("sparsegpt", "OBS with adaptive masks, w²/[H⁻¹]²_jj (updates weights)",
-                "Frantar & Alistarh, arXiv:2301.00774", statistics=("hessian",), options=ObsOptions, solve=solve)
+                "Frantar & Alistarh, arXiv:2301.00774", statistics=("hessian",), options=ObsOptions, solve=solve,
+                structured=fixed(GROUP))

@@ -16,6 +16,7 @@ import torch
 
 from taylorprune.options import NoOptions, Options
 from taylorprune.prune.masks import Pattern
+from taylorprune.prune.structured import Groups
 from taylorprune.stats.source import ModelContext
 
 # (weight fp32, {statistic: tensor}, options) -> scores, larger = more important (kept)
@@ -25,6 +26,23 @@ SolveFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Pattern, Options, 
                    tuple[torch.Tensor, torch.Tensor]]
 # Prunes the whole model's targets in place (global ranking, multi-step schedules); returns {path: fp32 scores}.
 ModelPruneFn = Callable[[ModelContext, Pattern, Options], dict[str, torch.Tensor]]
+# (one block's groups of one kind, {target path: {statistic: tensor}}, options) -> one score per group (kept: high)
+GroupFn = Callable[[Groups, Mapping[str, Mapping[str, torch.Tensor]], Options], torch.Tensor]
+# Chooses the removed groups of every block before any is removed (global schedules with recomputation):
+# (context, {kind: per-block count}, {kind: groups of each block}, options) -> {(kind, block): dropped indices}
+GroupSelectFn = Callable[..., dict[tuple[str, int], torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class GroupScore:
+    """How a method scores whole structures (``--structure``): ``summary`` says exactly what is computed;
+    ``score`` gives one value per group of a block (lowest removed, within the block), ``statistics`` are what it
+    reads. ``select`` instead picks the removed groups of all blocks itself (multi-step, on the whole model)."""
+
+    summary: str
+    score: GroupFn | None = None
+    statistics: frozenset[str] = frozenset()
+    select: GroupSelectFn | None = None
 
 
 @dataclass(frozen=True)
@@ -34,7 +52,8 @@ class Method:
     ``statistics`` lists every statistic the method may need; ``select`` picks those a given set of options
     needs (default: all of them). ``refine`` names the mask refinement used when ``--refine`` is not given.
     ``prune_model`` returns, for options that ask for it, a function that prunes the whole model itself instead
-    of the layer-by-layer engine (global ranking across layers, schedules with recomputation).
+    of the layer-by-layer engine (global ranking across layers, schedules with recomputation). ``structured``
+    returns how the method scores whole structures (neurons, heads) for ``--structure``.
     """
 
     name: str
@@ -47,6 +66,7 @@ class Method:
     select: Callable[[Options], frozenset[str]] | None = None
     refine: Callable[[Options], str] | None = None
     prune_model: Callable[[Options], ModelPruneFn | None] | None = None
+    structured: Callable[[Options], GroupScore] | None = None
 
     def __post_init__(self) -> None:
         if (self.score is None) == (self.solve is None):
@@ -62,6 +82,10 @@ class Method:
 
     def default_refine(self, options: Options) -> str:
         return self.refine(options) if self.refine else "none"
+
+    def group_score(self, options: Options) -> GroupScore | None:
+        """The structured score for these options, None when the method has none."""
+        return self.structured(options) if self.structured else None
 
     def needs(self, options: Options) -> frozenset[str]:
         chosen = self.select(options) if self.select else frozenset(self.statistics)

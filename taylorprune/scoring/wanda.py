@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from taylorprune.scoring.groups import fixed, per_weight
 from taylorprune.scoring.spec import Method
 
 
@@ -23,5 +24,9 @@ def score(weight: torch.Tensor, stats, options) -> torch.Tensor:
     return activation_term(weight, stats["act_norm_sq"])
 
 
+GROUP = per_weight("Σ_G |W|·‖X_j‖₂: Wanda's score summed over the group's weights in every member linear, "
+                   "activations of the already-pruned model (Wanda-sp, the structured Wanda of An et al., FLAP, AAAI "
+                   "2024)", score, "sum", frozenset({"act_norm_sq"}))
+
 METHOD = Method("wanda", "|W|·‖X‖₂ (weights and activations)", "Sun et al., arXiv:2306.11695",
-                statistics=("act_norm_sq",), score=score)
+                statistics=("act_norm_sq",), score=score, structured=fixed(GROUP))

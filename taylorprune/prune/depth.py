@@ -1,0 +1,89 @@
+"""Depth pruning (``--structure blocks``): rank whole decoder blocks on the dense model and delete the lowest.
+
+Scores (``--block-score``), both computed on the calibration windows:
+
+- ``influence``: Block Influence of ShortGPT (Men et al., "ShortGPT: Layers in Large Language Models are More
+  Redundant Than You Expect", 2024): 1 − mean over tokens of cos(block input, block output). A block that barely
+  turns its input is the cheapest to drop. One forward per block.
+- ``loss``: the exact increase of the calibration loss (mean next-token cross-entropy) when the block alone is
+  skipped (its output replaced by its input), everything else dense. Blocks before it run once; the blocks after
+  it run again per candidate, so L·(L+1)/2 block forwards in all.
+
+Deleting blocks renumbers the rest (their attention ``layer_idx``, used by the KV cache) and drops their entries
+from every per-layer list of the config (``layer_types`` and the like); num_hidden_layers shrinks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from taylorprune.modeling.blocks import BlockRunner, patched_forwards
+
+
+@torch.no_grad()
+def block_influence(runner: BlockRunner, hidden: torch.Tensor, tick: Callable[[int], None]) -> torch.Tensor:
+    """1 − mean cos(input, output) per block, blocks run one after another (dense)."""
+    scores = []
+    for i in range(len(runner.layout.blocks)):
+        with runner.on_device(i):
+            out = runner.run(i, hidden)
+        cos = torch.nn.functional.cosine_similarity(hidden.to(torch.float32), out.to(torch.float32), dim=-1)
+        scores.append(1.0 - cos.mean().item())
+        hidden = out
+        tick(i)
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+def _loss_from(runner: BlockRunner, start: int, hidden: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean next-token cross-entropy of ``ids`` when blocks ``start``.. run on ``hidden`` (the model's own head)."""
+    for j in range(start, len(runner.layout.blocks)):
+        with runner.on_device(j):
+            hidden = runner.run(j, hidden)
+    model, blocks = runner.model, runner.layout.blocks
+    home = model.get_input_embeddings().weight.device  # the head runs where the model keeps it (blocks may stream)
+    losses = []
+    for h, chunk in zip(hidden.split(runner.batch_size), ids.split(runner.batch_size), strict=True):
+        with patched_forwards(blocks, [lambda *a, h=h.to(home), **k: h] * len(blocks)):
+            logits = model(input_ids=chunk.to(home), use_cache=False).logits
+        logits = logits[:, :-1].to(torch.float32)
+        target = chunk[:, 1:].to(logits.device)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                 reduction="sum")
+        losses.append(loss.item())
+    return sum(losses) / (ids.shape[0] * (ids.shape[1] - 1))
+
+
+@torch.no_grad()
+def skip_loss(runner: BlockRunner, hidden: torch.Tensor, ids: torch.Tensor,
+              tick: Callable[[int], None]) -> tuple[torch.Tensor, float]:
+    """(loss increase per skipped block, dense loss) on the calibration windows ``ids``."""
+    dense = _loss_from(runner, 0, hidden, ids)
+    scores = []
+    for i in range(len(runner.layout.blocks)):
+        scores.append(_loss_from(runner, i + 1, hidden, ids) - dense)  # block i skipped: its input goes on
+        with runner.on_device(i):
+            hidden = runner.run(i, hidden)
+        tick(i)
+    return torch.tensor(scores, dtype=torch.float64), dense
+
+
+def drop_blocks(model: nn.Module, blocks: nn.ModuleList, drop: list[int]) -> None:
+    """Delete blocks ``drop`` from the stack in place, renumber the rest and shrink the config's per-layer lists."""
+    total = len(blocks)
+    kept = [b for i, b in enumerate(blocks) if i not in set(drop)]
+    for new, block in enumerate(kept):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new
+    while len(blocks):
+        del blocks[len(blocks) - 1]
+    for block in kept:
+        blocks.append(block)
+    config = getattr(model.config, "text_config", None) or model.config
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == total and not key.startswith("_"):
+            setattr(config, key, [v for i, v in enumerate(value) if i not in set(drop)])
+    config.num_hidden_layers = len(kept)
