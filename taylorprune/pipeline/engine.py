@@ -22,7 +22,7 @@ from taylorprune.modeling.layout import Layout
 from taylorprune.pipeline.components import Components
 from taylorprune.prune.masks import Pattern, build_mask
 from taylorprune.prune.obs import CholeskyFailed
-from taylorprune.stats.collect import linear_hooks
+from taylorprune.stats.collect import linear_statistics
 from taylorprune.stats.registry import of_scope, sources_for
 from taylorprune.stats.source import Scope, Stats
 
@@ -141,13 +141,8 @@ def _block_statistics(runner: BlockRunner, i: int, hidden, targets, job: Job) ->
     """Linear-scope statistics of block ``i``'s targets, plus block-scope ones (cached or computed)."""
     stats: Stats = {}
     if job.linear_needs:
-        accs, handles = linear_hooks({tg.path: tg.module for tg in targets}, job.linear_needs)
-        try:
-            runner.run(i, hidden)
-        finally:
-            for h in handles:
-                h.remove()
-        stats = {p: {k: a.result() for k, a in d.items()} for p, d in accs.items()}
+        stats = linear_statistics(lambda: runner.run(i, hidden), ({tg.path: tg.module for tg in targets},
+                                                                   job.linear_needs))
     for source in sources_for(job.block_needs):
         wanted = [n for n in source.outputs if n in job.block_needs]
         if any(n not in job.block_cache.get(tg.path, {}) for tg in targets for n in wanted):

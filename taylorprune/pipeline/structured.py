@@ -40,7 +40,7 @@ from taylorprune.prune.structured import (
     remove,
     update_config,
 )
-from taylorprune.stats.collect import linear_hooks, model_statistics
+from taylorprune.stats.collect import linear_statistics, model_statistics
 from taylorprune.stats.registry import of_scope
 from taylorprune.stats.source import ModelContext, Scope
 
@@ -112,19 +112,9 @@ def _statistics(runner: BlockRunner, i: int, hidden, groups: Groups, needs: froz
     if hidden is None or not needs:
         return {}
     plain = needs - {"hessian"}
-    accs, handles = linear_hooks({m.path: m.module for m in groups.members}, plain) if plain else ({}, [])
-    if "hessian" in needs:
-        more, extra = linear_hooks({groups.consumer.path: groups.consumer.module}, frozenset({"hessian"}))
-        handles += extra
-    try:
-        runner.run(i, hidden)
-    finally:
-        for h in handles:
-            h.remove()
-    stats = {p: {k: a.result() for k, a in d.items()} for p, d in accs.items()}
-    if "hessian" in needs:
-        stats.setdefault(groups.consumer.path, {})["hessian"] = more[groups.consumer.path]["hessian"].result()
-    return stats
+    consumer = frozenset({"hessian"}) & needs
+    return linear_statistics(lambda: runner.run(i, hidden), ({m.path: m.module for m in groups.members}, plain),
+                             ({groups.consumer.path: groups.consumer.module}, consumer))
 
 
 def _scores(parts: Components, groups: Groups, stats: dict) -> torch.Tensor:

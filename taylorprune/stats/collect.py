@@ -1,6 +1,7 @@
 """Collecting statistics by scope, with the caches every cacheable source gets from the registry.
 
-- ``linear_hooks``: accumulators on the target linears of one block (linear scope);
+- ``linear_hooks``: accumulators on the target linears of one block (linear scope); ``linear_statistics``
+  attaches them for one forward and returns their results;
 - ``model_statistics``: model-scope passes on the dense model, each read from / written to its cache file;
 - ``BlockCache``: block-scope statistics already known (from a cache file) and what the engine adds.
 
@@ -55,6 +56,32 @@ def linear_hooks(linears: Mapping[str, nn.Linear], needs: frozenset[str]) -> tup
 
         handles.append(linear.register_forward_hook(hook))
     return accs, handles
+
+
+Request = tuple[Mapping[str, nn.Linear], frozenset[str]]
+
+
+def linear_statistics(run: Callable[[], object], *requests: Request) -> Stats:
+    """Run ``run()`` once with accumulators for every (linears, needs) request: {path: {stat: value}}.
+
+    Separate requests keep separate accumulators (e.g. XXᵀ of one consumer beside norms of many members).
+    """
+    collected, handles = [], []
+    for linears, needs in requests:
+        if needs:
+            accs, more = linear_hooks(linears, needs)
+            collected.append(accs)
+            handles += more
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    stats: Stats = {}
+    for accs in collected:
+        for path, d in accs.items():
+            stats.setdefault(path, {}).update({k: a.result() for k, a in d.items()})
+    return stats
 
 
 def identity(source: Source, options: Options, model: nn.Module, layout, spec: CalibSpec | None,
