@@ -39,6 +39,8 @@ ROWS: dict[str, tuple[list[str], tuple[str, ...], str]] = {
     "wanda+obs": (["--method", "wanda", "--update", "obs"], I13, "11,13"),
     "oba swap": (["--method", "oba"], I11, "11"),
     "oba swap+obs": (["--method", "oba", "--update", "obs"], I11, "11"),
+    "oba swap+obs+2 obs-swaps": (["--method", "oba", "--update", "obs", "--obs-swaps", "2"], I11, "11"),
+    "sparsegpt+2 obs-swaps": (["--method", "sparsegpt", "--obs-swaps", "2"], I13, "13"),
     "oba released (8 steps × 4 win)": (["--method", "oba", "--oba-mode", "released", "--oba-steps", "8",
                                         "--oba-step-windows", "4"], I11, "11"),
     "oba full (model HVP, 32 win)": (["--method", "oba", "--oba-mode", "full", "--nsamples", "32",
@@ -78,7 +80,8 @@ def render(results: dict) -> str:
              f"windows of the WikiText-2 raw test split (dense {shown}).", "",
              "Stages: `+swap` = `--refine swap` (exact-HVP swap search on each linear's reconstruction error), "
              "`+obs` = `--update obs`, `+recon` = `--recon block` (Adam re-fit of each block to the dense outputs), "
-             "`owl` = `--allocation owl`. `oba swap` is `--method oba` (Wanda start + swap search). Prune time is "
+             "`owl` = `--allocation owl`, `2 obs-swaps` = `--obs-swaps 2` (after OBS, twice: swap search on the "
+             "updated weights' exact error, OBS re-fit). `oba swap` is `--method oba` (Wanda start + swap search). Prune time is "
              "the report's `prune` phase (plus model statistics), measured on a 2-core machine shared with other "
              "work: compare rows of the same day only.", ""]
     for pattern in ("50%", "60%", "70%", "2:4"):

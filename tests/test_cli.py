@@ -152,3 +152,16 @@ def test_run_plots_writes_layer_sparsity_png(tmp_path, stories_dir):
                  "--output", tmp_path / "p")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "p" / "layer_sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_method_docs_keep_their_bullets_on_separate_lines():
+    from taylorprune.cli.methods import reflow
+
+    doc = """Intro wrapped
+    over two lines:
+
+    - first item
+      continued
+    - second item
+    """
+    assert reflow(doc) == "Intro wrapped over two lines:\n\n- first item continued\n- second item"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 
 import typer
 from rich.markup import escape
@@ -70,13 +71,21 @@ def methods(
         out.print(table)
 
 
+def reflow(doc: str) -> str:
+    """A docstring as paragraphs of one line each; a bullet ("- ") starts a new line, as it does in the source."""
+    paragraphs = []
+    for para in inspect.cleandoc(doc).split("\n\n"):
+        items = re.split(r"\n\s*(?=- )", para)
+        paragraphs.append("\n".join(" ".join(item.split()) for item in items))
+    return "\n\n".join(paragraphs)
+
+
 def show_method(method) -> None:
     from taylorprune.stats.registry import sources_for
 
     out.print(f"[bold]{method.name}[/]: {escape(method.summary)} ({method.paper})", highlight=False)
     doc = inspect.getmodule(method.score or method.solve).__doc__ or ""
-    paragraphs = [" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n")]
-    out.print(escape("\n\n".join(paragraphs)), highlight=False)
+    out.print(escape(reflow(doc)), highlight=False)
     table = Table(title="options")
     for col in ("flag", "default", "meaning"):
         table.add_column(col)
