@@ -81,9 +81,9 @@ def render(results: dict) -> str:
              "Stages: `+swap` = `--refine swap` (exact-HVP swap search on each linear's reconstruction error), "
              "`+obs` = `--update obs`, `+recon` = `--recon block` (Adam re-fit of each block to the dense outputs), "
              "`owl` = `--allocation owl`, `2 obs-swaps` = `--obs-swaps 2` (after OBS, twice: swap search on the "
-             "updated weights' exact error, OBS re-fit). `oba swap` is `--method oba` (Wanda start + swap search). Prune time is "
-             "the report's `prune` phase (plus model statistics), measured on a 2-core machine shared with other "
-             "work: compare rows of the same day only.", ""]
+             "updated weights' exact error, OBS re-fit). `oba swap` is `--method oba` (Wanda start + swap search). "
+             "Prune time is the report's `prune` phase (plus model statistics), measured on a 2-core machine shared "
+             "with other work: compare rows of the same day only.", ""]
     for pattern in ("50%", "60%", "70%", "2:4"):
         rows = [r for key, r in results.items() if key != "dense" and r["pattern"] == pattern]
         if not rows:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from taylorprune.cli import app
 from taylorprune.prune.masks import Pattern, build_mask, check_nm
-from taylorprune.prune.refine import row_errors, swap_refine
+from taylorprune.prune.refine import _prefix_changes, row_errors, swap_refine
 
 from .conftest import VALID
 
@@ -47,6 +47,33 @@ def test_never_raises_a_rows_error_and_keeps_exact_counts(seed, spec, rounds, co
         full = cols - cols % pattern.m
         assert torch.equal(new[:, full:], keep[:, full:])  # a partial trailing group is never touched
     assert info.error_after == pytest.approx(float(after.sum()), rel=1e-4, abs=1e-5)
+
+
+def test_prefix_changes_are_the_exact_error_changes_of_every_prefix():
+    torch.manual_seed(3)
+    rows, cols, k = 5, 16, 4
+    x = torch.randn(64, cols)
+    H = x.T @ x
+    W = torch.randn(rows, cols)
+    pruned = torch.zeros(rows, cols, dtype=torch.bool)
+    pruned[:, ::2] = True
+    A, B = W * 0.8, W  # kept values after some update; restored weights come back at their dense value
+    U = W - A * ~pruned
+    V = U @ H
+    kept_cols, pruned_cols = torch.arange(1, cols, 2), torch.arange(0, cols, 2)
+    i = torch.stack([kept_cols[torch.randperm(8)[:k]] for _ in range(rows)])
+    j = torch.stack([pruned_cols[torch.randperm(8)[:k]] for _ in range(rows)])
+    valid = torch.arange(k) < torch.tensor([4, 3, 1, 0, 2])[:, None]
+    got = _prefix_changes(H, V, A, B, i, j, valid, budget=40)  # small budget: several row chunks
+    for r in range(rows):
+        for s in range(1, k + 1):
+            u = U[r].clone()
+            for t in range(s):
+                if valid[r, t]:
+                    u[i[r, t]] += A[r, i[r, t]]
+                    u[j[r, t]] -= B[r, j[r, t]]
+            want = u @ H @ u - U[r] @ H @ U[r]
+            assert float(got[r, s - 1]) == pytest.approx(float(want), rel=1e-4, abs=1e-3)
 
 
 def test_ends_in_a_swap_local_optimum_and_beats_the_wanda_mask():

@@ -13,11 +13,13 @@ d = diag H and
 
 pruning kept weight i changes e_r by 2c_i, restoring pruned weight j by −2c_j, and swapping them by
 2c_i − 2c_j − 2·w_i·w_j·H_ij (exact). Each round, every row pairs its cheapest kept weights with its costliest
-pruned ones (``swap_fraction`` of the columns), keeps the pairs that the first-order sum says help, and
-accepts them only if the row's exact error drops; otherwise the row takes its single best pair if that pair
-alone lowers the error. Rounds stop after ``swap_rounds`` or when no row changes. Swaps exchange one kept
-and one pruned weight of the same row (for N:M, of the same group of M columns), so per-row sparsity and
-N:M patterns hold exactly, and no row's error ever rises.
+pruned ones (``swap_fraction`` of the columns), sorts the pairs by their exact single-swap gain, and takes
+the prefix of that list whose exact joint change (interactions included) lowers the row's error most; a row
+where no prefix helps takes its single best pair if that pair alone lowers the error. Rounds stop after
+``swap_rounds`` or when no row changes; only rows that changed in a round are searched in the next (an
+unchanged row would propose the same swaps again). Swaps exchange one kept and one pruned weight of the same
+row (for N:M, of the same group of M columns), so per-row sparsity and N:M patterns hold exactly, and no row's
+error ever rises.
 """
 
 from __future__ import annotations
@@ -123,9 +125,31 @@ def _product(shape, H: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> 
     return torch.sparse.mm(delta, H)
 
 
-def _row_change(V: torch.Tensor, P: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
-    """Exact change of each row's error for the sparse change δ (``vals`` at ``cols``), P = ΔU·H: 2δ·v + δ·H·δ."""
-    return (vals * (2 * V.gather(1, cols) + P.gather(1, cols))).sum(1)
+def _prefix_changes(H: torch.Tensor, V: torch.Tensor, A: torch.Tensor, B: torch.Tensor, i: torch.Tensor,
+                    j: torch.Tensor, valid: torch.Tensor, budget: int = 1 << 22) -> torch.Tensor:
+    """Exact change of each row's error for every prefix of its swap list: (rows, pairs), column s − 1 for the
+    first s pairs (invalid pairs left out).
+
+    A prefix changes the residual by δ (+a_i at its kept columns i, −b_j at its pruned columns j), and the error
+    by 2δ·v + δ·H·δ; the quadratic part of every prefix is a 2-D cumulative sum of the pairs' interaction terms,
+    built from H's entries at the rows' columns, in chunks of rows of at most ``budget`` entries.
+    """
+    di = torch.where(valid, A.gather(1, i), 0.0)
+    dj = torch.where(valid, -B.gather(1, j), 0.0)
+    linear = (2 * (di * V.gather(1, i) + dj * V.gather(1, j))).cumsum(1)
+    k, n = i.shape[1], H.shape[1]
+    quad = torch.empty_like(linear)
+    step = max(1, budget // max(1, 4 * k * k))
+    for r in range(0, i.shape[0], step):
+        ci, cj, ai, aj = i[r: r + step], j[r: r + step], di[r: r + step], dj[r: r + step]
+
+        def block(x, y):
+            return torch.take(H, x.unsqueeze(2) * n + y.unsqueeze(1))
+
+        terms = (ai.unsqueeze(2) * ai.unsqueeze(1) * block(ci, ci) + 2 * ai.unsqueeze(2) * aj.unsqueeze(1) *
+                 block(ci, cj) + aj.unsqueeze(2) * aj.unsqueeze(1) * block(cj, cj))
+        quad[r: r + step] = terms.cumsum(1).cumsum(2).diagonal(dim1=1, dim2=2)
+    return linear + quad
 
 
 def _apply(pruned: torch.Tensor, i: torch.Tensor, j: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
@@ -168,54 +192,71 @@ def search(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, patt
     err = (U * V).sum(1)
     before = float(err.sum())
     k = max(1, int(round(fraction * W.shape[1])))
-    eps = 1e-6  # relative: a swap must lower the row's error by more than fp32 round-off to be taken
     total, done = 0, 0
+    active = torch.arange(W.shape[0], device=W.device)
     for step in range(1, rounds + 1):
-        B = W if restore == "dense" else torch.where(d > 0, V / d.clamp_min(torch.finfo(W.dtype).tiny), 0.0)
-        c = torch.where(pruned, B * V - 0.5 * d * B.pow(2), A * V + 0.5 * d * A.pow(2))
-        i, j, gain = _pairs(c, A, B, H, pruned, pattern, k)
-        gain, order = gain.sort(dim=1)  # most helpful single swaps first
-        i, j = i.gather(1, order), j.gather(1, order)
-        tol = eps * err.abs().clamp_min(torch.finfo(torch.float32).tiny)
-        valid = gain < -tol[:, None]
-        # the longest prefix (k, k/2, k/4, ... pairs) of each row's swaps that lowers its exact error
-        taken = torch.zeros_like(valid)
-        change = torch.zeros_like(err)
-        open_rows = valid[:, 0].nonzero().flatten()
-        size = i.shape[1]
-        while size >= 1 and open_rows.numel():
-            use = valid[open_rows, :size]
-            oi, oj = i[open_rows, :size], j[open_rows, :size]
-            cols, vals = _change(A[open_rows], B[open_rows], oi, oj, use)
-            P = _product((open_rows.numel(), V.shape[1]), H, cols, vals)
-            row = _row_change(V[open_rows], P, cols, vals)
-            ok = row < -tol[open_rows]
-            done_rows = open_rows[ok]
-            taken[done_rows, :size] = use[ok]
-            V[done_rows] += P[ok]
-            change[done_rows] = row[ok]
-            open_rows = open_rows[~ok]
-            size //= 2
-        si, sj = torch.zeros_like(i[:, :1]), torch.zeros_like(j[:, :1])
-        single = torch.zeros_like(valid[:, :1])
-        open_rows = (~taken.any(1)).nonzero().flatten()
-        if open_rows.numel() and not pattern.is_nm:  # the best single swap among cheapest × costliest pairs
-            bi, bj, bg = _best_single(c[open_rows], A[open_rows], B[open_rows], H, i[open_rows], j[open_rows],
-                                      gain[open_rows])
-            ok = bg < -tol[open_rows]
-            rows = open_rows[ok]
-            si[rows], sj[rows], single[rows] = bi[ok], bj[ok], True
-            cols, vals = _change(A[rows], B[rows], bi[ok], bj[ok], single[rows])
-            V[rows] += _product((rows.numel(), V.shape[1]), H, cols, vals)
-            change[rows] = bg[ok]
-        if not (taken.any() or single.any()):
+        # a row that took no swap is unchanged, and would propose (and reject) the same swaps again: only the
+        # rows that changed in the last round are searched
+        rows = _Rows(W[active], A[active], V[active], pruned[active], err[active])
+        changed, swaps = _round(rows, H, d, pattern, k, restore)
+        if not changed.any():
             break
-        A = _restore_values(_restore_values(A, B, j, taken), B, sj, single)
-        pruned = _apply(_apply(pruned, i, j, taken), si, sj, single)
-        err = err + change
-        total += int(taken.sum() + single.sum())
+        A[active], V[active], pruned[active], err[active] = rows.A, rows.V, rows.pruned, rows.err
+        active = active[changed]
+        total += swaps
         done = step
     return ~pruned, SwapInfo(done, total, before, float(err.sum())), A
+
+
+@dataclass
+class _Rows:
+    """The swap search's state on a subset of rows: weights, kept values, V = U·H, pruned set, row errors."""
+
+    W: torch.Tensor
+    A: torch.Tensor
+    V: torch.Tensor
+    pruned: torch.Tensor
+    err: torch.Tensor
+
+
+EPS = 1e-6  # relative: a swap must lower the row's error by more than fp32 round-off to be taken
+
+
+def _round(s: _Rows, H: torch.Tensor, d: torch.Tensor, pattern: Pattern, k: int, restore: str):
+    """One round of swaps on the rows of ``s`` (updated in place): (rows that changed, swaps taken)."""
+    W, A, V, pruned, err = s.W, s.A, s.V, s.pruned, s.err
+    B = W if restore == "dense" else torch.where(d > 0, V / d.clamp_min(torch.finfo(W.dtype).tiny), 0.0)
+    E = torch.where(pruned, B, A)  # c = E⊙V ± ½·d⊙E² (+ kept, − pruned), in three passes over the rows
+    c = E * (V + torch.where(pruned, -0.5 * d, 0.5 * d) * E)
+    i, j, gain = _pairs(c, A, B, H, pruned, pattern, k)
+    gain, order = gain.sort(dim=1)  # most helpful single swaps first
+    i, j = i.gather(1, order), j.gather(1, order)
+    tol = EPS * err.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    valid = gain < -tol[:, None]
+    # each row takes the prefix of its sorted swaps (valid ones: the gains are sorted) that lowers its exact
+    # error most
+    prefix = _prefix_changes(H, V, A, B, i, j, valid)  # exact change of the error for every prefix length
+    best, length = prefix.min(dim=1)
+    ok = valid[:, 0] & (best < -tol)
+    taken = valid & (torch.arange(i.shape[1], device=i.device) <= length[:, None]) & ok[:, None]
+    change = torch.where(ok, best, 0.0)
+    si, sj = torch.zeros_like(i[:, :1]), torch.zeros_like(j[:, :1])
+    single = torch.zeros_like(valid[:, :1])
+    open_rows = (~taken.any(1)).nonzero().flatten()
+    if open_rows.numel() and not pattern.is_nm:  # the best single swap among cheapest × costliest pairs
+        bi, bj, bg = _best_single(c[open_rows], A[open_rows], B[open_rows], H, i[open_rows], j[open_rows],
+                                  gain[open_rows])
+        ok = bg < -tol[open_rows]
+        rows = open_rows[ok]
+        si[rows], sj[rows], single[rows] = bi[ok], bj[ok], True
+        change[rows] = bg[ok]
+    # V = U·H follows the accepted changes: one sparse product for the round
+    cols, vals = _change(A, B, torch.cat([i, si], 1), torch.cat([j, sj], 1), torch.cat([taken, single], 1))
+    V += _product(V.shape, H, cols, vals)
+    s.A = _restore_values(_restore_values(A, B, j, taken), B, sj, single)
+    s.pruned = _apply(_apply(pruned, i, j, taken), si, sj, single)
+    s.err = err + change
+    return taken.any(1) | single[:, 0], int(taken.sum() + single.sum())
 
 
 def _restore_values(A: torch.Tensor, B: torch.Tensor, j: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
