@@ -29,7 +29,9 @@ TARGETS = ("dense", "same")
 
 @dataclass(frozen=True)
 class ReconOptions(Options):
-    recon_steps: int = option(100, "Adam steps per block at most.", minimum=1, maximum=100_000)
+    recon_steps: int = option(25, "Adam steps per block at most (25: SmolLM2 2:4 SparseGPT+recon at 0.85× "
+                              "SparseGPT's PPL for 2.2× its prune time, docs/BENCHMARKS.md).", minimum=1,
+                              maximum=100_000)
     recon_lr: float = option(1e-4, "Adam learning rate of the block reconstruction.", above=0)
     recon_batch: int = option(4, "Calibration windows per reconstruction step.", minimum=1)
     recon_target: str = option("dense", "Fit to the dense block's outputs on the dense model's activations (dense) "
