@@ -140,12 +140,12 @@ def _prefix_changes(H: torch.Tensor, V: torch.Tensor, A: torch.Tensor, B: torch.
     k, n = i.shape[1], H.shape[1]
     quad = torch.empty_like(linear)
     step = max(1, budget // max(1, 4 * k * k))
+
+    def block(x, y):  # H[x_t, y_t'] for every row: (rows, pairs, pairs)
+        return torch.take(H, x.unsqueeze(2) * n + y.unsqueeze(1))
+
     for r in range(0, i.shape[0], step):
         ci, cj, ai, aj = i[r: r + step], j[r: r + step], di[r: r + step], dj[r: r + step]
-
-        def block(x, y):
-            return torch.take(H, x.unsqueeze(2) * n + y.unsqueeze(1))
-
         terms = (ai.unsqueeze(2) * ai.unsqueeze(1) * block(ci, ci) + 2 * ai.unsqueeze(2) * aj.unsqueeze(1) *
                  block(ci, cj) + aj.unsqueeze(2) * aj.unsqueeze(1) * block(cj, cj))
         quad[r: r + step] = terms.cumsum(1).cumsum(2).diagonal(dim1=1, dim2=2)
