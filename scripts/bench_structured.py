@@ -67,6 +67,21 @@ def configs(names: set[str] | None) -> list[tuple[str, str, list[str]]]:
     return rows
 
 
+def planned(args: argparse.Namespace) -> dict[str, tuple[str, str, list[str], float]]:
+    """Row key -> (name, structure, arguments, target), in run order: ``--keys`` as given, else every selected
+    configuration at every ``--targets`` fraction."""
+    keys = [k.strip() for k in args.keys.split(";")] if args.keys else None
+    names = set(args.only.split(",")) if args.only and not keys else None
+    targets = TARGETS if keys else tuple(float(t) for t in args.targets.split(","))
+    rows = {f"{name} @ {target}": (name, structure, extra, target)
+            for name, structure, extra in configs(names) for target in targets}
+    if keys is None:
+        return rows
+    if unknown := [k for k in keys if k not in rows]:
+        sys.exit(f"unknown row keys: {unknown}")
+    return {k: rows[k] for k in keys}
+
+
 def taylorprune(*args: str) -> None:
     print("+ taylorprune", " ".join(args), flush=True)
     subprocess.run([sys.executable, "-m", "taylorprune", *args], check=True)
@@ -182,6 +197,8 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated score names (see SCORES / DEPTH) to (re)run")
     ap.add_argument("--targets", default=",".join(map(str, TARGETS)), help="fractions of parameters to remove")
     ap.add_argument("--work", default="/tmp/taylorprune-bench-structured", help="scratch folder for models")
+    ap.add_argument("--keys", help="semicolon-separated row keys to run, in this order (e.g. 'taylor, no "
+                    "compensation @ 0.2;wanda, compensation @ 0.2'); overrides --only and --targets")
     ap.add_argument("--resume", action="store_true", help="skip rows already in the results file")
     ap.add_argument("--smoke", action="store_true", help="stories260K, 8 calibration windows of 128, 4 eval windows; "
                     "writes under --work, not docs/")
@@ -197,15 +214,12 @@ def main() -> None:
         sys.exit(f"{GGUF} not found")
     if not (args.resume and "dense" in results):
         results["dense"] = run_dense(model, work, proto)
-    targets = [float(t) for t in args.targets.split(",")]
-    for name, structure, extra in configs(set(args.only.split(",")) if args.only else None):
-        for target in targets:
-            key = f"{name} @ {target}"
-            if args.resume and key in results:
-                continue
-            results[key] = run_config(model, work, proto, name, structure, extra, target)
-            results_path.write_text(json.dumps(results, indent=2) + "\n")
-            doc.write_text(render(results, proto, args.smoke))
+    for key, (name, structure, extra, target) in planned(args).items():
+        if args.resume and key in results:
+            continue
+        results[key] = run_config(model, work, proto, name, structure, extra, target)
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+        doc.write_text(render(results, proto, args.smoke))
     results_path.write_text(json.dumps(results, indent=2) + "\n")
     section = render(results, proto, args.smoke)
     doc.write_text(section)
