@@ -44,7 +44,7 @@ ROWS: dict[str, tuple[list[str], tuple[str, ...], str]] = {
     # One exact HVP of a 512-token window costs ~25-45 s on 2 cores: the authors' 49 steps are out of reach on CPU.
     "oba released (4 steps × 2 win)": (["--method", "oba", "--oba-mode", "released", "--oba-steps", "4",
                                         "--oba-step-windows", "2"], I11, "11"),
-    "oba full (model HVP, 16 win)": (["--method", "oba", "--oba-mode", "full", "--nsamples", "16",
+    "oba full (model HVP 16 win)": (["--method", "oba", "--oba-mode", "full", "--nsamples", "16",
                                       "--hvp-cache", "{work}/hvp-cache-16.safetensors"], I11, "11"),
     "wanda+swap": (["--method", "wanda", "--refine", "swap"], I13, "13"),
     "wanda+recon": (["--method", "wanda", "--recon", "block"], I13, "13"),
