@@ -12,6 +12,7 @@ and into docs/BENCHMARKS.md between markers.
 
     python scripts/bench_structured.py                       # the full table (hours on 2 CPU cores)
     python scripts/bench_structured.py --only wanda,taylor   # some scores
+    python scripts/bench_structured.py --render              # redraw the tables only
     python scripts/bench_structured.py --smoke               # stories260K, few windows: proves the script works
 """
 
@@ -22,6 +23,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from statistics import median
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -139,9 +141,11 @@ def best_lines(results: dict, dense: dict) -> list[str]:
             continue
         best = min(rows, key=lambda r: r["ppl"])
         base = next((r for r in rows if r["name"] == BASELINE), None)
+        same = [r["speed"] for r in rows if r["config"] == best["config"]]  # one architecture: pool its timings
         text = (f"- {target:.0%} fewer parameters: best **{best['name']}** ({best['structure']}), PPL "
-                f"{best['ppl']:.2f} = {best['ppl'] / dense['ppl']:.2f}× dense, decode "
-                f"{best['speed']['decode_ratio']:.2f}× dense")
+                f"{best['ppl']:.2f} = {best['ppl'] / dense['ppl']:.2f}× dense; its architecture "
+                f"({len(same)} runs) decodes {median(s['decode_ratio'] for s in same):.2f}× and prefills "
+                f"{median(s['prefill_ratio'] for s in same):.2f}× dense (median)")
         if base is not None:
             text += f"; LLM-Pruner-style baseline PPL {base['ppl']:.2f} ({1 - best['ppl'] / base['ppl']:.0%} lower)"
         lines.append(text)
@@ -192,23 +196,8 @@ def into_benchmarks(section: str) -> None:
     doc.write_text(text)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", help="comma-separated score names (see SCORES / DEPTH) to (re)run")
-    ap.add_argument("--targets", default=",".join(map(str, TARGETS)), help="fractions of parameters to remove")
-    ap.add_argument("--work", default="/tmp/taylorprune-bench-structured", help="scratch folder for models")
-    ap.add_argument("--keys", help="semicolon-separated row keys to run, in this order (e.g. 'taylor, no "
-                    "compensation @ 0.2;wanda, compensation @ 0.2'); overrides --only and --targets")
-    ap.add_argument("--resume", action="store_true", help="skip rows already in the results file")
-    ap.add_argument("--smoke", action="store_true", help="stories260K, 8 calibration windows of 128, 4 eval windows; "
-                    "writes under --work, not docs/")
-    args = ap.parse_args()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    proto = protocol(args.smoke)
-    out = work if args.smoke else DOCS
-    results_path, doc = out / "bench_structured.json", out / "bench_structured.md"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+def measure(args: argparse.Namespace, work: Path, proto: dict, results: dict, results_path: Path, doc: Path) -> None:
+    """Run the planned rows (and the dense reference), saving the results after each."""
     model = ROOT / "taylorprune" / "assets" / "stories260K" if args.smoke else dense_folder(work)
     if not args.smoke and not GGUF.is_file():
         sys.exit(f"{GGUF} not found")
@@ -220,6 +209,28 @@ def main() -> None:
         results[key] = run_config(model, work, proto, name, structure, extra, target)
         results_path.write_text(json.dumps(results, indent=2) + "\n")
         doc.write_text(render(results, proto, args.smoke))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", help="comma-separated score names (see SCORES / DEPTH) to (re)run")
+    ap.add_argument("--targets", default=",".join(map(str, TARGETS)), help="fractions of parameters to remove")
+    ap.add_argument("--work", default="/tmp/taylorprune-bench-structured", help="scratch folder for models")
+    ap.add_argument("--keys", help="semicolon-separated row keys to run, in this order (e.g. 'taylor, no "
+                    "compensation @ 0.2;wanda, compensation @ 0.2'); overrides --only and --targets")
+    ap.add_argument("--resume", action="store_true", help="skip rows already in the results file")
+    ap.add_argument("--render", action="store_true", help="only redraw the tables from the results file")
+    ap.add_argument("--smoke", action="store_true", help="stories260K, 8 calibration windows of 128, 4 eval windows; "
+                    "writes under --work, not docs/")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    proto = protocol(args.smoke)
+    out = work if args.smoke else DOCS
+    results_path, doc = out / "bench_structured.json", out / "bench_structured.md"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if not args.render:
+        measure(args, work, proto, results, results_path, doc)
     results_path.write_text(json.dumps(results, indent=2) + "\n")
     section = render(results, proto, args.smoke)
     doc.write_text(section)
