@@ -51,6 +51,9 @@ SCORES: dict[str, list[str]] = {
 DEPTH: dict[str, list[str]] = {
     "blocks-influence": ["--block-score", "influence"],
     "blocks-loss": ["--block-score", "loss"],
+    # L·(L+1)/2 block forwards: on 128 windows ~45 minutes on 2 cores; 16 windows (a row's --nsamples comes after
+    # the protocol's and wins)
+    "blocks-loss (16 windows)": ["--block-score", "loss", "--nsamples", "16"],
 }
 BASELINE = "taylor, no compensation"  # LLM-Pruner-style: vector-wise first-order Taylor, no weight update
 TARGETS = (0.1, 0.2, 0.3)
@@ -120,8 +123,8 @@ def run_config(model: Path, work: Path, proto: dict, name: str, structure: str, 
     slug = "".join(c if c.isalnum() else "-" for c in f"{name}-{target}")
     out = work / slug
     args = [a.format(work=work, nsamples=proto["nsamples"]) for a in args]
-    taylorprune("run", "--model", str(model), "--structure", structure, "--target-params", str(target), *args,
-                *proto["calib"], *proto["eval"], "--eval", "--speed", "--device", "cpu", "--output", str(out),
+    taylorprune("run", "--model", str(model), "--structure", structure, "--target-params", str(target),
+                *proto["calib"], *args, *proto["eval"], "--eval", "--speed", "--device", "cpu", "--output", str(out),
                 "--overwrite")
     rep = json.loads((out / "taylorprune_report.json").read_text())
     st = rep["structured"]
