@@ -51,7 +51,6 @@ ROWS: dict[str, tuple[list[str], tuple[str, ...], str]] = {
     "wanda+swap+obs+recon": (["--method", "wanda", "--refine", "swap", "--update", "obs", "--recon", "block"], I13,
                              "13"),
     "sparsegpt+recon": (["--method", "sparsegpt", "--recon", "block"], I13, "13"),
-    "sparsegpt+recon (25 steps)": (["--method", "sparsegpt", "--recon", "block", "--recon-steps", "25"], I13, "13"),
     "oba swap+obs+2 obs-swaps+recon": (["--method", "oba", "--update", "obs", "--obs-swaps", "2", "--recon",
                                         "block"], I13, "13"),
     "gblm": (["--method", "gblm", "--grad-cache", GRAD], I13, "13"),

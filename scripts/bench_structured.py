@@ -201,9 +201,9 @@ def into_benchmarks(section: str) -> None:
 
 def measure(args: argparse.Namespace, work: Path, proto: dict, results: dict, results_path: Path, doc: Path) -> None:
     """Run the planned rows (and the dense reference), saving the results after each."""
-    model = ROOT / "taylorprune" / "assets" / "stories260K" if args.smoke else dense_folder(work)
     if not args.smoke and not GGUF.is_file():
         sys.exit(f"{GGUF} not found")
+    model = ROOT / "taylorprune" / "assets" / "stories260K" if args.smoke else dense_folder(work)
     if not (args.resume and "dense" in results):
         results["dense"] = run_dense(model, work, proto)
     for key, (name, structure, extra, target) in planned(args).items():
