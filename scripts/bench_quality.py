@@ -94,6 +94,8 @@ def run_config(model: Path, work: Path, name: str, extra: list[str], pattern: st
     taylorprune("run", "--model", str(model), *extra, *PATTERNS[pattern], *CALIB_ARGS, *EVAL_ARGS,
                 "--device", "cpu", "--output", str(out), "--overwrite", "--eval")
     rep = json.loads((out / "taylorprune_report.json").read_text())
+    for weights in out.glob("*.safetensors"):  # ~0.5 GB a row; the report is what the table needs
+        weights.unlink()
     return {"name": name, "pattern": pattern, "ppl": rep["evaluation"]["perplexity"],
             "prune_s": rep["phases_s"]["prune"], "rss_mib": rep["peak_memory_mib"]["rss_mib"],
             "model_stats_s": rep["phases_s"].get("model_statistics", 0.0),

@@ -51,6 +51,7 @@ ROWS: dict[str, tuple[list[str], tuple[str, ...], str]] = {
     "wanda+swap+obs+recon": (["--method", "wanda", "--refine", "swap", "--update", "obs", "--recon", "block"], I13,
                              "13"),
     "sparsegpt+recon": (["--method", "sparsegpt", "--recon", "block"], I13, "13"),
+    "sparsegpt+2 obs-swaps+recon": (["--method", "sparsegpt", "--obs-swaps", "2", "--recon", "block"], I13, "13"),
     "oba swap+obs+2 obs-swaps+recon": (["--method", "oba", "--update", "obs", "--obs-swaps", "2", "--recon",
                                         "block"], I13, "13"),
     "gblm": (["--method", "gblm", "--grad-cache", GRAD], I13, "13"),
