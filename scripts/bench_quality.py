@@ -86,6 +86,17 @@ def run_dense(model: Path, work: Path) -> dict:
             "eval_s": time.perf_counter() - t0, "windows": ev["windows"]}
 
 
+def row_parser(doc: str | None, only_help: str) -> argparse.ArgumentParser:
+    """The arguments every row benchmark shares: --only, --work, --resume, --list, --render."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", help=only_help)
+    ap.add_argument("--work", default="/tmp/taylorprune-bench", help="scratch folder for models and caches")
+    ap.add_argument("--resume", action="store_true", help="skip rows already measured")
+    ap.add_argument("--list", action="store_true", help="print the rows and exit")
+    ap.add_argument("--render", action="store_true", help="only redraw the tables")
+    return ap
+
+
 def run_config(model: Path, work: Path, name: str, extra: list[str], pattern: str) -> dict:
     slug = "".join(c if c.isalnum() else "-" for c in name)
     out = work / f"{slug}-{pattern.replace(':', 'of').replace('%', '')}"

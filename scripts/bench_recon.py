@@ -13,7 +13,6 @@ docs/BENCHMARKS.md includes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -56,12 +55,7 @@ def render(results: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", help="semicolon-separated row names (see --list)")
-    ap.add_argument("--work", default="/tmp/taylorprune-bench", help="scratch folder for models and caches")
-    ap.add_argument("--resume", action="store_true", help="skip rows already measured")
-    ap.add_argument("--list", action="store_true", help="print the rows and exit")
-    ap.add_argument("--render", action="store_true", help="only redraw the table")
+    ap = bq.row_parser(__doc__, "semicolon-separated row names (see --list)")
     args = ap.parse_args()
     if args.list:
         for name, (extra, patterns) in ROWS.items():

@@ -14,7 +14,6 @@ run; the table goes to docs/bench_stack.md and docs/BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -106,13 +105,8 @@ def render(results: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", help="comma-separated row names (see --list)")
+    ap = bq.row_parser(__doc__, "comma-separated row names (see --list)")
     ap.add_argument("--patterns", help="comma-separated patterns to restrict to (50%%,60%%,70%%,2:4)")
-    ap.add_argument("--work", default="/tmp/taylorprune-bench", help="scratch folder for models and caches")
-    ap.add_argument("--resume", action="store_true", help="skip rows already measured")
-    ap.add_argument("--list", action="store_true", help="print the rows and exit")
-    ap.add_argument("--render", action="store_true", help="only redraw the tables")
     args = ap.parse_args()
     if args.list:
         for name, (extra, patterns, issue) in ROWS.items():
