@@ -64,13 +64,13 @@ def main() -> None:
     work = Path(args.work)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     names = [n.strip() for n in args.only.split(";")] if args.only else list(ROWS)
+    bq.PATTERNS.update(bs.PATTERNS)
     for name in [] if args.render else names:
         for pattern in ROWS[name][1]:
             key = f"{name} {pattern}"
             if args.resume and key in results:
                 continue
             work.mkdir(parents=True, exist_ok=True)
-            bq.PATTERNS.update(bs.PATTERNS)
             results[key] = bq.run_config(bq.dense_folder(work), work, f"recon {name}", BASE + ROWS[name][0], pattern)
             results[key]["name"] = name
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
