@@ -74,6 +74,16 @@ def measure(work: Path, name: str, pattern: str) -> dict:
     return {**row, "issue": issue, "prune_parts_s": timings}
 
 
+def cache_note(results: dict) -> str:
+    """Which row paid for each shared statistics cache (the others read it in well under a second)."""
+    payers = [f"`{key}` {r['model_stats_s']:.0f} s" for key, r in results.items()
+              if key != "dense" and r.get("model_stats_s", 0.0) > 5 and any("cache" in a for a in r["args"])]
+    if not payers:
+        return ""
+    return (" Rows with a cache option share one cache of dense-model statistics: the first such row computed it, "
+            f"and its time includes that ({', '.join(payers)}); the others read it in under a second.")
+
+
 def render(results: dict) -> str:
     dense = results.get("dense", {}).get("ppl")
     shown = f"{dense:.2f}" if dense else "not measured yet"
@@ -86,7 +96,7 @@ def render(results: dict) -> str:
              "`owl` = `--allocation owl`, `2 obs-swaps` = `--obs-swaps 2` (after OBS, twice: swap search on the "
              "updated weights' exact error, OBS re-fit). `oba swap` is `--method oba` (Wanda start + swap search). "
              "Prune time is the report's `prune` phase (plus model statistics), measured on a 2-core machine shared "
-             "with other work: compare rows of the same day only.", ""]
+             "with other work: compare rows of the same day only." + cache_note(results), ""]
     for pattern in ("50%", "60%", "70%", "2:4"):
         rows = [r for key, r in results.items() if key != "dense" and r["pattern"] == pattern]
         if not rows:
