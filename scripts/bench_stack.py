@@ -63,6 +63,8 @@ ROWS: dict[str, tuple[list[str], tuple[str, ...], str]] = {
     "sparsegpt owl": (["--method", "sparsegpt", "--allocation", "owl"], OWL, "13"),
     "wanda+swap+obs+recon owl": (["--method", "wanda", "--refine", "swap", "--update", "obs", "--recon", "block",
                                  "--allocation", "owl"], OWL, "13"),
+    "sparsegpt+2 obs-swaps+recon owl": (["--method", "sparsegpt", "--obs-swaps", "2", "--recon", "block",
+                                        "--allocation", "owl"], OWL, "13"),
 }
 
 
