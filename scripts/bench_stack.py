@@ -120,13 +120,12 @@ def main() -> None:
     ap = bq.row_parser(__doc__, "comma-separated row names (see --list)")
     ap.add_argument("--patterns", help="comma-separated patterns to restrict to (50%%,60%%,70%%,2:4)")
     args = ap.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     if args.list:
-        for name, (extra, patterns, issue) in ROWS.items():
-            print(f"{name:34s} #{issue:6s} {','.join(patterns):16s} {' '.join(extra)}")
+        list_rows(results)
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     names = [n.strip() for n in args.only.split(",")] if args.only else list(ROWS)
     only_patterns = set(args.patterns.split(",")) if args.patterns else None
     if not args.render:
@@ -145,6 +144,16 @@ def main() -> None:
     DOC.write_text(render(results))
     rerender_benchmarks()
     print(DOC.read_text())
+
+
+def list_rows(results: dict) -> None:
+    """Every row with its patterns, a missing one marked `?`, so a rerun knows what `--resume` still measures."""
+    missing = 0
+    for name, (extra, patterns, issue) in ROWS.items():
+        cells = [p if f"{name} {p}" in results else f"{p}?" for p in patterns]
+        missing += sum(c.endswith("?") for c in cells)
+        print(f"{name:34s} #{issue:6s} {','.join(cells):20s} {' '.join(extra)}")
+    print(f"{missing} row/pattern pairs not measured yet (marked ?)")
 
 
 def rerender_benchmarks() -> None:
