@@ -180,7 +180,7 @@ def test_statistics_registry_knows_the_gradients_scope():
     from taylorprune.stats.source import Scope
 
     assert all(STATISTICS[s].scope is Scope.MODEL for s in ("grad_l1", "grad_l2", "grad_sum"))
-    assert STATISTICS["act_norm_sq"].scope is Scope.LINEAR and STATISTICS["oba_block_hvp"].scope is Scope.BLOCK
+    assert STATISTICS["act_norm_sq"].scope is Scope.LINEAR and STATISTICS["block_hvp"].scope is Scope.BLOCK
 
 
 def test_fp16_models_accumulate_in_fp32_with_loss_scaling(tiny_dirs):

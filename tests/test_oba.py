@@ -12,7 +12,9 @@ from taylorprune.cli import app
 from taylorprune.modeling.attention import eager_attention
 from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.modeling.layout import find_layout
-from taylorprune.stats.hvp import block_hvp_stats, model_hvp_pass
+from taylorprune.modeling.sweep import next_token_loss
+from taylorprune.stats.hvp import model_hvp_pass
+from taylorprune.stats.hvp_block import block_hvp_stats
 
 from .conftest import VALID
 
@@ -55,8 +57,8 @@ def test_model_scope_g_and_h_terms_equal_the_full_hessian(micro):
     hv_ref = H @ (-theta)
     for mode in ("blockwise", "fwd-rev", "double-backward"):
         got = model_hvp_pass(model, layout, ids, mode)
-        hv = torch.cat([got[t.path]["oba_hvp"].flatten() for t in layout.all_targets]).double()
-        gg = torch.cat([got[t.path]["oba_g"].flatten() for t in layout.all_targets]).double()
+        hv = torch.cat([got[t.path]["hvp"].flatten() for t in layout.all_targets]).double()
+        gg = torch.cat([got[t.path]["loss_grad"].flatten() for t in layout.all_targets]).double()
         torch.testing.assert_close(hv, hv_ref, rtol=1e-5, atol=1e-5 * hv_ref.abs().max().item())
         torch.testing.assert_close(gg, g, rtol=1e-5, atol=1e-5 * g.abs().max().item())
 
@@ -72,7 +74,7 @@ def test_hvp_modes_agree_in_fp32(tiny_dirs, arch, targets):
     for mode in ("blockwise", "fwd-rev"):
         got = model_hvp_pass(model, layout, ids, mode)
         for path in ref:
-            for k in ("oba_g", "oba_hvp"):
+            for k in ("loss_grad", "hvp"):
                 torch.testing.assert_close(got[path][k], ref[path][k], rtol=1e-4, atol=1e-6)
 
 
@@ -96,7 +98,7 @@ def test_block_scope_equals_gauss_newton_from_the_full_jacobian(micro):
     theta = torch.cat([t.module.weight.detach().flatten() for t in targets])
     J = torch.autograd.functional.jacobian(outputs, theta)
     ref = J.T @ (J @ (-theta))
-    hv = torch.cat([got[t.path]["oba_block_hvp"].flatten() for t in targets]).double()
+    hv = torch.cat([got[t.path]["block_hvp"].flatten() for t in targets]).double()
     torch.testing.assert_close(hv, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
@@ -128,7 +130,7 @@ def test_cli_oba_model_scope_with_hvp_cache(tmp_path, stories_dir):
                             "--save-scores", str(tmp_path / "s.safetensors")])
     assert r.exit_code == 0, r.output
     with safe_open(str(cache), "pt") as f:
-        assert "model.layers.0.self_attn.q_proj.oba_hvp" in set(f.keys())
+        assert "model.layers.0.self_attn.q_proj.hvp" in set(f.keys())
         assert f.metadata()["kind"] == "hvp"
     mtime = cache.stat().st_mtime_ns
     r = runner.invoke(app, ["run", *common, "--pattern", "2:4", "--output", str(tmp_path / "b")])
@@ -141,7 +143,7 @@ def test_cli_oba_model_scope_with_hvp_cache(tmp_path, stories_dir):
 
 def test_block_scope_hvp_cache_reused_only_for_the_same_recipe(tmp_path, tiny_dirs, monkeypatch):
     from taylorprune.errors import UserError
-    from taylorprune.stats import hvp
+    from taylorprune.stats import hvp_block as hvp
 
     cache = tmp_path / "hb.safetensors"
 
@@ -154,7 +156,7 @@ def test_block_scope_hvp_cache_reused_only_for_the_same_recipe(tmp_path, tiny_di
     first = pipeline.prune(opts(0.5))
     with safe_open(str(cache), "pt") as f:
         assert f.metadata()["kind"] == "hvp-block"
-        assert {k.rsplit(".", 1)[1] for k in f.keys()} == {"oba_block_hvp"}
+        assert {k.rsplit(".", 1)[1] for k in f.keys()} == {"block_hvp"}
     monkeypatch.setattr(hvp, "block_hvp", lambda *a: pytest.fail("block HVP recomputed on a cache hit"))
     hooks = pipeline.Hooks()
     second = pipeline.prune(opts(0.5), hooks)
@@ -173,9 +175,9 @@ def test_oba_normalize_max_is_the_reference_recipe():
     weight = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
     hv = torch.tensor([[4.0, 1.0], [-2.0, 3.0]])
     oba = get_method("oba").score
-    plain = oba(weight, {"oba_hvp": hv}, ObaOptions(oba_mode="full"))
+    plain = oba(weight, {"hvp": hv}, ObaOptions(oba_mode="full"))
     torch.testing.assert_close(plain, torch.tensor([[2.0, 1.0], [0.5, 0.0]]))  # |½·(−W)·Hv|
-    normed = oba(weight, {"oba_hvp": hv}, ObaOptions(oba_mode="full", oba_normalize="max"))
+    normed = oba(weight, {"hvp": hv}, ObaOptions(oba_mode="full", oba_normalize="max"))
     torch.testing.assert_close(normed, plain / 2.0 + weight.abs())
 
 
@@ -215,7 +217,7 @@ def authors_importance(ws, x, labels):
 def test_residual_hessian_reproduces_the_authors_importance_on_a_relu_mlp():
     import torch.nn.functional as F
 
-    from taylorprune.stats.hvp import residual_hvp
+    from taylorprune.stats.hvp_reference import residual_hvp
 
     g = torch.Generator().manual_seed(0)
     ws = (torch.randn(12, 6, generator=g, dtype=torch.float64), torch.randn(10, 12, generator=g, dtype=torch.float64),
@@ -240,23 +242,23 @@ def test_residual_hessian_reproduces_the_authors_importance_on_a_relu_mlp():
 
 
 def test_blockwise_gauss_newton_part_matches_the_one_piece_residual(micro):
-    from taylorprune.stats.hvp import causal_lm_loss_of_logits, residual_hvp
+    from taylorprune.stats.hvp_reference import residual_hvp
 
     model, layout, ids = micro
     targets = layout.all_targets
     names = [f"{t.path}.weight" for t in targets]
     ws = tuple(t.module.weight.detach() for t in targets)
-    got = model_hvp_pass(model, layout, ids, "blockwise", stats=frozenset({"oba_hvp", "oba_gn"}))
+    got = model_hvp_pass(model, layout, ids, "blockwise", stats=frozenset({"hvp", "hvp_gn"}))
     ref = [torch.zeros_like(w) for w in ws]
     for row in ids:
         def logits(*p, row=row):
             return functional_call(model, dict(zip(names, p, strict=True)), (row[None],), strict=False).logits
 
         for acc, r in zip(ref, residual_hvp(logits, ws, tuple(-w for w in ws),
-                                            lambda z, row=row: causal_lm_loss_of_logits(z, row[None])), strict=True):
+                                            lambda z, row=row: next_token_loss(z, row[None])), strict=True):
             acc += r
     for t, r in zip(targets, ref, strict=True):
-        mine = got[t.path]["oba_hvp"].double() - got[t.path]["oba_gn"].double()
+        mine = got[t.path]["hvp"].double() - got[t.path]["hvp_gn"].double()
         torch.testing.assert_close(mine, r, rtol=1e-6, atol=1e-6 * max(r.abs().max().item(), 1e-12))
 
 
@@ -305,11 +307,11 @@ def test_hvps_of_a_bf16_model_run_in_fp32_and_leave_its_weights_untouched(tiny_d
     half = loading.load(str(tiny_dirs["llama"]), dtype="bfloat16").model
     layout = find_layout(half)
     before = {k: v.clone() for k, v in half.state_dict().items()}
-    got = model_hvp_pass(half, layout, ids, "blockwise", stats=frozenset({"oba_hvp", "oba_gn"}))
+    got = model_hvp_pass(half, layout, ids, "blockwise", stats=frozenset({"hvp", "hvp_gn"}))
     assert all(torch.equal(v, before[k]) and v.dtype == torch.bfloat16 for k, v in half.state_dict().items())
     ref_model = loading.load(str(tiny_dirs["llama"])).model
     ref_model.load_state_dict({k: v.float() for k, v in before.items()})  # the same bf16 weights, in fp32
-    ref = model_hvp_pass(ref_model, find_layout(ref_model), ids, "blockwise", stats=frozenset({"oba_hvp", "oba_gn"}))
+    ref = model_hvp_pass(ref_model, find_layout(ref_model), ids, "blockwise", stats=frozenset({"hvp", "hvp_gn"}))
     for path in ref:
-        for k in ("oba_hvp", "oba_gn"):
+        for k in ("hvp", "hvp_gn"):
             torch.testing.assert_close(got[path][k], ref[path][k], rtol=1e-4, atol=1e-6)

@@ -10,7 +10,7 @@ from taylorprune.cli import app
 from taylorprune.evaluate.perplexity import perplexity_of_windows, streamed_perplexity_of_windows
 from taylorprune.modeling import loading
 from taylorprune.modeling.layout import find_layout
-from taylorprune.modeling.streaming import GIB, Placement, model_bytes
+from taylorprune.modeling.placement import GIB, Placement, model_bytes
 from taylorprune.stats import gradients
 from taylorprune.stats.gradients import GRAD_STATS, gradient_pass, streamed_gradient_pass
 from taylorprune.stats.hvp import model_hvp_pass
@@ -75,7 +75,7 @@ def test_streamed_hvp_pass_equals_the_in_memory_one(tiny_dirs, arch, dtype, targ
     layout = find_layout(model, targets)
     x = ids()
     before = state(model)
-    stats = frozenset({"oba_g", "oba_hvp", "oba_gn"})
+    stats = frozenset({"loss_grad", "hvp", "hvp_gn"})
     ref = model_hvp_pass(model, layout, x, stats=stats)
     got = model_hvp_pass(model, layout, x, stats=stats, stream=True, windows_per_sweep=3, batch_size=2)
     assert_same_stats(got, ref, rtol=1e-4)
@@ -89,7 +89,7 @@ def test_hvp_pass_of_a_half_model_leaves_its_fp32_buffers_exactly(tiny_dirs):
     rotary = model.model.rotary_emb
     inv_freq = rotary.inv_freq.clone()
     assert inv_freq.dtype == torch.float32
-    model_hvp_pass(model, find_layout(model), ids(1), stats=frozenset({"oba_hvp"}))
+    model_hvp_pass(model, find_layout(model), ids(1), stats=frozenset({"hvp"}))
     assert rotary.inv_freq.dtype == torch.float32 and torch.equal(rotary.inv_freq, inv_freq)
 
 

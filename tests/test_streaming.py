@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from taylorprune.modeling.streaming import GIB, Placement, Streamer, choose_placement, model_bytes
+from taylorprune.modeling.placement import GIB, Placement, choose_placement, model_bytes
+from taylorprune.modeling.streaming import Streamer
 
 
 class Block(nn.Module):

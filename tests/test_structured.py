@@ -14,21 +14,23 @@ from taylorprune.errors import UserError
 from taylorprune.modeling import loading
 from taylorprune.modeling.blocks import patched_forwards
 from taylorprune.modeling.layout import find_layout
-from taylorprune.prune import depth
-from taylorprune.prune.structured import (
+from taylorprune.prune.structures import (
     Shape,
+    all_groups,
     choose,
     compensate,
+    depth,
     groups_of,
     groups_to_remove,
-    removal_cost,
     removal_counts,
     remove,
     update_config,
     zero,
 )
 from taylorprune.scoring import oba_structured, taylor
+from taylorprune.scoring.oba_structured import removal_cost
 from taylorprune.scoring.registry import METHODS
+from taylorprune.scoring.sparsegpt import obs_cost
 
 from .conftest import VALID
 
@@ -188,7 +190,6 @@ def test_removal_counts_and_gqa_rules():
 
 
 def test_oba_released_selection_prunes_in_steps_and_restores_the_model(tiny_dirs):
-    from taylorprune.pipeline.structured import all_groups
     from taylorprune.stats.source import ModelContext
 
     model = _load(tiny_dirs["llama"])
@@ -313,7 +314,6 @@ def test_all_three_structures_on_smollm2(smollm2_gguf, tmp_path):
 
 
 def test_obs_cost_is_the_error_left_after_the_optimal_refit(tiny_dirs):
-    from taylorprune.prune.structured import obs_cost
 
     model = _load(tiny_dirs["llama"])
     layout = find_layout(model)

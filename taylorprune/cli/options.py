@@ -17,7 +17,7 @@ from taylorprune.calib.text import CALIB_SOURCES, EVAL_DATASETS
 from taylorprune.prune.allocation import ALLOCATIONS
 from taylorprune.prune.recon import RECONS
 from taylorprune.prune.refine import REFINES
-from taylorprune.prune.structured import STRUCTURES
+from taylorprune.prune.structures import STRUCTURES
 from taylorprune.prune.update import UPDATES
 
 Model = Annotated[str, typer.Option(help="HF folder, hub id, .gguf file, or 'demo' (bundled stories260K).")]

@@ -1,8 +1,9 @@
-"""Perplexity as SparseGPT / Wanda / GBLM-Pruner measure it.
+"""Perplexity as SparseGPT / Wanda / GBLM-Pruner measure it (the ``perplexity`` evaluator, ``--eval``).
 
 The evaluation text is tokenized once as a whole, cut into non-overlapping windows of ``seqlen`` tokens
 (the remainder is dropped), and each window's mean next-token NLL over its ``seqlen - 1`` shifted
-positions is averaged over windows; PPL = exp(mean NLL). Logits are upcast to fp32 for the loss.
+positions is averaged over windows; PPL = exp(mean NLL). Logits are upcast to fp32 for the loss. A streamed
+model goes block by block (one sweep per ``--stream-batch`` windows), the model's own head giving the logits.
 """
 
 from __future__ import annotations
@@ -12,14 +13,18 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from taylorprune.calib.sampling import tokenize
+from taylorprune.calib import sampling, text
 from taylorprune.errors import UserError
+from taylorprune.evaluate.spec import EvalContext, Evaluator
 from taylorprune.modeling.blocks import BlockRunner
-from taylorprune.modeling.layout import Layout
+from taylorprune.modeling.layout import Layout, find_layout
+from taylorprune.modeling.loading import resolve_seqlen
+from taylorprune.modeling.sweep import forward, in_sweeps, next_token_loss
+from taylorprune.options import Options, option
 
 
 @dataclass(frozen=True)
@@ -30,14 +35,15 @@ class EvalResult:
     windows: int
     tokens: int
     model: str
-    tokenizer: str = ""  # vocabulary fingerprint: same windows × seqlen can still mean different tokens
+    tokenizer: str = ""  # vocabulary hash: the same windows × seqlen can still mean different tokens
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Short hash of the vocabulary, so results made with different tokenizers are never compared."""
+def vocabulary_hash(tokenizer) -> str:
+    """Short hash of the vocabulary, so results made with different tokenizers are never compared (kept as it was
+    so older results stay comparable; ``calib.cache.tokenizer_fingerprint`` is the full identity)."""
     vocab = sorted(tokenizer.get_vocab().items())
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
 
@@ -59,40 +65,22 @@ def windows_of(ids: torch.Tensor, seqlen: int, max_windows: int | None, name: st
 @torch.no_grad()
 def window_nll(model, window: torch.Tensor) -> float:
     """Mean NLL of one [1, seqlen] window over its shifted tokens."""
-    return _nll(model(input_ids=window, use_cache=False).logits, window)
+    return next_token_loss(model(input_ids=window, use_cache=False).logits, window).item()
 
 
-def _nll(logits: torch.Tensor, window: torch.Tensor) -> float:
-    logits = logits[:, :-1].to(torch.float32)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1)).item()
-
-
-def perplexity(
-    model,
-    tokenizer,
-    text: str,
-    seqlen: int,
-    dataset: str,
-    model_name: str,
-    max_windows: int | None = None,
-    device: torch.device | str = "cpu",
-    on_window: Callable[[int, int], None] | None = None,
-) -> EvalResult:
-    """Evaluate ``model`` on ``text``; ``on_window(i, total)`` reports progress."""
-    ids = windows_of(tokenize(tokenizer, text), seqlen, max_windows, dataset)
+def perplexity(model, tokenizer, body: str, seqlen: int, dataset: str, model_name: str,
+               max_windows: int | None = None, device: torch.device | str = "cpu",
+               on_window: Callable[[int, int], None] | None = None) -> EvalResult:
+    """Evaluate ``model`` on the text ``body``; ``on_window(i, total)`` reports progress."""
+    ids = windows_of(sampling.tokenize(tokenizer, body), seqlen, max_windows, dataset)
     result = perplexity_of_windows(model, ids, dataset, model_name, device, on_window)
-    return replace(result, tokenizer=tokenizer_fingerprint(tokenizer))
+    return replace(result, tokenizer=vocabulary_hash(tokenizer))
 
 
-def perplexity_of_windows(
-    model,
-    ids: torch.Tensor,
-    dataset: str,
-    model_name: str,
-    device: torch.device | str = "cpu",
-    on_window: Callable[[int, int], None] | None = None,
-) -> EvalResult:
-    """Perplexity over pre-cut [windows, seqlen] token windows."""
+def perplexity_of_windows(model, ids: torch.Tensor, dataset: str, model_name: str,
+                          device: torch.device | str = "cpu",
+                          on_window: Callable[[int, int], None] | None = None) -> EvalResult:
+    """Perplexity over pre-cut [windows, seqlen] token windows, the whole model on ``device``."""
     nlls = []
     for i, window in enumerate(ids):
         nlls.append(window_nll(model, window.unsqueeze(0).to(device)))
@@ -102,35 +90,25 @@ def perplexity_of_windows(
 
 
 @torch.no_grad()
-def streamed_perplexity_of_windows(
-    model,
-    layout: Layout,
-    ids: torch.Tensor,
-    dataset: str,
-    model_name: str,
-    device: torch.device | str = "cpu",
-    on_window: Callable[[int, int], None] | None = None,
-    windows_per_sweep: int = 16,
-    batch_size: int = 1,
-) -> EvalResult:
+def streamed_perplexity_of_windows(model, layout: Layout, ids: torch.Tensor, dataset: str, model_name: str,
+                                   device: torch.device | str = "cpu",
+                                   on_window: Callable[[int, int], None] | None = None,
+                                   windows_per_sweep: int = 16, batch_size: int = 1) -> EvalResult:
     """``perplexity_of_windows`` for a model that stays where it is (CPU memory): per sweep of windows, every
     block visits ``device`` once (the next one copied while the current one computes), then the model's own
     final norm and head give each window's logits. Equal to the whole-model forward up to float round-off."""
     runner = BlockRunner(model, layout, torch.device(device), batch_size, stream=True)
     nlls = []
     try:
-        for start in range(0, len(ids), windows_per_sweep):
-            batch = ids[start:start + windows_per_sweep]
-            hidden = runner.capture(batch)
-            for i in range(len(layout.blocks)):
-                with runner.on_device(i, write=False):
-                    hidden = runner.run(i, hidden)
+        for part in in_sweeps(len(ids), windows_per_sweep):
+            batch = ids[part]
+            hidden = forward(runner, runner.capture(batch), write=False)
             with runner.outside_on_device(head=True):
                 for k in range(len(batch)):
                     window = batch[k:k + 1].to(runner.input_device)
-                    nlls.append(_nll(runner.head(window, hidden[k:k + 1]).logits, window))
+                    nlls.append(next_token_loss(runner.head(window, hidden[k:k + 1]).logits, window).item())
                     if on_window:
-                        on_window(start + k + 1, len(ids))
+                        on_window(part.start + k + 1, len(ids))
     finally:
         runner.streamer.close()
     return _result(nlls, ids, dataset, model_name)
@@ -141,3 +119,57 @@ def _result(nlls: list[float], ids: torch.Tensor, dataset: str, model_name: str)
     mean = sum(nlls) / len(nlls)
     ppl = math.exp(mean) if mean < 709.0 else float("inf")
     return EvalResult(ppl, dataset, ids.shape[1], len(ids), int(ids.numel()), model_name)
+
+
+# ------------------------------------------------------------------------------------------ the evaluator
+@dataclass(frozen=True)
+class PerplexityOptions(Options):
+    eval: bool = option(False, "Evaluate the perplexity of the pruned model (papers' protocol).", identity=False)
+    eval_dataset: str = option("wikitext2", f"Eval data set: {', '.join(text.EVAL_DATASETS)} (test splits).",
+                               choices=text.EVAL_DATASETS)
+    eval_text_file: str | None = option(None, "Evaluate on this text file instead (.txt, or .jsonl with 'text').")
+    eval_seqlen: int | None = option(None, "Eval window length (default: min(2048, max positions)).", minimum=2)
+    max_windows: int | None = option(None, "Evaluate at most this many windows.", minimum=1)
+
+    def check(self) -> None:
+        if self.eval_text_file and not Path(self.eval_text_file).expanduser().is_file():
+            raise UserError(f"--eval-text-file {self.eval_text_file}: file not found")
+
+
+def eval_text(dataset: str, text_file: str | None) -> tuple[str, str]:
+    """(text, name) for evaluation: a local file or a named test split."""
+    if text_file:
+        return text.read_file(text_file).joined(), str(Path(text_file).name)
+    return text.evaluation_text(dataset), dataset
+
+
+def prepare(ctx: EvalContext, options: PerplexityOptions) -> tuple[torch.Tensor, str]:
+    """Tokenize the evaluation text once and cut its windows (a too-short text fails here, before pruning)."""
+    seqlen = resolve_seqlen(options.eval_seqlen, ctx.config, "--eval-seqlen")
+    body, label = eval_text(options.eval_dataset, options.eval_text_file)
+    return windows_of(sampling.tokenize_cached(ctx.tokenizer, body), seqlen, options.max_windows, label), label
+
+
+def run(ctx: EvalContext, options: PerplexityOptions, prepared) -> dict:
+    """Perplexity of ``ctx.model``: whole on the device (moved there unless accelerate placed it), or block by
+    block when its placement streams it."""
+    windows, label = prepared if prepared is not None else prepare(ctx, options)
+    if ctx.placement is not None and ctx.placement.stream:
+        ctx.events.append("streamed:evaluation")
+        result = streamed_perplexity_of_windows(ctx.model, find_layout(ctx.model), windows, label, ctx.name,
+                                                ctx.device, ctx.on_window, ctx.stream_batch, ctx.batch_size)
+    else:
+        if not getattr(ctx.model, "hf_device_map", None):
+            ctx.model.to(ctx.device)
+        result = perplexity_of_windows(ctx.model, windows, label, ctx.name, ctx.device, ctx.on_window)
+    return replace(result, tokenizer=vocabulary_hash(ctx.tokenizer)).to_dict()
+
+
+def _check(options: PerplexityOptions, config) -> None:
+    resolve_seqlen(options.eval_seqlen, config, "--eval-seqlen")
+
+
+EVALUATOR = Evaluator("perplexity", "perplexity on held-out text (papers' protocol)", run,
+                      metrics=lambda record: {"perplexity": record["perplexity"]}, options=PerplexityOptions,
+                      switch="eval", prepare=prepare, check=_check,
+                      settings=("dataset", "seqlen", "windows", "tokens", "tokenizer"), label="evaluating perplexity")

@@ -1,12 +1,16 @@
-"""Inference speed: prefill and decode tokens/s of a causal LM, the way a user runs it (batch 1, KV cache).
+"""Inference speed: prefill and decode tokens/s of a causal LM against a baseline (the ``speed`` evaluator).
+
+As a user runs it (batch 1, KV cache):
 
 - prefill: one forward over ``prefill`` tokens (no cache kept): prefill / seconds;
 - decode: after a short prompt, ``decode`` greedy steps of one token each with the KV cache: decode / seconds
   of the steps only.
 
-Inputs are fixed token ids (a deterministic sequence over the vocabulary), so dense and pruned models see the
-same work. Each measurement is the median of ``repeats`` after one warm-up; CUDA is synchronised around every
-timing. Compare two models only from one call (same process, device and threads).
+Inputs are fixed token ids (a deterministic sequence over the vocabulary), so both models see the same work.
+A load burst on a shared machine must not land on one side only, so the two models are timed in interleaved
+rounds after one warm-up each: round r times them in the order AB when r is even and BA when it is odd, and the
+result is the median over rounds of the per-round ratio (model / baseline), with its spread (the lowest and
+highest per-round ratio). CUDA is synchronised around every timing.
 """
 
 from __future__ import annotations
@@ -15,8 +19,13 @@ import inspect
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+
+from taylorprune.errors import UserError
+from taylorprune.evaluate.spec import EvalContext, Evaluator
+from taylorprune.options import Options, option
 
 PROMPT = 16
 
@@ -64,30 +73,74 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def measure(model, device: torch.device, prefill: int = 512, decode: int = 128, repeats: int = 3) -> dict:
-    """{prefill_tok_s, decode_tok_s, ...} of ``model`` (already on ``device``)."""
+def _round(model, device: torch.device, prefill: int, decode: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of one timing round."""
     vocab = model.config.get_text_config().vocab_size
     long_ids, prompt = _ids(vocab, prefill, device), _ids(vocab, PROMPT, device)
-    prefill_s, decode_s = [], []
-    for r in range(repeats + 1):  # the first round warms up
-        p = _timed(lambda: _prefill(model, long_ids), device)
-        d = _timed(_decode(model, prompt, decode), device)
-        if r:
-            prefill_s.append(p)
-            decode_s.append(d)
-    pm, dm = statistics.median(prefill_s), statistics.median(decode_s)
-    return {"prefill_tokens": prefill, "decode_tokens": decode, "repeats": repeats, "prefill_s": pm, "decode_s": dm,
-            "prefill_tok_s": prefill / pm, "decode_tok_s": decode / dm}
+    return _timed(lambda: _prefill(model, long_ids), device), _timed(_decode(model, prompt, decode), device)
 
 
-def compare(dense, pruned, device: torch.device, prefill: int = 512, decode: int = 128, repeats: int = 3,
+def _summary(times: list[tuple[float, float]], prefill: int, decode: int) -> dict:
+    pm, dm = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+    return {"prefill_s": pm, "decode_s": dm, "prefill_tok_s": prefill / pm, "decode_tok_s": decode / dm}
+
+
+def compare(dense, pruned, device: torch.device, prefill: int = 512, decode: int = 128, rounds: int = 5,
             threads: int | None = None) -> dict:
-    """Both models measured in turn in this process on ``device``; ratios pruned / dense."""
-    rows = {}
-    for name, model in (("dense", dense), ("pruned", pruned)):
+    """Both models timed in interleaved rounds (see the module doc); ratios pruned / dense."""
+    device = torch.device(device)
+    models = {"dense": dense, "pruned": pruned}
+    for model in models.values():
         if not getattr(model, "hf_device_map", None):
             model.to(device)
-        rows[name] = measure(model, device, prefill, decode, repeats)
-    return {**rows, "device": str(device), "threads": threads or torch.get_num_threads(),
-            "prefill_ratio": rows["pruned"]["prefill_tok_s"] / rows["dense"]["prefill_tok_s"],
-            "decode_ratio": rows["pruned"]["decode_tok_s"] / rows["dense"]["decode_tok_s"]}
+    for model in models.values():  # warm-up: kernels, allocator, caches
+        _round(model, device, prefill, decode)
+    times: dict[str, list[tuple[float, float]]] = {"dense": [], "pruned": []}
+    for r in range(rounds):
+        for name in ("dense", "pruned") if r % 2 == 0 else ("pruned", "dense"):
+            times[name].append(_round(models[name], device, prefill, decode))
+    ratios = {kind: [d[k] / p[k] for d, p in zip(times["dense"], times["pruned"], strict=True)]
+              for k, kind in enumerate(("prefill", "decode"))}
+    out = {name: _summary(t, prefill, decode) for name, t in times.items()}
+    for kind, values in ratios.items():
+        out[f"{kind}_ratio"] = statistics.median(values)
+        out[f"{kind}_ratio_spread"] = [min(values), max(values)]
+    return {**out, "prefill_tokens": prefill, "decode_tokens": decode, "rounds": rounds,
+            "order": "one warm-up each, then rounds alternating AB / BA", "device": str(device),
+            "threads": threads or torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------------------------------ the evaluator
+@dataclass(frozen=True)
+class SpeedOptions(Options):
+    speed: bool = option(False, "Time prefill and decode of the dense and the pruned model (interleaved rounds, "
+                         "same process and device); tokens/s and ratios go in the report.", identity=False)
+    speed_prefill: int = option(512, "Speed: tokens of the timed prefill forward.", minimum=1, identity=False)
+    speed_decode: int = option(128, "Speed: new tokens of the timed greedy decode (batch 1, KV cache).", minimum=1,
+                               identity=False)
+    speed_rounds: int = option(5, "Speed: interleaved timing rounds after one warm-up (median ratio reported).",
+                               minimum=1, identity=False)
+
+
+def check_positions(config, prefill: int, decode: int, name: str = "--model") -> None:
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and max(prefill, PROMPT + decode) > limit:
+        raise UserError(f"{name}: supports {limit} positions; lower the prefill / decode tokens")
+
+
+def run(ctx: EvalContext, options: SpeedOptions, prepared) -> dict:
+    if ctx.baseline is None:
+        raise UserError("speed needs the dense model to compare with")
+    dense = ctx.baseline()
+    try:
+        return compare(dense, ctx.model, ctx.device, options.speed_prefill, options.speed_decode, options.speed_rounds)
+    finally:
+        del dense
+
+
+EVALUATOR = Evaluator("speed", "prefill and decode tokens/s against the dense model, interleaved rounds", run,
+                      metrics=lambda r: {"prefill_ratio": r["prefill_ratio"], "decode_ratio": r["decode_ratio"]},
+                      options=SpeedOptions, switch="speed", higher_is_better=True,
+                      check=lambda o, config: check_positions(config, o.speed_prefill, o.speed_decode),
+                      settings=("prefill_tokens", "decode_tokens", "device", "threads"),
+                      label="timing prefill and decode (dense and pruned, interleaved)")

@@ -11,12 +11,13 @@ so no call ever sees keys left by another.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
-from taylorprune.modeling.layout import Layout
+from taylorprune.modeling.layout import Layout, Target
 from taylorprune.modeling.streaming import Streamer
 
 _DROP = {"cache", "past_key_values", "past_key_value"}
@@ -162,3 +163,15 @@ class BlockRunner:
         extra = {"labels": ids} if labels else {}
         with patched_forwards(blocks, [lambda *a, **k: hidden] * len(blocks)):
             return self.model(input_ids=ids, use_cache=False, **extra)
+
+
+def block_function(block: nn.Module, targets: list[Target], kwargs: dict) -> Callable[..., torch.Tensor]:
+    """Block output as a function of (hidden states, *target weights), for ``torch.func`` transforms."""
+    inside = {id(m): n for n, m in block.named_modules()}
+    names = [f"{inside[id(t.module)]}.weight" for t in targets]
+
+    def f(hidden: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        out = functional_call(block, dict(zip(names, weights, strict=True)), (hidden,), kwargs, strict=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    return f

@@ -36,6 +36,18 @@ class Layout:
     def all_targets(self) -> list[Target]:
         return [t for block in self.targets for t in block]
 
+    @property
+    def first_target_block(self) -> int:
+        """Index of the first block with targets (blocks before it only carry activations forward)."""
+        return next((i for i, targets in enumerate(self.targets) if targets), len(self.blocks))
+
+    def target_starts(self) -> list[int]:
+        """Index of each block's first target in ``all_targets`` (and the total count last)."""
+        starts = [0]
+        for block_targets in self.targets:
+            starts.append(starts[-1] + len(block_targets))
+        return starts
+
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Return (path, ModuleList) of the decoder blocks."""

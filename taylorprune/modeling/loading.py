@@ -18,6 +18,7 @@ from torch import nn
 from taylorprune.errors import UserError
 
 DEMO_NAMES = ("demo", "stories260K")
+MAX_DEFAULT_SEQLEN = 2048
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -144,6 +145,18 @@ def load_config(model: str, trust_remote_code: bool = False):
             "causal LM; supported are models AutoModelForCausalLM loads (LLaMA, Mistral, Qwen2, Gemma, ...)"
         )
     return config
+
+
+def resolve_seqlen(requested: int | None, config, flag: str = "--seqlen") -> int:
+    """A window length the model supports; default min(2048, max_position_embeddings), never Llama-3's 131072."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if requested is None:
+        return min(MAX_DEFAULT_SEQLEN, limit or MAX_DEFAULT_SEQLEN)
+    if requested < 2:
+        raise UserError(f"{flag} {requested}: must be at least 2")
+    if limit and requested > limit:
+        raise UserError(f"{flag} {requested}: the model supports at most {limit} positions")
+    return requested
 
 
 def input_bytes(model: str) -> int | None:

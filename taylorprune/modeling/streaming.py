@@ -1,14 +1,4 @@
-"""Where the weights live while a pass runs, and how decoder blocks visit the compute device.
-
-Placement (``choose_placement``), decided once per run after loading:
-
-- ``resident``: the whole model moves to the compute device and stays there (the fast path). Chosen when the
-  weights plus the run's working set fit in 90% of the device's budget: its free memory (plus what PyTorch's
-  own allocator holds but does not use), or ``--max-gpu-memory`` when that is lower. On the CPU the model is
-  already where it computes, so it is resident unless a cap or ``--stream`` says otherwise;
-- ``stream``: the model stays in CPU memory and one decoder block at a time visits the device (``--stream``
-  forces it on any device, the CPU included, so that every block-by-block code path can be run and tested);
-- ``device_map``: accelerate placed the model (``--device-map``); passes run on it as placed.
+"""How decoder blocks (or any module) visit the compute device while their weights live in CPU memory.
 
 ``Streamer`` moves a module's tensors to the device for the duration of a use and puts the CPU tensors back
 afterwards (copying results back only where the caller changed the weights). On CUDA the next block is copied
@@ -16,6 +6,7 @@ while the current one computes: a worker thread pins its CPU tensors (once: the 
 block's CPU tensor) and issues non-blocking copies on a side stream; the compute stream waits on an event
 before using them. Every tensor identity stays: parameters keep their ``nn.Parameter`` objects (hooks,
 ``requires_grad`` and optimizers see the same objects), only their ``.data`` is swapped, as ``Module.to`` does.
+``moved`` is the simple form: a module on a device / in a dtype for the duration, then back as it was.
 """
 
 from __future__ import annotations
@@ -28,118 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-GIB = 2**30
-USABLE = 0.9  # fraction of the device budget a resident model and its working set may take
-
-
-# ------------------------------------------------------------------------------------------------ placement
-@dataclass(frozen=True)
-class Placement:
-    """Where the weights live for a run: ``resident`` on the device, ``stream`` from the CPU, or ``device_map``."""
-
-    mode: str
-    device: torch.device
-    reason: str
-    model_bytes: int
-    budget_bytes: int | None = None
-
-    @property
-    def stream(self) -> bool:
-        return self.mode == "stream"
-
-    def fits(self, extra_bytes: int) -> bool:
-        """Whether a pass holding the whole model plus ``extra_bytes`` on the device fits this placement."""
-        if self.mode == "device_map":
-            return True
-        if self.mode == "stream":
-            return False
-        return self.budget_bytes is None or self.model_bytes + extra_bytes <= USABLE * self.budget_bytes
-
-    def describe(self) -> dict:
-        """The report's record of the decision."""
-        budget = None if self.budget_bytes is None else round(self.budget_bytes / GIB, 3)
-        return {"mode": self.mode, "device": str(self.device), "reason": self.reason,
-                "model_gib": round(self.model_bytes / GIB, 3), "budget_gib": budget}
-
-
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers (shared tensors counted once, meta tensors not at all)."""
-    seen: set[int] = set()
-    total = 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) in seen or t.is_meta:
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    return total
-
-
-def normalized(device: torch.device | str) -> torch.device:
-    """``cuda`` as ``cuda:<current>``, so it compares equal to the device of the tensors placed there."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def device_budget(device: torch.device, max_gpu_memory: float | None = None) -> int | None:
-    """Bytes this process may use on ``device``: free memory (CUDA; plus memory PyTorch's allocator holds
-    unused), capped by ``max_gpu_memory`` GiB; None when unlimited (the CPU without a cap)."""
-    limits = [] if max_gpu_memory is None else [int(max_gpu_memory * GIB)]
-    if device.type == "cuda":
-        device = normalized(device)
-        free, _ = torch.cuda.mem_get_info(device)
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        limits.append(free)
-    return min(limits) if limits else None
-
-
-def choose_placement(model: nn.Module, device: torch.device, stream: bool = False,
-                     max_gpu_memory: float | None = None, working_bytes: int = 0) -> Placement:
-    """Resident when the model and ``working_bytes`` fit the device budget with headroom, else streamed."""
-    device = torch.device(device)
-    size = model_bytes(model)
-    if getattr(model, "hf_device_map", None):
-        return Placement("device_map", device, "placed by accelerate (--device-map)", size)
-    budget = device_budget(device, max_gpu_memory)
-    if stream:
-        return Placement("stream", device, "--stream", size, budget)
-    target = normalized(device)
-    if device.type != "cpu" and all(p.device == target for p in model.parameters()):
-        return Placement("resident", device, "already on the device", size)
-    if budget is None:
-        return Placement("resident", device, "the compute device is the CPU, where the model is loaded", size)
-    words = f"{size / GIB:.2f} GiB of weights + {working_bytes / GIB:.2f} GiB working set"
-    limit = f"{USABLE:.0%} of {budget / GIB:.2f} GiB" + (" (--max-gpu-memory)" if max_gpu_memory is not None else "")
-    if size + working_bytes <= USABLE * budget:
-        return Placement("resident", device, f"{words} fit in {limit}", size, budget)
-    return Placement("stream", device, f"{words} exceed {limit}", size, budget)
-
-
-def activation_bytes(config, seqlen: int, element_size: int, windows: int = 1) -> int:
-    """Rough autograd working set of ``windows`` windows through the whole model (saved activations of every
-    block plus the fp32 logits and their gradient). A heuristic for placement decisions only."""
-    hidden = config.hidden_size
-    inter = getattr(config, "intermediate_size", None) or 4 * hidden
-    layers = config.num_hidden_layers
-    per_token = layers * (12 * hidden + 5 * inter) * element_size + config.vocab_size * (element_size + 8)
-    return windows * seqlen * per_token
-
-
-@contextlib.contextmanager
-def memory_cap(device: torch.device, max_gpu_memory: float | None) -> Iterator[None]:
-    """Cap PyTorch's CUDA allocator at ``max_gpu_memory`` GiB for the duration (a no-op elsewhere): a cap smaller
-    than the model then really holds, and exceeding it is an out-of-memory error instead of a silent overrun."""
-    if max_gpu_memory is None or torch.device(device).type != "cuda":
-        yield
-        return
-    device = normalized(device)
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, max_gpu_memory * GIB / total), device)
-    try:
-        yield
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+from taylorprune.modeling.placement import normalized
 
 
 @contextlib.contextmanager

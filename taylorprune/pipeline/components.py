@@ -18,7 +18,7 @@ from taylorprune.options import Options, Spec, merge_specs
 from taylorprune.prune.allocation import ALLOCATIONS, Allocation, get_allocation
 from taylorprune.prune.recon import RECONS, Recon, get_recon
 from taylorprune.prune.refine import REFINES, Refine, get_refine
-from taylorprune.prune.structured import STRUCTURES, Structure
+from taylorprune.prune.structures import STRUCTURES, Structure
 from taylorprune.prune.update import UPDATES, Update, get_update
 from taylorprune.scoring.registry import METHODS, get_method
 from taylorprune.scoring.spec import GroupScore, Method

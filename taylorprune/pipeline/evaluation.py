@@ -13,11 +13,11 @@ from taylorprune.evaluate.perplexity import (
     EvalResult,
     perplexity_of_windows,
     streamed_perplexity_of_windows,
-    tokenizer_fingerprint,
+    vocabulary_hash,
     windows_of,
 )
 from taylorprune.modeling.layout import find_layout
-from taylorprune.modeling.streaming import Placement, choose_placement, memory_cap
+from taylorprune.modeling.placement import Placement, choose_placement, memory_cap
 from taylorprune.pipeline.plan import resolve_seqlen
 
 
@@ -47,7 +47,7 @@ def evaluate_windows(model, tokenizer, windows: torch.Tensor, label: str, name: 
         if not getattr(model, "hf_device_map", None):
             model.to(device)
         result = perplexity_of_windows(model, windows, label, name, device, on_window)
-    return dataclasses.replace(result, tokenizer=tokenizer_fingerprint(tokenizer))
+    return dataclasses.replace(result, tokenizer=vocabulary_hash(tokenizer))
 
 
 def evaluate_model(model, tokenizer, name: str, dataset: str, text_file: str | None, seqlen: int | None,

@@ -20,7 +20,7 @@ from taylorprune.export import atomic, save
 from taylorprune.modeling import loading
 from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.modeling.layout import find_layout
-from taylorprune.modeling.streaming import Placement, choose_placement, memory_cap
+from taylorprune.modeling.placement import Placement, choose_placement, memory_cap
 from taylorprune.pipeline.engine import PruneResult, linear_record, prune_layers
 from taylorprune.pipeline.evaluation import eval_windows, evaluate_windows
 from taylorprune.pipeline.hooks import Hooks

@@ -19,7 +19,7 @@ from taylorprune.export import atomic
 from taylorprune.modeling import loading
 from taylorprune.pipeline.components import Components, resolve
 from taylorprune.prune.masks import Pattern, parse_pattern
-from taylorprune.prune.structured import Shape, check_config, parse_structures, removal_counts
+from taylorprune.prune.structures import Shape, check_config, parse_structures, removal_counts
 from taylorprune.scoring.registry import DEFAULT_METHOD
 from taylorprune.stats.collect import cache_path
 

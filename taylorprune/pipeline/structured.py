@@ -11,12 +11,11 @@ engine then applies them with the same compensation. The config gets the new uni
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
-from taylorprune.errors import RunError, UserError
+from taylorprune.errors import RunError
 from taylorprune.evaluate import speed
 from taylorprune.export import save
 from taylorprune.modeling import loading
@@ -25,21 +24,21 @@ from taylorprune.modeling.layout import Layout, find_layout
 from taylorprune.pipeline.components import Components
 from taylorprune.pipeline.engine import PruneResult, linear_record
 from taylorprune.pipeline.hooks import Hooks
-from taylorprune.prune import depth
-from taylorprune.prune.structured import (
+from taylorprune.prune.structures import (
+    CONSUMER_STATS,
     WIDTH_KINDS,
     Groups,
-    Shape,
-    check_config,
+    all_groups,
     choose,
     compensate,
     count_parameters,
+    counts_for_target,
     groups_of,
     groups_to_remove,
-    removal_counts,
     remove,
     update_config,
 )
+from taylorprune.prune.structures.depth import prune_depth
 from taylorprune.stats.collect import linear_statistics, model_statistics
 from taylorprune.stats.registry import of_scope
 from taylorprune.stats.source import ModelContext, Scope
@@ -50,58 +49,10 @@ def _head_mode(parts: Components) -> str:
     return heads.head_mode if heads is not None else "kv-groups"
 
 
-def all_groups(layout: Layout, kind: str, head_mode: str) -> list[Groups]:
-    return [groups_of(kind, b, f"{layout.blocks_path}.{i}", i, head_mode) for i, b in enumerate(layout.blocks)]
-
-
 # ------------------------------------------------------------------------------------------- counts
 
 
-def counts_for_target(kind: str, fraction: float, model, layout: Layout, head_mode: str) -> dict[str, int]:
-    """Per-block count of ``kind`` (blocks: in the model) removing at least ``fraction`` of all parameters."""
-    total = count_parameters(model)
-    shape = Shape.of(model.config)
-    if kind == "blocks":
-        unit, units = sum(p.numel() for p in layout.blocks[0].parameters()), shape.layers
-        step = 1
-    else:
-        groups = groups_of(kind, layout.blocks[0], f"{layout.blocks_path}.0", 0, head_mode)
-        step = groups.chunk and groups.size // groups.chunk or 1  # query heads: one per KV group at a time
-        unit, units = groups.params_per_group() * step * len(layout.blocks), groups.size // step
-    need = math.ceil(fraction * total / unit - 1e-9)
-    if need >= units:
-        raise UserError(f"--target-params {fraction:g}: removing {kind} alone cannot reach it ({total:,} parameters, "
-                        f"{unit * (units - 1):,} at most without removing every one); lower it or add structures")
-    ratio_units = max(need, 1) * step
-    if kind == "heads" and head_mode == "kv-groups":
-        counts = removal_counts((kind,), ratio_units / shape.kv_heads, shape, head_mode)
-    else:
-        total_units = {"blocks": shape.layers, "neurons": shape.intermediate, "heads": shape.heads}[kind]
-        counts = removal_counts((kind,), ratio_units / total_units, shape, head_mode)
-    check_config(model.config, counts, shape, head_mode, f"--target-params {fraction:g}")
-    return counts
-
-
 # ------------------------------------------------------------------------------------------- blocks
-
-
-def prune_depth(model, layout: Layout, parts: Components, count: int, calib_ids, device, batch_size: int,
-                hooks: Hooks) -> dict:
-    """Rank the blocks on the dense model, delete the ``count`` lowest; returns what the report records."""
-    options = parts.structure_options("blocks")
-    runner = BlockRunner(model, layout, device, batch_size)
-    hidden = runner.capture(calib_ids)
-    tick = hooks.task(f"block scores ({options.block_score})", len(layout.blocks))
-    extra = {}
-    if options.block_score == "influence":
-        scores = depth.block_influence(runner, hidden, tick)
-    else:
-        scores, extra["dense_calibration_loss"] = depth.skip_loss(runner, hidden, calib_ids, tick)
-    if not torch.isfinite(scores).all():
-        raise RunError(f"non-finite block scores ({options.block_score}); try --dtype float32")
-    drop = choose(scores, count).tolist()
-    depth.drop_blocks(model, layout.blocks, drop)
-    return {"block_score": options.block_score, "block_scores": scores.tolist(), "blocks_removed": drop, **extra}
 
 
 # ------------------------------------------------------------------------------------------- widths
@@ -111,8 +62,8 @@ def _statistics(runner: BlockRunner, i: int, hidden, groups: Groups, needs: froz
     """Linear-scope statistics of the groups' members on one forward of block ``i`` (XXᵀ: the consumer's only)."""
     if hidden is None or not needs:
         return {}
-    plain = needs - {"hessian"}
-    consumer = frozenset({"hessian"}) & needs
+    plain = needs - CONSUMER_STATS
+    consumer = CONSUMER_STATS & needs
     return linear_statistics(lambda: runner.run(i, hidden), ({m.path: m.module for m in groups.members}, plain),
                              ({groups.consumer.path: groups.consumer.module}, consumer))
 
@@ -130,7 +81,7 @@ def _prune_kind(runner, i: int, hidden, kind: str, parts: Components, count: int
     groups = groups_of(kind, block, f"{runner.layout.blocks_path}.{i}", i, _head_mode(parts))
     options = parts.structure_options(kind)
     linear = of_scope(parts.needs, Scope.LINEAR)
-    stats = _statistics(runner, i, hidden, groups, linear if preset is None else linear & {"hessian"})
+    stats = _statistics(runner, i, hidden, groups, linear if preset is None else linear & CONSUMER_STATS)
     for m in groups.members:
         stats.setdefault(m.path, {}).update({k: v for k, v in model_stats.get(m.path, {}).items()
                                              if k not in stats[m.path]})
@@ -209,8 +160,10 @@ def prune_structured(plan, hooks: Hooks):
                     "ranking": "within each block (uniform widths)"}
     if "blocks" in counts:
         with hooks.timed(phases, "blocks", "ranking and removing decoder blocks"):
-            record["depth"] = prune_depth(model, layout, plan.parts, counts["blocks"], calib_ids, plan.device,
-                                          opts.batch_size, hooks)
+            options = plan.parts.structure_options("blocks")
+            runner = BlockRunner(model, layout, plan.device, opts.batch_size)
+            tick = hooks.task(f"block scores ({options.block_score})", len(layout.blocks))
+            record["depth"] = prune_depth(runner, calib_ids, options, counts["blocks"], tick)
         layout = find_layout(model)
     per_block = []
     if any(k in counts for k in WIDTH_KINDS):

@@ -111,6 +111,20 @@ def _prune_per_row(scores: torch.Tensor, count: int) -> torch.Tensor:
     return keep
 
 
+def global_keep(scores: list[torch.Tensor], keep: int) -> list[torch.Tensor]:
+    """Masks keeping exactly the ``keep`` highest scores over all tensors (ties: first in order)."""
+    flat = torch.cat([s.flatten() for s in scores])
+    keep = max(0, min(keep, flat.numel()))
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if keep:
+        threshold = torch.kthvalue(flat, flat.numel() - keep + 1).values
+        above = flat > threshold
+        ties = (flat == threshold).nonzero().flatten()[: keep - int(above.sum())]
+        mask = above
+        mask[ties] = True
+    return list(mask.split([s.numel() for s in scores]))
+
+
 def check_nm(weight: torch.Tensor, n: int, m: int) -> bool:
     """True when every full block of ``m`` columns in every row has at most ``n`` non-zeros."""
     rows, cols = weight.shape

@@ -1,8 +1,8 @@
-"""Group scores built from a per-weight term reduced over each structure's weights (``prune.structured``).
+"""Group scores built from a per-weight term reduced over each structure's weights (``prune.structures``).
 
 A method declares ``structured=`` with ``per_weight(summary, term, reduce, statistics)``: ``term`` gives a value
 per weight of every member linear (the method's own score, or a signed term), ``reduce`` is ``sum`` (Σ over
-the group), ``abs-sum`` (|Σ|) or ``l2`` (sqrt Σ²), see ``prune.structured.reduce_groups``.
+the group), ``abs-sum`` (|Σ|) or ``l2`` (sqrt Σ²), see ``prune.structures.groups.reduce_groups``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from taylorprune.prune.structured import Groups, reduce_groups
+from taylorprune.prune.structures import Groups, reduce_groups
 from taylorprune.scoring.spec import GroupScore, ScoreFn
 
 

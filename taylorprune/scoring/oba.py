@@ -42,7 +42,7 @@ from taylorprune.scoring.oba_released import released_prune
 from taylorprune.scoring.oba_structured import RECON, RELEASED
 from taylorprune.scoring.spec import Method
 from taylorprune.scoring.wanda import activation_term
-from taylorprune.stats.hvp import dtype_option
+from taylorprune.stats.hvp_block import dtype_option
 
 MODES = ("swap", "released", "full")
 HVP_SCOPES = ("model", "block")
@@ -72,7 +72,7 @@ def _needs(options: ObaOptions) -> frozenset[str]:
         return frozenset({"act_norm_sq"})
     if options.oba_mode == "released":
         return frozenset()  # computes its residual HVPs itself, step by step, on the masked model
-    return frozenset({"oba_g", "oba_hvp"}) if options.hvp_scope == "model" else frozenset({"oba_block_hvp"})
+    return frozenset({"loss_grad", "hvp"}) if options.hvp_scope == "model" else frozenset({"block_hvp"})
 
 
 def score(weight: torch.Tensor, stats, options: ObaOptions) -> torch.Tensor:
@@ -80,10 +80,10 @@ def score(weight: torch.Tensor, stats, options: ObaOptions) -> torch.Tensor:
     if options.oba_mode == "swap":
         return activation_term(weight, stats["act_norm_sq"])
     delta = -weight
-    hv = stats["oba_hvp"] if "oba_hvp" in stats else stats["oba_block_hvp"]
+    hv = stats["hvp"] if "hvp" in stats else stats["block_hvp"]
     change = 0.5 * delta * hv.to(weight.device)
-    if options.oba_first_order and "oba_g" in stats:
-        change = change + stats["oba_g"].to(weight.device) * delta
+    if options.oba_first_order and "loss_grad" in stats:
+        change = change + stats["loss_grad"].to(weight.device) * delta
     if options.oba_normalize == "max":
         return change.abs() / change.abs().max().clamp_min(1e-30) + weight.abs()
     return change.abs()
@@ -92,7 +92,7 @@ def score(weight: torch.Tensor, stats, options: ObaOptions) -> torch.Tensor:
 METHOD = Method(
     "oba", "Optimal Brain Apoptosis: exact HVPs of the removal (swap | released | full)",
     "Sun et al., arXiv:2502.17941",
-    statistics=("act_norm_sq", "oba_g", "oba_hvp", "oba_block_hvp"), options=ObaOptions, score=score,
+    statistics=("act_norm_sq", "loss_grad", "hvp", "block_hvp"), options=ObaOptions, score=score,
     select=_needs,
     refine=lambda o: "swap" if o.oba_mode == "swap" else "none",
     prune_model=lambda o: released_prune if o.oba_mode == "released" else None,

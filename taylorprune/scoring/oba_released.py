@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from taylorprune.modeling.layout import Target
-from taylorprune.prune.masks import Pattern, nm_mask
+from taylorprune.prune.masks import Pattern, global_keep, nm_mask
 from taylorprune.stats.hvp import model_hvp_pass, streaming
 from taylorprune.stats.source import ModelContext
 
@@ -33,20 +33,6 @@ def densities(sparsity: float, steps: int) -> list[float]:
     return [(1.0 - sparsity) ** (k / steps) for k in range(1, steps + 1)]
 
 
-def global_keep(scores: list[torch.Tensor], keep: int) -> list[torch.Tensor]:
-    """Masks keeping exactly the ``keep`` highest scores over all tensors (ties: first in order)."""
-    flat = torch.cat([s.flatten() for s in scores])
-    keep = max(0, min(keep, flat.numel()))
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if keep:
-        threshold = torch.kthvalue(flat, flat.numel() - keep + 1).values
-        above = flat > threshold
-        ties = (flat == threshold).nonzero().flatten()[: keep - int(above.sum())]
-        mask = above
-        mask[ties] = True
-    return list(mask.split([s.numel() for s in scores]))
-
-
 def _step_windows(calib_ids: torch.Tensor, per_step: int, step: int) -> torch.Tensor:
     if per_step <= 0 or per_step >= len(calib_ids):
         return calib_ids
@@ -58,13 +44,13 @@ def _step_windows(calib_ids: torch.Tensor, per_step: int, step: int) -> torch.Te
 def residual_importance(ctx: ModelContext, windows: torch.Tensor, dtype: str = "float32") -> list[torch.Tensor]:
     """Σ over ``windows`` of δθ ⊙ (R·δθ) for every target (fp64), δθ = −W of the current model."""
     tick = ctx.progress("residual HVPs (windows)", len(windows))
-    wanted = frozenset({"oba_hvp", "oba_gn"})
+    wanted = frozenset({"hvp", "hvp_gn"})
     stats = model_hvp_pass(ctx.model, ctx.layout, windows, "blockwise", ctx.device, tick, wanted, dtype,
                            **streaming(ctx, wanted, dtype))
     out = []
     for t in ctx.layout.all_targets:
         delta = -t.module.weight.detach().to(torch.float64).cpu()
-        residual = stats[t.path]["oba_hvp"].double() - stats[t.path]["oba_gn"].double()
+        residual = stats[t.path]["hvp"].double() - stats[t.path]["hvp_gn"].double()
         out.append(delta * residual)
     return out
 

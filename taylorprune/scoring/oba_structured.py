@@ -24,10 +24,24 @@ from __future__ import annotations
 
 import torch
 
-from taylorprune.prune.structured import Groups, choose, groups_to_remove, removal_cost, zero
+from taylorprune.prune.structures import Groups, choose, groups_to_remove, zero
 from taylorprune.scoring.oba_released import _step_windows, residual_importance
 from taylorprune.scoring.spec import GroupScore
 from taylorprune.stats.source import ModelContext
+
+
+def removal_cost(groups: Groups, hessian: torch.Tensor) -> torch.Tensor:
+    """Exact increase of the consumer's reconstruction error ‖ΔW·X‖² (H = 2XXᵀ/N) when one group's inputs
+    vanish and nothing else changes: δθ_G·H·δθ_G = tr(W_G H_GG W_Gᵀ), δθ_G = −W[:, G]."""
+    c = groups.consumer
+    w = c.module.weight.detach().to(torch.float64)
+    h = hessian.to(w.device, torch.float64)
+    out = torch.empty(groups.size, dtype=torch.float64)
+    for g, cols in enumerate(c.index):
+        cols = cols.to(w.device)
+        wg = w[:, cols]
+        out[g] = ((wg @ h[cols][:, cols]) * wg).sum().cpu()
+    return out
 
 
 def recon_cost(groups: Groups, stats, options) -> torch.Tensor:

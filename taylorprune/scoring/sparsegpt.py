@@ -20,7 +20,7 @@ import torch
 
 from taylorprune.prune.masks import Pattern
 from taylorprune.prune.obs import ObsOptions, obs_prune, obs_swaps
-from taylorprune.prune.structured import obs_cost
+from taylorprune.prune.structures import Groups
 from taylorprune.scoring.groups import fixed
 from taylorprune.scoring.spec import GroupScore, Method
 
@@ -30,6 +30,24 @@ def solve(weight: torch.Tensor, stats, pattern: Pattern, options: ObsOptions, na
     new, saliency, info = obs_prune(weight, stats["hessian"], pattern, percdamp=options.percdamp,
                                     blocksize=options.blocksize, name=name)
     return obs_swaps(weight, stats["hessian"], pattern, info["keep"], new, options, name), saliency
+
+
+def obs_cost(groups: Groups, hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """The consumer's reconstruction error left after removing one group's inputs *and* refitting the other
+    columns optimally (structured OBS, Kurtic et al. ZipLM 2023, Ling et al. SlimGPT 2024):
+    tr(W_G·((H⁻¹)_GG)⁻¹·W_Gᵀ), H = 2XXᵀ/N damped by ``percdamp`` × its mean diagonal."""
+    c = groups.consumer
+    w = c.module.weight.detach().to(torch.float64)
+    h = hessian.to(w.device, torch.float64)
+    h = h + percdamp * torch.diagonal(h).mean().clamp_min(1e-12) * torch.eye(h.shape[0], dtype=h.dtype,
+                                                                              device=h.device)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    out = torch.empty(groups.size, dtype=torch.float64)
+    for g, cols in enumerate(c.index):
+        cols = cols.to(w.device)
+        wg = w[:, cols]
+        out[g] = (torch.linalg.solve(hinv[cols][:, cols], wg.T) * wg.T).sum().cpu()
+    return out
 
 
 GROUP = GroupScore("tr(W_G·((H⁻¹)_GG)⁻¹·W_Gᵀ): structured OBS cost on the consumer (down_proj / o_proj), the error "

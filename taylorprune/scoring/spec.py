@@ -16,7 +16,7 @@ import torch
 
 from taylorprune.options import NoOptions, Options
 from taylorprune.prune.masks import Pattern
-from taylorprune.prune.structured import Groups
+from taylorprune.prune.structures import Groups
 from taylorprune.stats.source import ModelContext
 
 # (weight fp32, {statistic: tensor}, options) -> scores, larger = more important (kept)

@@ -18,17 +18,20 @@ from safetensors import safe_open
 import taylorprune
 from taylorprune.errors import UserError
 from taylorprune.export.save import write_tensors
-from taylorprune.modeling.layout import Layout
 from taylorprune.stats.source import Stats
 
 
-def model_fingerprint(model, layout: Layout) -> str:
-    """Identity of the dense weights: config plus shape and fp64 sum/abs-sum of every target weight."""
+def model_fingerprint(model) -> str:
+    """Identity of the dense model: its config plus name, shape, dtype and fp64 sum / abs-sum of every parameter
+    and buffer (norms, embeddings and the head change what is cached as much as the pruned linears do)."""
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    for tg in layout.all_targets:
-        w = tg.module.weight.detach()
-        h.update(f"{tg.path}{tuple(w.shape)}{w.double().sum().item():.12e}{w.double().abs().sum().item():.12e}"
-                 .encode())
+    seen: set[int] = set()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if id(t) in seen or t.is_meta:
+            continue
+        seen.add(id(t))
+        x = t.detach().double()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}{x.sum().item():.12e}{x.abs().sum().item():.12e}".encode())
     return h.hexdigest()
 
 

@@ -88,9 +88,10 @@ def identity(source: Source, options: Options, model: nn.Module, layout, spec: C
              recipe: Mapping[str, object] | None = None) -> dict[str, str]:
     """What a cache file of ``source`` must have been made with to be reused."""
     calibration = {k: v for k, v in spec.describe().items() if k != "source"} if spec else {}
-    out = {"kind": source.name, "model": cache.model_fingerprint(model, layout),
+    out = {"kind": source.name, "model": cache.model_fingerprint(model),
            # the text's sha256 identifies the calibration text; its path may differ between runs
-           "calibration": json.dumps(calibration, sort_keys=True), "dtype": str(next(model.parameters()).dtype)}
+           "calibration": json.dumps(calibration, sort_keys=True), "dtype": str(next(model.parameters()).dtype),
+           "revision": str(source.revision)}
     out.update(options.identity())
     if recipe is not None:
         out["recipe"] = json.dumps(recipe, sort_keys=True, default=str)

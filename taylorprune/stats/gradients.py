@@ -30,7 +30,8 @@ from torch import nn
 from taylorprune.errors import RunError
 from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.modeling.layout import Layout
-from taylorprune.modeling.streaming import activation_bytes
+from taylorprune.modeling.placement import gradient_bytes
+from taylorprune.modeling.sweep import block_sweep, forward, in_sweeps, trainable
 from taylorprune.options import Options, option
 from taylorprune.stats.source import ModelContext, Scope, Source, Stats
 
@@ -106,31 +107,28 @@ def gradient_pass(
         model.to(device)  # the backward needs the whole model on one device (or an accelerate device map)
     input_device = model.get_input_embeddings().weight.device
     try:
-        for tg in layout.all_targets:
-            weight = tg.module.weight
-            acc = _Accumulator(tg.path, weight.shape, stats, scale / loss_scale, weight.device)
-            accs[tg.path] = acc
-            tg.module.weight.requires_grad_(True)
-            handles.append(tg.module.weight.register_post_accumulate_grad_hook(acc))
-        if checkpointing:  # transformers only checkpoints blocks in training mode; LLaMA-class dropout is 0
-            if hasattr(model, "activation_checkpointing_enable"):
-                model.activation_checkpointing_enable({"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.train()
-        for i, ids in enumerate(calib_ids):
-            loss = causal_lm_loss(model, ids.unsqueeze(0).to(input_device))
-            if not torch.isfinite(loss):
-                raise RunError(f"calibration window {i}: non-finite loss ({loss.item()}); check --dtype")
-            (loss * loss_scale).backward()
-            if on_sample:
-                on_sample(i)
+        with trainable(t.module.weight for t in layout.all_targets):
+            for tg in layout.all_targets:
+                weight = tg.module.weight
+                acc = _Accumulator(tg.path, weight.shape, stats, scale / loss_scale, weight.device)
+                accs[tg.path] = acc
+                handles.append(weight.register_post_accumulate_grad_hook(acc))
+            if checkpointing:  # transformers only checkpoints blocks in training mode; LLaMA-class dropout is 0
+                if hasattr(model, "activation_checkpointing_enable"):
+                    model.activation_checkpointing_enable({"use_reentrant": False})
+                else:
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.train()
+            for i, ids in enumerate(calib_ids):
+                loss = causal_lm_loss(model, ids.unsqueeze(0).to(input_device))
+                if not torch.isfinite(loss):
+                    raise RunError(f"calibration window {i}: non-finite loss ({loss.item()}); check --dtype")
+                (loss * loss_scale).backward()
+                if on_sample:
+                    on_sample(i)
     finally:
         for h in handles:
             h.remove()
-        for tg in layout.all_targets:
-            tg.module.weight.requires_grad_(False)
-            tg.module.weight.grad = None
         if checkpointing:
             disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
             disable()
@@ -156,26 +154,21 @@ def streamed_gradient_pass(
     runner = BlockRunner(model, layout, torch.device(device), batch_size, stream=True)
     loss_scale = FP16_LOSS_SCALE if next(model.parameters()).dtype == torch.float16 else 1.0
     totals = {t.path: _Accumulator(t.path, t.module.weight.shape, stats, 1.0) for t in layout.all_targets}
-    first = next(i for i, targets in enumerate(layout.targets) if targets)
-    weights = [t.module.weight for t in layout.all_targets]
+    first = layout.first_target_block
     was_training = model.training
     model.eval()
     try:
-        for w in weights:
-            w.requires_grad_(True)
-        for start in range(0, len(calib_ids), windows_per_sweep):
-            ids = calib_ids[start:start + windows_per_sweep]
-            stored, last = _forward_sweep(runner, ids, first)
-            adjoints = _head_adjoints(runner, ids, last, loss_scale, start)
-            del last
-            _backward_sweep(runner, stored, adjoints, first, totals, stats, scale / loss_scale)
-            for k in range(len(ids)):
-                if on_sample:
-                    on_sample(start + k)
+        with trainable(t.module.weight for t in layout.all_targets):
+            for part in in_sweeps(len(calib_ids), windows_per_sweep):
+                ids = calib_ids[part]
+                stored, last = _forward_sweep(runner, ids, first)
+                adjoints = _head_adjoints(runner, ids, last, loss_scale, part.start)
+                del last
+                _backward_sweep(runner, stored, adjoints, first, totals, stats, scale / loss_scale)
+                for k in range(len(ids)):
+                    if on_sample:
+                        on_sample(part.start + k)
     finally:
-        for w in weights:
-            w.requires_grad_(False)
-            w.grad = None
         model.train(was_training)
         runner.streamer.close()
     return {path: acc.result() for path, acc in totals.items()}
@@ -184,14 +177,13 @@ def streamed_gradient_pass(
 def _forward_sweep(runner: BlockRunner, ids: torch.Tensor, first: int) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Block inputs from block ``first`` on (in CPU memory unless computing on the CPU), and the last output."""
     offload = runner.device.type != "cpu"
-    hidden = runner.capture(ids)
     stored: dict[int, torch.Tensor] = {}
-    for i in range(len(runner.layout.blocks)):
-        with runner.on_device(i, write=False):
-            if i >= first:
-                stored[i] = hidden.to("cpu") if offload else hidden
-            hidden = runner.run(i, hidden)
-    return stored, hidden
+
+    def keep(i: int, hidden: torch.Tensor) -> None:
+        if i >= first:
+            stored[i] = hidden.to("cpu") if offload else hidden
+
+    return stored, forward(runner, runner.capture(ids), visit=keep, write=False)
 
 
 def _head_adjoints(runner: BlockRunner, ids: torch.Tensor, last: torch.Tensor, loss_scale: float,
@@ -213,44 +205,39 @@ def _head_adjoints(runner: BlockRunner, ids: torch.Tensor, last: torch.Tensor, l
 def _backward_sweep(runner: BlockRunner, stored: dict[int, torch.Tensor], adjoints: torch.Tensor, first: int,
                     totals: dict[str, _Accumulator], stats: frozenset[str], scale: float) -> None:
     """Last block first: recompute each window's block forward, pull its adjoint through, fold the gradients."""
-    for i in reversed(range(first, len(runner.layout.blocks))):
+
+    def step(i: int, adjoints: torch.Tensor) -> torch.Tensor:
         targets = runner.layout.targets[i]
-        with runner.on_device(i, write=False, prefetch=i - 1 if i > first else None):
-            weights = [t.module.weight for t in targets]
-            partial = [_Accumulator(t.path, w.shape, stats, scale, w.device) for t, w in zip(targets, weights,
-                                                                                             strict=True)]
-            need_input = i > first
-            pulled = []
-            for k in range(len(adjoints)):
-                x = stored[i][k:k + 1].to(runner.device)
-                if need_input:
-                    x.requires_grad_(True)
-                with torch.enable_grad():
-                    y = runner.call(i, x)
-                    grads = list(torch.autograd.grad(y, ([x] if need_input else []) + weights,
-                                                     grad_outputs=adjoints[k:k + 1]))
-                if need_input:
-                    pulled.append(grads.pop(0))
-                for acc, g in zip(partial, grads, strict=True):
-                    acc.fold(g)
-            for t, acc in zip(targets, partial, strict=True):
-                totals[t.path].merge(acc)
+        weights = [t.module.weight for t in targets]
+        partial = [_Accumulator(t.path, w.shape, stats, scale, w.device) for t, w in zip(targets, weights, strict=True)]
+        need_input = i > first
+        pulled = []
+        for k in range(len(adjoints)):
+            x = stored[i][k:k + 1].to(runner.device)
+            if need_input:
+                x.requires_grad_(True)
+            with torch.enable_grad():
+                y = runner.call(i, x)
+                grads = list(torch.autograd.grad(y, ([x] if need_input else []) + weights,
+                                                 grad_outputs=adjoints[k:k + 1]))
+            if need_input:
+                pulled.append(grads.pop(0))
+            for acc, g in zip(partial, grads, strict=True):
+                acc.fold(g)
+        for t, acc in zip(targets, partial, strict=True):
+            totals[t.path].merge(acc)
         del stored[i]
-        if need_input:
-            adjoints = torch.cat(pulled)
+        return torch.cat(pulled) if need_input else adjoints
+
+    block_sweep(runner, adjoints, step, blocks=range(first, len(runner.layout.blocks)), reverse=True, write=False)
 
 
 def in_memory_bytes(ctx: ModelContext, wanted: frozenset[str], checkpointing: bool) -> int:
-    """Device memory ``gradient_pass`` needs beside the weights: fp32 sums of every target weight and the
-    autograd activations of one window (a heuristic; with checkpointing, block inputs plus one block's)."""
+    """Device memory ``gradient_pass`` needs beside the weights (``placement.gradient_bytes``)."""
     numel = sum(t.module.weight.numel() for t in ctx.layout.all_targets)
-    param = next(ctx.model.parameters())
-    seqlen = ctx.calib_ids.shape[-1]
-    activations = activation_bytes(ctx.model.config, seqlen, param.element_size())
-    if checkpointing:
-        layers = max(1, ctx.model.config.num_hidden_layers)
-        activations = activations // layers + layers * seqlen * ctx.model.config.hidden_size * param.element_size()
-    return 4 * len(set(wanted) & set(GRAD_STATS)) * numel + activations
+    element = next(ctx.model.parameters()).element_size()
+    return gradient_bytes(ctx.model.config, numel, len(set(wanted) & set(GRAD_STATS)), ctx.calib_ids.shape[-1],
+                          element, checkpointing)
 
 
 @dataclass(frozen=True)

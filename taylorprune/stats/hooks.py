@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from taylorprune.modeling.blocks import BlockRunner
+from taylorprune.modeling.sweep import forward
 from taylorprune.stats.source import ModelContext, Scope, Source, Stats
 
 
@@ -63,19 +64,21 @@ def dense_activations(ctx: ModelContext, wanted: frozenset[str], options) -> Sta
     pre-pass of layer-wise allocations such as OWL, before any block is pruned)."""
     runner = BlockRunner(ctx.model, ctx.layout, ctx.device)
     tick = ctx.progress("dense activation pass (blocks)", len(ctx.layout.blocks))
-    hidden = runner.capture(ctx.calib_ids)
     out: Stats = {}
-    for i, targets in enumerate(ctx.layout.targets):
+
+    def visit(i: int, hidden: torch.Tensor) -> torch.Tensor:
+        targets = ctx.layout.targets[i]
         accs = {t.path: ActNormSq(t.module) for t in targets}
         handles = [t.module.register_forward_hook(lambda m, a, o, acc=accs[t.path]: acc.add(a[0])) for t in targets]
         try:
-            with runner.on_device(i):
-                hidden = runner.run(i, hidden)
+            hidden = runner.run(i, hidden)
         finally:
             for h in handles:
                 h.remove()
         out.update({path: {"dense_act_norm_sq": acc.result().cpu()} for path, acc in accs.items()})
-        tick(i)
+        return hidden
+
+    forward(runner, runner.capture(ctx.calib_ids), visit=visit, on_block=tick)
     return out
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from taylorprune.errors import UserError
-from taylorprune.stats import gradients, hooks, hvp
+from taylorprune.stats import gradients, hooks, hvp, hvp_block
 from taylorprune.stats.source import Scope, Source
 
 SOURCES: tuple[Source, ...] = (
@@ -17,7 +17,7 @@ SOURCES: tuple[Source, ...] = (
     hooks.DENSE_ACT_NORM_SQ,
     gradients.SOURCE,
     hvp.MODEL_SOURCE,
-    hvp.BLOCK_SOURCE,
+    hvp_block.BLOCK_SOURCE,
 )
 
 

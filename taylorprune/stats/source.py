@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from taylorprune.modeling.layout import Layout
-from taylorprune.modeling.streaming import Placement
+from taylorprune.modeling.placement import Placement
 from taylorprune.options import NoOptions, Options
 
 Stats = dict[str, dict[str, torch.Tensor]]  # {target path: {statistic: tensor}}
@@ -48,7 +48,8 @@ class Source:
     - ``compute`` (model scope): ``(ModelContext, wanted outputs, options) -> Stats``.
     ``cache_option`` names the option that holds a cache file for these statistics (None: never cached);
     ``cache_together`` are outputs computed together whenever one of them is and a cache file is written, so
-    the file serves the sibling statistics later (GBLM's l1 and l2 reductions).
+    the file serves the sibling statistics later (GBLM's l1 and l2 reductions); ``revision`` is part of every
+    cache identity, so a file written before a change of meaning is refused instead of misread.
     """
 
     name: str
@@ -60,6 +61,7 @@ class Source:
     compute: Callable[..., Stats] | None = None
     cache_option: str | None = None
     cache_together: tuple[str, ...] = ()
+    revision: int = 1  # raised when what a cache file holds changes meaning (a renamed statistic)
 
     def __post_init__(self) -> None:
         linear = self.scope is Scope.LINEAR

@@ -20,39 +20,35 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from taylorprune.modeling.blocks import BlockRunner, patched_forwards
+from taylorprune.errors import RunError
+from taylorprune.modeling.blocks import BlockRunner
+from taylorprune.modeling.sweep import forward, next_token_loss
+from taylorprune.prune.structures.groups import choose
+from taylorprune.prune.structures.spec import BlockOptions
 
 
 @torch.no_grad()
 def block_influence(runner: BlockRunner, hidden: torch.Tensor, tick: Callable[[int], None]) -> torch.Tensor:
     """1 − mean cos(input, output) per block, blocks run one after another (dense)."""
     scores = []
-    for i in range(len(runner.layout.blocks)):
-        with runner.on_device(i):
-            out = runner.run(i, hidden)
-        cos = torch.nn.functional.cosine_similarity(hidden.to(torch.float32), out.to(torch.float32), dim=-1)
+
+    def visit(i: int, inputs: torch.Tensor) -> torch.Tensor:
+        out = runner.run(i, inputs)
+        cos = torch.nn.functional.cosine_similarity(inputs.to(torch.float32), out.to(torch.float32), dim=-1)
         scores.append(1.0 - cos.mean().item())
-        hidden = out
-        tick(i)
+        return out
+
+    forward(runner, hidden, visit=visit, on_block=tick)
     return torch.tensor(scores, dtype=torch.float64)
 
 
 def _loss_from(runner: BlockRunner, start: int, hidden: torch.Tensor, ids: torch.Tensor) -> float:
     """Mean next-token cross-entropy of ``ids`` when blocks ``start``.. run on ``hidden`` (the model's own head)."""
-    for j in range(start, len(runner.layout.blocks)):
-        with runner.on_device(j):
-            hidden = runner.run(j, hidden)
-    model, blocks = runner.model, runner.layout.blocks
-    home = model.get_input_embeddings().weight.device  # the head runs where the model keeps it (blocks may stream)
+    hidden = forward(runner, hidden, start=start)
     losses = []
-    for h, chunk in zip(hidden.split(runner.batch_size), ids.split(runner.batch_size), strict=True):
-        with patched_forwards(blocks, [lambda *a, h=h.to(home), **k: h] * len(blocks)):
-            logits = model(input_ids=chunk.to(home), use_cache=False).logits
-        logits = logits[:, :-1].to(torch.float32)
-        target = chunk[:, 1:].to(logits.device)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                 reduction="sum")
-        losses.append(loss.item())
+    with runner.outside_on_device(head=True):
+        for h, chunk in zip(hidden.split(runner.batch_size), ids.split(runner.batch_size), strict=True):
+            losses.append(next_token_loss(runner.head(chunk, h).logits, chunk, "sum").item())
     return sum(losses) / (ids.shape[0] * (ids.shape[1] - 1))
 
 
@@ -62,11 +58,11 @@ def skip_loss(runner: BlockRunner, hidden: torch.Tensor, ids: torch.Tensor,
     """(loss increase per skipped block, dense loss) on the calibration windows ``ids``."""
     dense = _loss_from(runner, 0, hidden, ids)
     scores = []
-    for i in range(len(runner.layout.blocks)):
-        scores.append(_loss_from(runner, i + 1, hidden, ids) - dense)  # block i skipped: its input goes on
-        with runner.on_device(i):
-            hidden = runner.run(i, hidden)
-        tick(i)
+
+    def visit(i: int, inputs: torch.Tensor) -> None:
+        scores.append(_loss_from(runner, i + 1, inputs, ids) - dense)  # block i skipped: its input goes on
+
+    forward(runner, hidden, visit=visit, on_block=tick)
     return torch.tensor(scores, dtype=torch.float64), dense
 
 
@@ -87,3 +83,19 @@ def drop_blocks(model: nn.Module, blocks: nn.ModuleList, drop: list[int]) -> Non
         if isinstance(value, list) and len(value) == total and not key.startswith("_"):
             setattr(config, key, [v for i, v in enumerate(value) if i not in set(drop)])
     config.num_hidden_layers = len(kept)
+
+
+def prune_depth(runner: BlockRunner, calib_ids: torch.Tensor, options: BlockOptions, count: int,
+                tick: Callable[[int], None]) -> dict:
+    """Rank the blocks on the dense model, delete the ``count`` lowest; returns what the report records."""
+    hidden = runner.capture(calib_ids)
+    extra = {}
+    if options.block_score == "influence":
+        scores = block_influence(runner, hidden, tick)
+    else:
+        scores, extra["dense_calibration_loss"] = skip_loss(runner, hidden, calib_ids, tick)
+    if not torch.isfinite(scores).all():
+        raise RunError(f"non-finite block scores ({options.block_score}); try --dtype float32")
+    drop = choose(scores, count).tolist()
+    drop_blocks(runner.model, runner.layout.blocks, drop)
+    return {"block_score": options.block_score, "block_scores": scores.tolist(), "blocks_removed": drop, **extra}

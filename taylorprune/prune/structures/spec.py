@@ -1,0 +1,96 @@
+"""The structures ``--structure`` removes for real, and the options of each (one ``Structure`` per kind).
+
+A *group* is everything that goes when one structure goes (``structures.groups``):
+
+- ``neurons``: MLP channel j = row j of gate_proj and up_proj and column j of down_proj (its consumer);
+- ``heads``, ``--head-mode query-heads``: query head h = its head_dim rows of q_proj and columns of o_proj; the
+  same number is removed from every KV group, so num_attention_heads stays a multiple of num_key_value_heads;
+- ``heads``, ``--head-mode kv-groups``: KV group g = key and value head g (rows of k_proj, v_proj) with its query
+  heads (rows of q_proj, columns of o_proj); the q-per-kv ratio is unchanged;
+- ``blocks``: whole decoder blocks (``structures.depth``).
+
+Widths stay uniform: every decoder block loses the same count of each structure (``structures.shape``), so the
+output has one intermediate_size and one head count and is a standard architecture; head_dim never changes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from taylorprune.errors import UserError
+from taylorprune.options import Options, option
+
+KINDS = ("neurons", "heads", "blocks")
+WIDTH_KINDS = ("heads", "neurons")  # order inside a block: attention first, then the MLP it feeds
+HEAD_MODES = ("kv-groups", "query-heads")
+BLOCK_SCORES = ("influence", "loss")
+# Statistics taken on the consumer of a kind's groups only (down_proj, o_proj): its XXᵀ, for compensation and the
+# scores that read the consumer's reconstruction error; every other statistic is taken on all member linears.
+CONSUMER_STATS = frozenset({"hessian"})
+
+
+def _compensate():
+    return option(True, "Refit the consumer of removed channels (down_proj for neurons, o_proj for heads) by least "
+                  "squares on the calibration activations of its kept inputs (off: plain removal, for ablations).")
+
+
+def _percdamp():
+    return option(0.01, "Compensation: dampening of H_KK as a fraction of its mean diagonal.", minimum=0)
+
+
+@dataclass(frozen=True)
+class NeuronOptions(Options):
+    compensate: bool = _compensate()
+    compensate_damp: float = _percdamp()
+
+
+@dataclass(frozen=True)
+class HeadOptions(Options):
+    head_mode: str = option("kv-groups", "kv-groups (remove whole KV groups: a key/value head with its query heads) "
+                            "or query-heads (the same number of query heads from every KV group).",
+                            choices=HEAD_MODES)
+    compensate: bool = _compensate()
+    compensate_damp: float = _percdamp()
+
+
+@dataclass(frozen=True)
+class BlockOptions(Options):
+    block_score: str = option("influence", "How decoder blocks are ranked: influence (1 − cosine of a block's input "
+                              "and output, ShortGPT) or loss (exact calibration-loss increase when the block is "
+                              "skipped, one forward per block).", choices=BLOCK_SCORES)
+
+
+@dataclass(frozen=True)
+class Structure:
+    """One kind of structure: its options and the statistics its stage needs (the consumer's XXᵀ to compensate)."""
+
+    name: str
+    summary: str
+    options: type[Options]
+
+    def needs(self, options: Options) -> frozenset[str]:
+        return CONSUMER_STATS if getattr(options, "compensate", False) else frozenset()
+
+
+STRUCTURES: dict[str, Structure] = {
+    "neurons": Structure("neurons", "MLP channels: rows of gate/up, columns of down_proj", NeuronOptions),
+    "heads": Structure("heads", "attention heads (whole KV groups or query heads per group)", HeadOptions),
+    "blocks": Structure("blocks", "whole decoder blocks (depth)", BlockOptions),
+}
+
+
+def parse_structures(text: str) -> tuple[str, ...]:
+    """``--structure neurons,heads`` as names in processing order (blocks first, then heads, then neurons)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in STRUCTURES]
+    if not names or bad:
+        raise UserError(f"--structure {text}: choose from {', '.join(KINDS)} (comma-separated to combine)")
+    if len(set(names)) != len(names):
+        raise UserError(f"--structure {text}: a structure is named twice")
+    return tuple(n for n in ("blocks", *WIDTH_KINDS) if n in names)
+
+
+def count_of(ratio: float, total: int) -> int:
+    """Structures removed out of ``total`` for a ratio: rounded half up."""
+    return int(math.floor(ratio * total + 0.5))
