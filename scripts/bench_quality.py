@@ -107,11 +107,11 @@ def run_config(model: Path, work: Path, name: str, extra: list[str], pattern: st
     rep = json.loads((out / "taylorprune_report.json").read_text())
     for weights in out.glob("*.safetensors"):  # ~0.5 GB a row; the report is what the table needs
         weights.unlink()
-    return {"name": name, "pattern": pattern, "ppl": rep["evaluation"]["perplexity"],
+    return {"name": name, "pattern": pattern, "ppl": rep["metrics"]["perplexity"],
             "prune_s": rep["phases_s"]["prune"], "rss_mib": rep["peak_memory_mib"]["rss_mib"],
             "model_stats_s": rep["phases_s"].get("model_statistics", 0.0),
             "phases_s": rep["phases_s"], "achieved_sparsity": rep["achieved_sparsity"],
-            "windows": rep["evaluation"]["windows"], "args": extra,
+            "windows": rep["evaluation"]["perplexity"]["windows"], "args": extra,
             "calib_windows": (rep["calibration"] or {}).get("nsamples", 0)}
 
 

@@ -128,7 +128,7 @@ def run_config(model: Path, work: Path, proto: dict, name: str, structure: str, 
                 "--overwrite")
     rep = json.loads((out / "taylorprune_report.json").read_text())
     st = rep["structured"]
-    return {"name": name, "structure": structure, "target": target, "ppl": rep["evaluation"]["perplexity"],
+    return {"name": name, "structure": structure, "target": target, "ppl": rep["metrics"]["perplexity"],
             "parameters": st["parameters"]["after"], "removed_fraction": st["parameters"]["removed_fraction"],
             "bytes": st["file_bytes"]["after"], "config": st["config"], "speed": st["speed"],
             "prune_s": sum(v for k, v in rep["phases_s"].items() if k in ("model_statistics", "select", "prune",

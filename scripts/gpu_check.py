@@ -186,12 +186,12 @@ def ours(bench: Bench, model_dir: Path, method: str, nsamples: int | None = None
     t0 = time.perf_counter()
     pruned = pipeline.prune(pipeline.RunOptions(**options))
     sync(bench.device)
-    phases = pruned.phases
+    phases = pruned.phases_s
     out = {"prune_s": phases.get("prune", 0.0), "stats_s": phases.get("model_statistics", 0.0),
            "load_s": phases.get("load", 0.0), "total_s": time.perf_counter() - t0,
            "placement": pruned.placement.mode if pruned.placement else None,
            "streamed": [e.split(":", 1)[1] for e in pruned.events if e.startswith("streamed:")],
-           "peak_gpu_gib": peak_gib(bench.device), "sparsity": pruned.result.sparsity}
+           "peak_gpu_gib": peak_gib(bench.device), "sparsity": pruned.achieved_sparsity}
     if keep_masks:
         from taylorprune.modeling.layout import find_layout
 

@@ -40,6 +40,7 @@ class Spec:
     below: float | None = None  # exclusive upper bound
     identity: bool = True  # changes the result (False: cache paths, performance switches)
     memory_hint: str | None = None  # how this option lowers peak memory (named in out-of-memory errors)
+    required: bool = False  # no default: a value must be given (``--model``)
     name: str = ""
     kind: type = str
     optional: bool = False
@@ -97,7 +98,8 @@ class Spec:
                   (self.above, lambda v, b: v > b, "above"), (self.below, lambda v, b: v < b, "below"))
         for bound, ok, words in bounds:
             if bound is not None and not ok(value, bound):
-                raise UserError(f"{self.flag} {value}: must be {words} {bound:g}")
+                shown = f"{value:g}" if isinstance(value, float) else value
+                raise UserError(f"{self.flag} {shown}: must be {words} {bound:g}")
 
 
 def _as_int(value: Any) -> int:
@@ -110,10 +112,10 @@ def _as_int(value: Any) -> int:
 
 def option(default: Any, help: str, *, choices: Iterable[str] | None = None, minimum: float | None = None,
            maximum: float | None = None, above: float | None = None, below: float | None = None,
-           identity: bool = True, memory_hint: str | None = None) -> Any:
+           identity: bool = True, memory_hint: str | None = None, required: bool = False) -> Any:
     """A dataclass field of an ``Options`` class, with everything the CLI and the checks need."""
     spec = Spec(default, help, tuple(choices) if choices is not None else None, minimum, maximum, above, below,
-                identity, memory_hint)
+                identity, memory_hint, required)
     return field(default=default, metadata={"taylorprune": spec})
 
 
@@ -152,6 +154,9 @@ class Options:
     @classmethod
     def build(cls, values: Mapping[str, Any]) -> Options:
         """An instance from the entries of ``values`` this class declares (others are ignored), validated."""
+        missing = [s.flag for s in cls.specs() if s.required and values.get(s.name) is None]
+        if missing:
+            raise UserError(f"{missing[0]} is required")
         given = {s.name: s.convert(values[s.name]) for s in cls.specs() if s.name in values}
         made = cls(**given)
         made.check()

@@ -95,5 +95,5 @@ def test_a_second_run_reads_calibration_and_evaluation_tokens_from_the_cache(tmp
     assert len(entries(fresh_cache)) == 2  # calibration windows and the tokenized evaluation text
     no_tokenizing(monkeypatch)
     second = pipeline.prune(pipeline.RunOptions(output=str(tmp_path / "b"), **opts))
-    assert second.evaluation["perplexity"] == first.evaluation["perplexity"] and second.spec == first.spec
-    assert second.result.linears == first.result.linears
+    assert second.metrics["perplexity"] == first.metrics["perplexity"] and second.spec == first.spec
+    assert second.linears == first.linears

@@ -49,7 +49,7 @@ def test_outputs_load_with_from_pretrained_and_have_the_pattern(runs):
             else:
                 assert ((w == 0).sum(1) == w.shape[1] // 2).all()
         assert report["calibration"]["tokens"] == 256 and report["calibration"]["sampling"] == "sequential"
-        assert report["evaluation"]["windows"] == 3 and report["evaluation"]["perplexity"] > 1
+        assert report["evaluation"]["perplexity"]["windows"] == 3 and report["metrics"]["perplexity"] > 1
         assert set(report["versions"]) >= {"torch", "transformers", "taylorprune"}
         assert (folder / "tokenizer.json").is_file() and (folder / "generation_config.json").is_file()
 
@@ -85,9 +85,11 @@ def test_eval_json_and_run_eval_agree(runs, tmp_path):
                  "--max-windows", "3", "--json", out)
     assert res.exit_code == 0, res.output
     got = json.loads(out.read_text())
-    assert set(got) == {"perplexity", "dataset", "seqlen", "windows", "tokens", "model", "tokenizer"}
+    assert set(got) == {"perplexity", "dataset", "seqlen", "windows", "tokens", "model", "tokenizer", "evaluation",
+                        "metrics"}
+    assert got["evaluation"]["perplexity"]["perplexity"] == got["metrics"]["perplexity"] == got["perplexity"]
     report = json.loads((runs["s50"] / "taylorprune_report.json").read_text())
-    assert got["perplexity"] == pytest.approx(report["evaluation"]["perplexity"], rel=1e-9)
+    assert got["perplexity"] == pytest.approx(report["metrics"]["perplexity"], rel=1e-9)
     assert got["tokens"] == 3 * 128
 
 
@@ -96,7 +98,7 @@ def test_pruning_hurts_but_does_not_destroy(runs, stories_dir, tmp_path):
                  "--max-windows", "3", "--json", tmp_path / "d.json")
     assert res.exit_code == 0, res.output
     dense = json.loads((tmp_path / "d.json").read_text())["perplexity"]
-    pruned = json.loads((runs["s50"] / "taylorprune_report.json").read_text())["evaluation"]["perplexity"]
+    pruned = json.loads((runs["s50"] / "taylorprune_report.json").read_text())["metrics"]["perplexity"]
     assert dense < pruned < 20 * dense
 
 

@@ -37,7 +37,7 @@ def test_every_method_prunes_and_evaluates_a_gguf_input(tmp_path, method):
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "o" / "taylorprune_report.json").read_text())
     assert report["achieved_sparsity"] == pytest.approx(0.5) and report["source"]["gguf_file"] == GGUF.name
-    assert 1 < report["evaluation"]["perplexity"] < 1e4
+    assert 1 < report["metrics"]["perplexity"] < 1e4
     assert "quantization_config" not in json.loads((tmp_path / "o" / "config.json").read_text())
 
 
@@ -49,7 +49,7 @@ def test_gguf_calibration_method_equals_the_folder_run(tmp_path):
         assert res.exit_code == 0, res.output
         reports[name] = json.loads((tmp_path / name / "taylorprune_report.json").read_text())
     assert [r["zeros"] for r in reports["gguf"]["linears"]] == [r["zeros"] for r in reports["folder"]["linears"]]
-    assert reports["gguf"]["evaluation"]["perplexity"] == pytest.approx(reports["folder"]["evaluation"]["perplexity"],
+    assert reports["gguf"]["metrics"]["perplexity"] == pytest.approx(reports["folder"]["metrics"]["perplexity"],
                                                                         rel=1e-4)
 
 

@@ -12,6 +12,7 @@ from taylorprune.cli import app
 from taylorprune.errors import UserError
 from taylorprune.modeling import loading
 from taylorprune.modeling.layout import find_layout
+from taylorprune.pipeline.phases.calibration import load_calibration
 from taylorprune.stats import gradients
 from taylorprune.stats.gradients import gradient_pass
 
@@ -79,7 +80,7 @@ def opts(tmp_path, **kw):
 
 
 def masks_of(pruned):
-    return {t["name"]: pruned.loaded.model.get_submodule(t["name"]).weight.ne(0) for t in pruned.result.linears}
+    return {t["name"]: pruned.loaded.model.get_submodule(t["name"]).weight.ne(0) for t in pruned.linears}
 
 
 def test_gblm_with_alpha_zero_is_exactly_wanda(tmp_path, tiny_dirs):
@@ -98,7 +99,7 @@ def test_gradients_are_taken_on_the_dense_model(tmp_path, tiny_dirs):
     pipeline.prune(opts(tmp_path, model=m, method="fisher", pattern="2:4", method_options={"grad_cache": str(cache)}))
     dense = loading.load(str(m)).model
     layout = find_layout(dense)
-    calib = pipeline.load_calibration(opts(tmp_path, model=m), loading.load(str(m)).tokenizer, 32)[0]
+    calib = load_calibration(opts(tmp_path, model=m).calib, loading.load(str(m)).tokenizer, 32)[0]
     direct = gradient_pass(dense, layout, calib, frozenset({"grad_l2"}))
     with safe_open(str(cache), "pt") as f:
         for t in layout.all_targets:

@@ -114,7 +114,7 @@ def test_save_scores_one_fp32_tensor_per_target(tmp_path, tiny_dirs, method, ext
     pruned = pipeline.prune(opts)
     with safe_open(str(out), "pt") as f:
         keys = set(f.keys())
-        assert keys == {lin["name"] for lin in pruned.result.linears}
+        assert keys == {lin["name"] for lin in pruned.linears}
         for k in keys:
             t = f.get_tensor(k)
             assert t.dtype == torch.float32 and t.shape == pruned.loaded.model.get_submodule(k).weight.shape
@@ -161,7 +161,7 @@ def test_block_scope_hvp_cache_reused_only_for_the_same_recipe(tmp_path, tiny_di
     hooks = pipeline.Hooks()
     second = pipeline.prune(opts(0.5), hooks)
     assert hooks.events == ["hvp_cache_hit"]
-    for lin in first.result.linears:
+    for lin in first.linears:
         a = first.loaded.model.get_submodule(lin["name"]).weight
         assert torch.equal(a, second.loaded.model.get_submodule(lin["name"]).weight)
     with pytest.raises(UserError, match="recipe"):
@@ -293,11 +293,11 @@ def test_released_mode_prunes_globally_in_steps_on_the_masked_model(tmp_path, ti
     pruned = pipeline.prune(opts)
     assert [n for n, _ in seen] == [2, 2, 2]
     assert seen[0][1] == 0 and 0 < seen[1][1] < seen[2][1]  # importance recomputed on the masked model
-    total = sum(lin["numel"] for lin in pruned.result.linears)
-    assert sum(lin["zeros"] for lin in pruned.result.linears) == total - int(0.4 * total)
-    assert len({round(lin["sparsity"], 3) for lin in pruned.result.linears}) > 3  # one global threshold
+    total = sum(lin["numel"] for lin in pruned.linears)
+    assert sum(lin["zeros"] for lin in pruned.linears) == total - int(0.4 * total)
+    assert len({round(lin["sparsity"], 3) for lin in pruned.linears}) > 3  # one global threshold
     with pytest.raises(Exception, match="whole model"):
-        pipeline.prune(pipeline.RunOptions(**{**opts.__dict__, "update": "obs"}))
+        pipeline.prune(opts.replace(update="obs"))
 
 
 def test_hvps_of_a_bf16_model_run_in_fp32_and_leave_its_weights_untouched(tiny_dirs):

@@ -83,9 +83,9 @@ def test_indefinite_hessian_falls_back_to_plain_masking_with_a_warning(tmp_path,
 
     monkeypatch.setattr(obs, "DAMP_RETRIES", ())  # every Cholesky "fails"
     res = pipeline.prune(run_opts(tmp_path, tiny_dirs["llama"], method="sparsegpt", pattern="2:4"))
-    assert len(res.result.warnings) == len(res.result.linears)
-    assert "fell back" in res.result.warnings[0]
-    for lin in res.result.linears:
+    assert len(res.warnings) == len(res.linears)
+    assert "fell back" in res.warnings[0]
+    for lin in res.linears:
         assert check_nm(res.loaded.model.get_submodule(lin["name"]).weight, 2, 4)
 
 
@@ -98,19 +98,19 @@ def test_update_obs_keeps_the_scorers_mask_in_the_engine(tmp_path, tiny_dirs):
     plain = pipeline.prune(run_opts(tmp_path, tiny_dirs["llama"], method="wanda", sparsity=0.5))
     obs = pipeline.prune(run_opts(tmp_path, tiny_dirs["llama"], method="wanda", sparsity=0.5, update="obs"))
     changed = 0
-    for lin in plain.result.linears:
+    for lin in plain.linears:
         a = plain.loaded.model.get_submodule(lin["name"]).weight
         b = obs.loaded.model.get_submodule(lin["name"]).weight
         if lin["name"].endswith("layers.0.self_attn.q_proj"):  # block 0 sees identical inputs in both runs
             assert torch.equal(a != 0, b != 0)
         changed += int(not torch.equal(a, b))
         assert ((b == 0).sum(1) == b.shape[1] // 2).all()
-    assert changed == len(plain.result.linears)
+    assert changed == len(plain.linears)
 
 
 def test_sparsegpt_through_engine_with_2_4(tmp_path, tiny_dirs):
     res = pipeline.prune(run_opts(tmp_path, tiny_dirs["qwen2"], method="sparsegpt", pattern="2:4"))
-    for lin in res.result.linears:
+    for lin in res.linears:
         assert check_nm(res.loaded.model.get_submodule(lin["name"]).weight, 2, 4)
 
 

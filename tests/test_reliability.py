@@ -167,12 +167,12 @@ def test_non_finite_scores_name_the_layer(tmp_path, model_copy):
 
 
 def test_out_of_memory_names_the_phase(tmp_path, model_copy, monkeypatch):
-    import taylorprune.pipeline.flow as pipeline
+    import taylorprune.pipeline.phases.unstructured as unstructured
 
     def boom(*a, **k):
         raise MemoryError
 
-    monkeypatch.setattr(pipeline, "prune_layers", boom)
+    monkeypatch.setattr(unstructured, "prune_layers", boom)
     expect_user_error(run_args(model_copy, tmp_path / "o", "--sparsity", "0.5"), "while pruning with wanda", code=1)
 
 

@@ -279,17 +279,17 @@ def test_sweep_reuses_gradients_and_keeps_models(stories_dir, tmp_path):
 def test_sweep_keeps_going_when_one_point_fails(stories_dir, tmp_path, monkeypatch):
     import matplotlib.image
 
-    from taylorprune import pipeline
     from taylorprune.errors import RunError
+    from taylorprune.pipeline import sweep
 
-    real = pipeline.prune
+    real = sweep.prune
 
     def flaky(opts, hooks=None):
-        if opts.sparsity == 0.3:
+        if opts.target.sparsity == 0.3:
             raise RunError("model.layers.0.mlp.up_proj: 3 non-finite importance scores")
         return real(opts, hooks)
 
-    monkeypatch.setattr(pipeline, "prune", flaky)
+    monkeypatch.setattr(sweep, "prune", flaky)
     out = tmp_path / "sweep"
     res = invoke("sweep", "--model", stories_dir, "--methods", "magnitude", "--sparsities", "0.3,0.5", *SWEEP_EVAL,
                  "--out", out)
@@ -303,16 +303,16 @@ def test_sweep_keeps_going_when_one_point_fails(stories_dir, tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_interrupted_sweep_keeps_the_points_it_finished(stories_dir, tmp_path, monkeypatch):
-    from taylorprune import pipeline
+    from taylorprune.pipeline import sweep
 
-    real = pipeline.prune
+    real = sweep.prune
 
     def interrupted(opts, hooks=None):
-        if opts.sparsity == 0.5:
+        if opts.target.sparsity == 0.5:
             raise KeyboardInterrupt
         return real(opts, hooks)
 
-    monkeypatch.setattr(pipeline, "prune", interrupted)
+    monkeypatch.setattr(sweep, "prune", interrupted)
     out = tmp_path / "sweep"
     res = invoke("sweep", "--model", stories_dir, "--methods", "magnitude", "--sparsities", "0.3,0.5", *SWEEP_EVAL,
                  "--out", out)

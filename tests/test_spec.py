@@ -121,7 +121,7 @@ def test_statistic_options_belong_to_the_methods_that_use_them():
     assert resolve("gblm", values={"grad_scale": "10"}).options_of(
         next(s for s, _ in resolve("gblm").sources if s.name == "gradients")).grad_scale == 10.0
     with pytest.raises(UserError, match="updates weights itself"):
-        resolve("sparsegpt", "obs")
+        resolve("sparsegpt", {"update": "obs"})
     assert parse_assignments(["--grad-norm=l1"]) == {"grad_norm": "l1"}
 
 
@@ -133,7 +133,7 @@ def test_validate_returns_the_plan_prune_follows(tmp_path):
 
 
 def test_out_of_memory_advice_names_the_runs_own_memory_options(tmp_path, monkeypatch):
-    import taylorprune.pipeline.flow as flow
+    import taylorprune.pipeline.phases.unstructured as flow
 
     def boom(*a, **k):
         raise MemoryError

@@ -148,9 +148,9 @@ def test_stream_flag_takes_every_pass_block_by_block_with_the_same_result(tmp_pa
     passes = [e for e in streamed.events if e.startswith("streamed:")]
     assert passes == ["streamed:" + ("gradients" if method == "gblm" else "hvp"), "streamed:evaluation"]
     assert mask_agreement(plain, streamed) > 0.999
-    assert streamed.evaluation["perplexity"] == pytest.approx(plain.evaluation["perplexity"], rel=1e-4)
+    assert streamed.metrics["perplexity"] == pytest.approx(plain.metrics["perplexity"], rel=1e-4)
     report = pipeline.build_report(streamed)
-    assert report["placement"]["mode"] == "stream" and report["streamed_passes"] == [p[9:] for p in passes]
+    assert report["source"]["placement"]["mode"] == "stream" and report["streamed_passes"] == [p[9:] for p in passes]
     assert report["wall_s"] >= report["phases_s"]["startup"] > 0
 
 

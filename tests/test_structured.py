@@ -262,7 +262,7 @@ def test_structured_runs_end_to_end_on_stories260k(stories_dir, tmp_path, extra)
     assert {k: config[k] for k in st["config"]} == st["config"]
     assert st["parameters"]["after"] < st["parameters"]["before"] and st["file_bytes"]["after"] < st["file_bytes"][
         "before"]
-    assert st["speed"]["decode_ratio"] > 0 and len(st["per_block"]) == config["num_hidden_layers"] * (
+    assert report["evaluation"]["speed"]["decode_ratio"] > 0 and len(st["per_block"]) == config["num_hidden_layers"] * (
         extra[1] != "blocks")
     model = _load(out)
     assert model.generate(_ids(1, 4), max_new_tokens=3, do_sample=False).shape == (1, 7)

@@ -14,42 +14,49 @@ from taylorprune.cli.console import err, guarded, out, progress
 
 def check(
     candidate: str = typer.Option(..., help="Eval JSON (`eval --json`), a taylorprune_report.json, or a model "
-                                  "folder (evaluated now with the eval options below)."),
-    baseline: str = typer.Option(None, help="Same kinds as --candidate; needed by --max-ppl-increase."),
-    max_ppl_increase: str = typer.Option(None, help="Allowed rise over the baseline: 5% or 0.05 "
+                                  "folder / .gguf file (evaluated now with the eval options below)."),
+    baseline: str = typer.Option(None, help="Same kinds as --candidate; needed by relative limits."),
+    max_ppl_increase: str = typer.Option(None, help="Allowed rise of perplexity over the baseline: 5% or 0.05 "
                                          "(candidate ppl <= baseline × 1.05)."),
     max_ppl: float = typer.Option(None, help="Absolute ceiling on the candidate's perplexity."),
+    max_increase: list[str] = typer.Option(None, help="METRIC=AMOUNT (repeatable): allowed rise of a metric where "
+                                           "lower is better, a percentage of the baseline (perplexity=5%) or an "
+                                           "absolute amount (perplexity=2)."),
+    max_drop: list[str] = typer.Option(None, help="METRIC=AMOUNT (repeatable): allowed fall of a metric where "
+                                       "higher is better (prefill_ratio=10%, an accuracy=0.01)."),
     min_sparsity: float = typer.Option(None, help="Minimum sparsity read from the candidate's weights (the "
                                        "report's linears, else 2-D weights in decoder blocks)."),
-    allow_mismatch: bool = typer.Option(False, help="Compare even if dataset/seqlen/windows/tokens differ."),
-    dataset: str = typer.Option("wikitext2", help=f"Folders only: test split ({', '.join(EVAL_DATASETS)})."),
-    text_file: str = typer.Option(None, help="Folders only: evaluate on this text file instead."),
-    seqlen: int = typer.Option(None, help="Folders only: window length [default: min(2048, max positions)]."),
-    max_windows: int = typer.Option(None, help="Folders only: evaluate at most this many windows."),
-    device: str = typer.Option("auto", help="Folders only: auto, cpu, cuda, ..."),
-    dtype: str = typer.Option("auto", help="Folders only: auto, float32, bfloat16 or float16."),
+    allow_mismatch: bool = typer.Option(False, help="Compare even if the evaluation settings differ."),
+    dataset: str = typer.Option("wikitext2", help=f"Models only: test split ({', '.join(EVAL_DATASETS)})."),
+    text_file: str = typer.Option(None, help="Models only: evaluate on this text file instead."),
+    seqlen: int = typer.Option(None, help="Models only: window length (default: min(2048, max positions))."),
+    max_windows: int = typer.Option(None, help="Models only: evaluate at most this many windows."),
+    device: str = typer.Option("auto", help="Models only: auto, cpu, cuda, ..."),
+    dtype: str = typer.Option("auto", help="Models only: auto, float32, bfloat16 or float16."),
     json_out: Path = typer.Option(None, "--json", help="Write the verdict as JSON here."),
     junit: Path = typer.Option(None, help="Write JUnit XML here (one testcase per check)."),
 ) -> None:
     """Gate a candidate against a baseline: exit 0 within tolerance, 1 on a regression, 2 on bad input."""
     from taylorprune.errors import RunError
     from taylorprune.report import check as chk
+    from taylorprune.report import check_sides as sides
     from taylorprune.report.junit import write_junit
 
     with guarded() as session:
-        limits = chk.Limits(chk.parse_increase(max_ppl_increase) if max_ppl_increase is not None else None,
-                            max_ppl, min_sparsity)
-        chk.validate_limits(limits, baseline is not None)
-        settings = chk.EvalSettings(dataset, text_file, seqlen, max_windows, device, dtype)
-        cand_path = chk.existing(candidate, "--candidate")
-        base_path = chk.existing(baseline, "--baseline") if baseline is not None else None
-        weights_dir = chk.weights_folder(cand_path) if min_sparsity is not None else None
-        if cand_path.is_dir() or (base_path is not None and base_path.is_dir()):
-            chk.validate_eval_settings(settings)
+        gates = chk.legacy_gates(max_ppl_increase, max_ppl)
+        gates += [chk.parse_gate(g, "increase", "--max-increase") for g in max_increase or []]
+        gates += [chk.parse_gate(g, "drop", "--max-drop") for g in max_drop or []]
+        chk.validate_gates(gates, min_sparsity, baseline is not None)
+        settings = sides.EvalSettings(dataset, text_file, seqlen, max_windows, device, dtype)
+        cand_path = sides.existing(candidate, "--candidate")
+        base_path = sides.existing(baseline, "--baseline") if baseline is not None else None
+        weights_dir = sides.weights_folder(cand_path) if min_sparsity is not None else None
+        if sides.is_model(cand_path) or (base_path is not None and sides.is_model(base_path)):
+            sides.validate_eval_settings(settings)
         with progress() as bar:
-            base, cand = chk.load_sides(base_path, cand_path, settings, allow_mismatch, lambda: session.hooks(bar))
-        sparsity = chk.candidate_sparsity(weights_dir) if weights_dir is not None else None
-        verdict = chk.verdict(base, cand, limits, sparsity, allow_mismatch)
+            base, cand = sides.load_sides(base_path, cand_path, settings, allow_mismatch, lambda: session.hooks(bar))
+        sparsity = sides.candidate_sparsity(weights_dir) if weights_dir is not None else None
+        verdict = chk.verdict(base, cand, gates, sparsity, min_sparsity, allow_mismatch)
         if verdict.mismatch:
             err.print(f"[yellow]warning:[/] compared despite different eval settings: {'; '.join(verdict.mismatch)}",
                       highlight=False, soft_wrap=True)
@@ -64,14 +71,14 @@ def check(
                            f"({'; '.join(c.detail for c in failed)})")
 
 
-def _check_cells(name: str, value: float | None, limit: float) -> tuple[str, str]:
+def _check_cells(value: float | None, limit: float, relative: bool) -> tuple[str, str]:
     if value is None or not math.isfinite(value):
         shown = str(value)
-    elif name == "ppl_increase":
+    elif relative:
         shown = f"{value:+.2%}"
     else:
         shown = f"{value:.4f}"
-    return shown, (f"{limit:+.2%}" if name == "ppl_increase" else f"{limit:g}")
+    return shown, (f"{limit:+.2%}" if relative else f"{limit:g}")
 
 
 def show_verdict(verdict) -> None:
@@ -79,12 +86,11 @@ def show_verdict(verdict) -> None:
     for col, justify in (("check", "left"), ("value", "right"), ("limit", "right"), ("result", "left")):
         table.add_column(col, justify=justify)
     for c in verdict.checks:
-        value, limit = _check_cells(c.name, c.value, c.limit)
+        value, limit = _check_cells(c.value, c.limit, c.relative)
         table.add_row(c.name, value, limit, "[green]pass[/]" if c.passed else "[bold red]FAIL[/]")
-    cand = verdict.candidate
-    parts = [f"candidate ppl {cand['perplexity']:.4f}"]
-    if verdict.baseline is not None:
-        parts.insert(0, f"baseline ppl {verdict.baseline['perplexity']:.4f}")
-    table.caption = f"{' · '.join(parts)} ({cand['dataset']}, {cand['windows']}×{cand['seqlen']})"
+    sides = [("candidate", verdict.candidate)] + ([("baseline", verdict.baseline)] if verdict.baseline else [])
+    parts = [f"{name} {', '.join(f'{k} {v:.4f}' for k, v in side['metrics'].items() if isinstance(v, float | int))}"
+             for name, side in reversed(sides)]
+    table.caption = " · ".join(parts)
     out.print(table)
     out.print("[green]passed[/]" if verdict.passed else "[bold red]failed[/]")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -11,18 +10,36 @@ from taylorprune.calib.text import EVAL_DATASETS
 from taylorprune.cli import options as opt
 from taylorprune.cli.console import guarded, out, progress
 from taylorprune.errors import UserError
+from taylorprune.pipeline.run_options import PlacementOptions
+
+# this command's flag for each option of the perplexity evaluator (``run`` spells them --eval-*)
+RENAMED = {"--eval-dataset": "--dataset", "--eval-text-file": "--text-file", "--eval-seqlen": "--seqlen"}
+
+
+def eval_options(dataset: str, text_file: str | None, seqlen: int | None, max_windows: int | None):
+    """The perplexity evaluator's options from this command's flags; errors name the flags as given here."""
+    from taylorprune.evaluate.perplexity import PerplexityOptions
+
+    try:
+        return PerplexityOptions.build({"eval": True, "eval_dataset": dataset, "eval_text_file": text_file,
+                                        "eval_seqlen": seqlen, "max_windows": max_windows})
+    except UserError as exc:
+        message = str(exc)
+        for theirs, ours in RENAMED.items():
+            message = message.replace(theirs, ours)
+        raise UserError(message) from None
 
 
 def eval_cmd(
     model: opt.Model,
     dataset: str = typer.Option("wikitext2", help=f"Test split: {', '.join(EVAL_DATASETS)}."),
     text_file: str = typer.Option(None, help="Evaluate on this text file instead of --dataset."),
-    seqlen: int = typer.Option(None, help="Window length [default: min(2048, max positions)]."),
-    max_windows: opt.MaxWindows = None,
+    seqlen: int = typer.Option(None, help="Window length (default: min(2048, max positions))."),
+    max_windows: int = typer.Option(None, help="Evaluate at most this many windows."),
     json_out: Path = typer.Option(None, "--json", help="Write the result as JSON here."),
     dtype: opt.DType = "auto",
     device: opt.Device = "auto",
-    device_map: str = typer.Option(None, help="accelerate device map (auto, balanced, ...)."),
+    device_map: opt.DeviceMap = None,
     stream: opt.Stream = False,
     max_gpu_memory: opt.MaxGpuMemory = None,
     stream_batch: opt.StreamBatch = 16,
@@ -30,28 +47,28 @@ def eval_cmd(
 ) -> None:
     """Perplexity with the papers' protocol: text tokenized once, non-overlapping windows."""
     from taylorprune import pipeline
+    from taylorprune.evaluate.perplexity import EVALUATOR
     from taylorprune.modeling import loading
+    from taylorprune.report import jsonio
 
     with guarded() as session:
-        if dataset not in EVAL_DATASETS and not text_file:
-            raise UserError(f"--dataset {dataset}: choose one of {', '.join(EVAL_DATASETS)} or give --text-file")
-        if text_file and not Path(text_file).expanduser().is_file():
-            raise UserError(f"--text-file {text_file}: file not found")
-        if max_windows is not None and max_windows < 1:
-            raise UserError(f"--max-windows {max_windows}: must be at least 1")
-        pipeline.check_placement(stream, max_gpu_memory, stream_batch, device_map)
+        options = eval_options(dataset, text_file, seqlen, max_windows)
+        placement = PlacementOptions.build({"device": device, "stream": stream, "max_gpu_memory": max_gpu_memory,
+                                            "stream_batch": stream_batch})
+        pipeline.check_placement(stream, max_gpu_memory, device_map)
         dev = pipeline.resolve_device(device)
         config = loading.load_config(model, trust_remote_code)
-        pipeline.resolve_seqlen(seqlen, config)
+        loading.resolve_seqlen(seqlen, config)
         with progress() as bar:
             hooks = session.hooks(bar)
             hooks.current = "loading model"
             loaded = loading.load(model, dtype, device_map, None, trust_remote_code, config=config)
-            hooks.current = "evaluating perplexity"
-            result = pipeline.evaluate_model(loaded.model, loaded.tokenizer, model, dataset, text_file, seqlen,
-                                             max_windows, dev, hooks.windows, stream, max_gpu_memory, stream_batch)
-        out.print(f"perplexity {result.perplexity:.4f}  ({result.dataset}, {result.windows} windows × "
-                  f"{result.seqlen} tokens)", highlight=False)
+            records = pipeline.evaluate_model(loaded.model, loaded.tokenizer, model, [(EVALUATOR, options)], dev,
+                                              hooks, placement.stream, placement.max_gpu_memory,
+                                              placement.stream_batch)
+        result = records["perplexity"]
+        out.print(f"perplexity {result['perplexity']:.4f}  ({result['dataset']}, {result['windows']} windows × "
+                  f"{result['seqlen']} tokens)", highlight=False)
         if json_out:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+            jsonio.dump({**result, "evaluation": records, "metrics": pipeline.metrics(records)}, json_out,
+                                "--json")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -18,16 +17,19 @@ def speed_cmd(
     baseline: str = typer.Option(..., help="The model to compare with (e.g. the dense source): folder, hub id, .gguf."),
     prefill: int = typer.Option(512, help="Tokens of the timed prefill forward."),
     decode: int = typer.Option(128, help="New tokens of the timed greedy decode (batch 1, KV cache)."),
-    repeats: int = typer.Option(3, help="Timed repeats (median) after one warm-up."),
+    repeats: int = typer.Option(5, help="Interleaved timing rounds after one warm-up each (median ratio and its "
+                                "spread reported)."),
     dtype: opt.DType = "auto",
     device: opt.Device = "auto",
     json_out: Path = typer.Option(None, "--json", help="Write the measurements as JSON here."),
     trust_remote_code: opt.TrustRemoteCode = False,
 ) -> None:
-    """Time prefill and decode of --model and --baseline in turn (same process, device, threads); print the ratios."""
+    """Time prefill and decode of --model and --baseline in interleaved rounds (same process, device, threads);
+    print the median ratios and their spread."""
     from taylorprune import pipeline
-    from taylorprune.evaluate.speed import PROMPT, compare
+    from taylorprune.evaluate.speed import check_positions, compare
     from taylorprune.modeling import loading
+    from taylorprune.report import jsonio
 
     with guarded():
         for flag, value, least in (("--prefill", prefill, 1), ("--decode", decode, 1), ("--repeats", repeats, 1)):
@@ -36,17 +38,14 @@ def speed_cmd(
         dev = pipeline.resolve_device(device)
         configs = [loading.load_config(m, trust_remote_code) for m in (baseline, model)]
         for name, config in zip((baseline, model), configs, strict=True):
-            limit = getattr(config, "max_position_embeddings", None)
-            if limit and max(prefill, PROMPT + decode) > limit:
-                raise UserError(f"{name}: supports {limit} positions; lower --prefill / --decode")
+            check_positions(config, prefill, decode, name)
         loaded = [loading.load(m, dtype, None, None, trust_remote_code, config=c).model
                   for m, c in zip((baseline, model), configs, strict=True)]
         result = compare(loaded[0], loaded[1], dev, prefill, decode, repeats)
         result["models"] = {"dense": baseline, "pruned": model}
         out.print(speed_table(result))
         if json_out:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(result, indent=2) + "\n")
+            jsonio.dump(result, json_out)
 
 
 def speed_table(result: dict) -> Table:
@@ -58,4 +57,6 @@ def speed_table(result: dict) -> Table:
         table.add_row(f"{key}: {result.get('models', {}).get(key, '')}", f"{r['prefill_tok_s']:.1f}",
                       f"{r['decode_tok_s']:.1f}")
     table.add_row("ratio (model / baseline)", f"{result['prefill_ratio']:.2f}×", f"{result['decode_ratio']:.2f}×")
+    (low_p, high_p), (low_d, high_d) = result["prefill_ratio_spread"], result["decode_ratio_spread"]
+    table.add_row(f"spread over {result['rounds']} rounds", f"{low_p:.2f}–{high_p:.2f}", f"{low_d:.2f}–{high_d:.2f}")
     return table

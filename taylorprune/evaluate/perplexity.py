@@ -23,6 +23,7 @@ from taylorprune.evaluate.spec import EvalContext, Evaluator
 from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.modeling.layout import Layout, find_layout
 from taylorprune.modeling.loading import resolve_seqlen
+from taylorprune.modeling.placement import logits_bytes
 from taylorprune.modeling.sweep import forward, in_sweeps, next_token_loss
 from taylorprune.options import Options, option
 
@@ -172,4 +173,7 @@ def _check(options: PerplexityOptions, config) -> None:
 EVALUATOR = Evaluator("perplexity", "perplexity on held-out text (papers' protocol)", run,
                       metrics=lambda record: {"perplexity": record["perplexity"]}, options=PerplexityOptions,
                       switch="eval", prepare=prepare, check=_check,
-                      settings=("dataset", "seqlen", "windows", "tokens", "tokenizer"), label="evaluating perplexity")
+                      working_bytes=lambda o, config: logits_bytes(config, resolve_seqlen(o.eval_seqlen, config)),
+                      settings=("dataset", "seqlen", "windows", "tokens", "tokenizer"), label="evaluating perplexity",
+                      rows=lambda r: [(f"perplexity ({r['dataset']}, {r['windows']}×{r['seqlen']})",
+                                       f"{r['perplexity']:.3f}")])

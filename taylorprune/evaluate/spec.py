@@ -62,9 +62,11 @@ class Evaluator:
     switch: str | None = None  # the bool option that turns it on (None: on whenever its options are given)
     prepare: Prepare | None = None
     check: Callable[[Options, Any], None] | None = None  # (options, model config): before any weight is loaded
+    working_bytes: Callable[[Options, Any], int] | None = None  # device memory beside the weights (placement)
     higher_is_better: bool = False
     settings: tuple[str, ...] = ()
     label: str = ""  # what the progress line says while it runs
+    rows: Callable[[dict], list[tuple[str, str]]] = lambda record: []  # (what, value) lines of a run's summary
 
     def enabled(self, options: Options) -> bool:
         return bool(getattr(options, self.switch)) if self.switch else True

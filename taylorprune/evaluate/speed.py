@@ -138,9 +138,19 @@ def run(ctx: EvalContext, options: SpeedOptions, prepared) -> dict:
         del dense
 
 
+def summary_rows(r: dict) -> list[tuple[str, str]]:
+    """Tokens/s of both models and the median ratio with its spread over the rounds."""
+    out = []
+    for kind, digits in (("prefill", 0), ("decode", 1)):
+        low, high = r[f"{kind}_ratio_spread"]
+        out.append((f"{kind} tokens/s (pruned / dense)", f"{r['pruned'][f'{kind}_tok_s']:.{digits}f} / "
+                    f"{r['dense'][f'{kind}_tok_s']:.{digits}f} = {r[f'{kind}_ratio']:.2f}× ({low:.2f}–{high:.2f})"))
+    return out
+
+
 EVALUATOR = Evaluator("speed", "prefill and decode tokens/s against the dense model, interleaved rounds", run,
                       metrics=lambda r: {"prefill_ratio": r["prefill_ratio"], "decode_ratio": r["decode_ratio"]},
                       options=SpeedOptions, switch="speed", higher_is_better=True,
                       check=lambda o, config: check_positions(config, o.speed_prefill, o.speed_decode),
                       settings=("prefill_tokens", "decode_tokens", "device", "threads"),
-                      label="timing prefill and decode (dense and pruned, interleaved)")
+                      label="timing prefill and decode (dense and pruned, interleaved)", rows=summary_rows)

@@ -25,36 +25,42 @@ def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path, format="png", dpi=120)
 
 
-def _finite(rows: Iterable[dict]) -> list[dict]:
-    """Rows whose perplexity can sit on a log axis (a collapsed model's inf cannot)."""
-    return [r for r in rows if isinstance(r.get("perplexity"), int | float) and math.isfinite(r["perplexity"])
-            and r["perplexity"] > 0]
+def _value(row: dict, metric: str):
+    return (row.get("metrics") or {}).get(metric, row.get(metric))
 
 
-def plot_sweep(rows: list[dict], dense: dict | None, model: str, path: Path, eval_label: str = "") -> None:
-    """PPL (log) against sparsity: a line per method (unstructured), N:M points as markers, dense as reference."""
+def _finite(rows: Iterable[dict], metric: str = "perplexity") -> list[dict]:
+    """Rows whose metric can sit on a log axis (a collapsed model's inf perplexity cannot)."""
+    return [r for r in rows if isinstance(_value(r, metric), int | float) and math.isfinite(_value(r, metric))
+            and _value(r, metric) > 0]
+
+
+def plot_sweep(rows: list[dict], dense: dict | None, model: str, path: Path, eval_label: str = "",
+               metric: str = "perplexity") -> None:
+    """A metric (log) against sparsity: a line per method (unstructured), N:M points as markers, dense as
+    reference."""
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     nm = list(dict.fromkeys(r["pattern"] for r in rows if r["pattern"] != "unstructured"))
     markers = {p: NM_MARKERS[i % len(NM_MARKERS)] for i, p in enumerate(nm)}  # one shape per N:M pattern
     for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
-        mine = _finite(r for r in rows if r["method"] == method)
+        mine = _finite((r for r in rows if r["method"] == method), metric)
         line = sorted((r for r in mine if r["pattern"] == "unstructured"), key=lambda r: r["sparsity"])
         color = f"C{i % 10}"  # one colour per method
         if line:
-            ax.plot([r["sparsity"] for r in line], [r["perplexity"] for r in line], "o-", color=color, label=method)
+            ax.plot([r["sparsity"] for r in line], [_value(r, metric) for r in line], "o-", color=color, label=method)
         for r in mine:
             if r["pattern"] != "unstructured":
-                ax.plot([r["sparsity"]], [r["perplexity"]], markers[r["pattern"]], color=color, markersize=9,
+                ax.plot([r["sparsity"]], [_value(r, metric)], markers[r["pattern"]], color=color, markersize=9,
                         linestyle="none", label=f"{method} {r['pattern']}")
-    if dense and _finite([dense]):
-        ax.axhline(dense["perplexity"], color="0.4", linestyle="--", linewidth=1,
-                   label=f"dense ({dense['perplexity']:.2f})")
-    if _finite(rows) or (dense and _finite([dense])):
+    if dense and _finite([dense], metric):
+        ax.axhline(_value(dense, metric), color="0.4", linestyle="--", linewidth=1,
+                   label=f"dense ({_value(dense, metric):.2f})")
+    if _finite(rows, metric) or (dense and _finite([dense], metric)):
         ax.set_yscale("log")
     ax.set_xlabel("sparsity")
-    ax.set_ylabel(f"perplexity{f' ({eval_label})' if eval_label else ''}, log scale")
-    ax.set_title(f"{model}: perplexity vs sparsity")
+    ax.set_ylabel(f"{metric}{f' ({eval_label})' if eval_label else ''}, log scale")
+    ax.set_title(f"{model}: {metric} vs sparsity")
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")

@@ -30,50 +30,37 @@ def write_report(folder: Path, report: dict) -> None:
     (folder / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
-def read_tensors_zeros(folder: Path, names: list[str]) -> dict[str, float]:
-    """Sparsity of the named tensors as stored in the folder's safetensors files (read lazily)."""
-    wanted = {f"{n}.weight": n for n in names}
-    found: dict[str, float] = {}
+def verify(folder: Path, linears: list[dict], widths: dict[str, int] | None = None) -> None:
+    """Re-read the written folder: every linear has the shape and the sparsity the model in memory has, and
+    config.json carries ``widths`` when given (a structured run: ``from_pretrained`` then builds these tensors)."""
+    wanted = {f"{r['name']}.weight": r for r in linears}
+    found: set[str] = set()
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if key in wanted:
-                    t = f.get_tensor(key)
-                    found[wanted[key]] = float((t == 0).sum().item()) / t.numel()
-    return found
+                    _check_tensor(key, f.get_tensor(key), wanted[key])
+                    found.add(key)
+    missing = sorted(set(wanted) - found)
+    if missing:
+        raise RunError(f"verification failed: {missing[0]} is missing from the written folder")
+    if widths:
+        config = json.loads((folder / "config.json").read_text())
+        config = config.get("text_config", config)
+        for key, value in widths.items():
+            if config.get(key) != value:
+                raise RunError(f"verification failed: config.json has {key}={config.get(key)}, the weights need "
+                               f"{value}")
 
 
-def verify(folder: Path, linears: list[dict]) -> None:
-    """Re-read the written weights and check every pruned linear has the sparsity the report claims."""
-    stored = read_tensors_zeros(folder, [r["name"] for r in linears])
-    for r in linears:
-        got = stored.get(r["name"])
-        if got is None:
-            raise RunError(f"verification failed: {r['name']}.weight is missing from the written folder")
-        if abs(got - r["sparsity"]) > 1e-9:
-            raise RunError(
-                f"verification failed: {r['name']} has sparsity {got:.6f} on disk, {r['sparsity']:.6f} in memory"
-            )
-
-
-def verify_structured(folder: Path, shapes: dict[str, list[int]], widths: dict[str, int]) -> None:
-    """Re-read a structured output: every linear has the shape the pruned model has in memory, and config.json
-    carries the new widths (so ``from_pretrained`` builds exactly these tensors)."""
-    stored: dict[str, list[int]] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                stored[key] = list(f.get_slice(key).get_shape())
-    for name, shape in shapes.items():
-        got = stored.get(f"{name}.weight")
-        if got != list(shape):
-            raise RunError(f"verification failed: {name}.weight has shape {got} on disk, {list(shape)} in memory")
-    config = json.loads((folder / "config.json").read_text())
-    config = config.get("text_config", config)
-    for key, value in widths.items():
-        if config.get(key) != value:
-            raise RunError(f"verification failed: config.json has {key}={config.get(key)}, the weights need {value}")
-
+def _check_tensor(key: str, tensor: torch.Tensor, record: dict) -> None:
+    if "shape" in record and list(tensor.shape) != list(record["shape"]):
+        raise RunError(f"verification failed: {key} has shape {list(tensor.shape)} on disk, {record['shape']} in "
+                       "memory")
+    got = float((tensor == 0).sum().item()) / tensor.numel()
+    if abs(got - record["sparsity"]) > 1e-9:
+        raise RunError(f"verification failed: {record['name']} has sparsity {got:.6f} on disk, "
+                       f"{record['sparsity']:.6f} in memory")
 
 def folder_bytes(folder: Path) -> int:
     """Size of the weight files (safetensors) of a folder."""

@@ -43,10 +43,11 @@ def block_sweep(runner: BlockRunner, carry: Carry, step: Callable[[int, Carry], 
     return carry
 
 
-def forward(runner: BlockRunner, hidden: torch.Tensor, *, start: int = 0, stop: int | None = None,
-            visit: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None, write: bool = True,
-            last: bool = True, on_block: Tick | None = None) -> torch.Tensor:
-    """``hidden`` through blocks ``start`` .. ``stop - 1``; returns the last block's output.
+def forward(runner: BlockRunner, hidden: torch.Tensor | None, *, start: int = 0, stop: int | None = None,
+            visit: Callable[[int, torch.Tensor | None], torch.Tensor | None] | None = None, write: bool = True,
+            last: bool = True, on_block: Tick | None = None) -> torch.Tensor | None:
+    """``hidden`` through blocks ``start`` .. ``stop - 1``; returns the last block's output (``hidden`` None: the
+    blocks are only visited, for work that needs no activations).
 
     ``visit(i, inputs)`` runs while block ``i`` is on the device, before its forward: it may change the block
     (pruning) and may return the block's output when it computed it anyway (else the block runs once more).
@@ -54,8 +55,10 @@ def forward(runner: BlockRunner, hidden: torch.Tensor, *, start: int = 0, stop: 
     """
     stop = len(runner.layout.blocks) if stop is None else stop
 
-    def step(i: int, h: torch.Tensor) -> torch.Tensor:
+    def step(i: int, h: torch.Tensor | None) -> torch.Tensor | None:
         out = visit(i, h) if visit is not None else None
+        if h is None:
+            return None
         if out is None and (last or i < stop - 1):
             out = runner.run(i, h)
         return h if out is None else out

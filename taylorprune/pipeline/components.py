@@ -1,9 +1,10 @@
-"""The components of a run (method, weight update, statistic sources) with their typed options, resolved once.
+"""The components of a run (a method, its stages, the statistic sources) with their typed options, resolved once.
 
 Option values come in as one flat mapping (CLI flags, ``--option KEY=VALUE``, the Python API); each component
 takes the names it declares. A name no component declares is an error listing the known ones; a name that
 only components this run does not use declare is an error saying who uses it (``strict``), so a misspelt or
-misplaced option never goes unnoticed.
+misplaced option never goes unnoticed. Stage values come in as {kind: value} (``--refine swap``); everything
+about a kind (its default, what it applies to, which methods exclude it) is its ``StageKind``'s declaration.
 """
 
 from __future__ import annotations
@@ -15,17 +16,12 @@ from typing import Any
 
 from taylorprune.errors import UserError
 from taylorprune.options import Options, Spec, merge_specs
-from taylorprune.prune.allocation import ALLOCATIONS, Allocation, get_allocation
-from taylorprune.prune.recon import RECONS, Recon, get_recon
-from taylorprune.prune.refine import REFINES, Refine, get_refine
-from taylorprune.prune.structures import STRUCTURES, Structure
-from taylorprune.prune.update import UPDATES, Update, get_update
+from taylorprune.pipeline.stages import KINDS, STAGE_KINDS, STRUCTURED, UNSTRUCTURED, Stage, StageKind
+from taylorprune.prune.structures import Structure
 from taylorprune.scoring.registry import METHODS, get_method
 from taylorprune.scoring.spec import GroupScore, Method
 from taylorprune.stats.registry import SOURCES, sources_for
 from taylorprune.stats.source import Source
-
-STAGES = {"allocation": ALLOCATIONS, "refine": REFINES, "update": UPDATES, "recon": RECONS, "structure": STRUCTURES}
 
 
 @dataclass(frozen=True)
@@ -40,15 +36,17 @@ class OptionInfo:
         return f"[{', '.join(self.used_by)}] {self.spec.help}"
 
 
+def _declares(options: type[Options], name: str) -> bool:
+    return name in {sp.name for sp in options.specs()}
+
+
 def _users(name: str) -> tuple[str, ...]:
-    """Methods (and ``--update`` values) that take option ``name``, directly or through their statistics."""
-    found = []
-    for m in METHODS.values():
-        groups = [m.options] + [s.options for s in sources_for(m.statistics)]
-        if any(name in {sp.name for sp in g.specs()} for g in groups):
-            found.append(m.name)
-    for stage, registry in STAGES.items():
-        found += [f"--{stage} {x.name}" for x in registry.values() if name in {sp.name for sp in x.options.specs()}]
+    """Methods (and stage values such as ``--update obs``) that take option ``name``, directly or through their
+    statistics."""
+    found = [m.name for m in METHODS.values()
+             if any(_declares(g, name) for g in [m.options] + [s.options for s in sources_for(m.statistics)])]
+    for kind in STAGE_KINDS:
+        found += [f"{kind.flag} {x.name}" for x in kind.registry.values() if _declares(x.options, name)]
     return tuple(found)
 
 
@@ -56,7 +54,7 @@ def _users(name: str) -> tuple[str, ...]:
 def all_options() -> dict[str, OptionInfo]:
     """Every option any component declares, checked for consistency (one name, one meaning)."""
     groups = [(f"method {m.name}", m.options) for m in METHODS.values()]
-    groups += [(f"{stage} {x.name}", x.options) for stage, registry in STAGES.items() for x in registry.values()]
+    groups += [(f"{kind.name} {x.name}", x.options) for kind in STAGE_KINDS for x in kind.registry.values()]
     groups += [(f"statistic {s.name}", s.options) for s in SOURCES]
     return {name: OptionInfo(spec, _users(name)) for name, (spec, _) in merge_specs(groups).items()}
 
@@ -78,41 +76,43 @@ def check_known(values: Mapping[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class Components:
-    """The stages of one run, each with its options: how sparsity is allocated over the linears, the method that
-    scores (or solves), the mask refinement, the weight update, the block reconstruction, and the statistic
-    sources they need."""
+    """A method with its options, the run's stages (every single-valued kind, off ones included, plus one stage
+    per structure), the statistic sources they need, and the method's structured score."""
 
     method: Method
     method_options: Options
-    refine: Refine
-    refine_options: Options
-    update: Update
-    update_options: Options
+    stages: tuple[Stage, ...]
     sources: tuple[tuple[Source, Options], ...]
-    allocation: Allocation = ALLOCATIONS["uniform"]
-    allocation_options: Options = ALLOCATIONS["uniform"].options()
-    recon: Recon = RECONS["none"]
-    recon_options: Options = RECONS["none"].options()
-    structures: tuple[tuple[Structure, Options], ...] = ()  # --structure: what is removed, in processing order
     group: GroupScore | None = None  # the method's structured score (None: blocks only)
+
+    def stage(self, kind: str) -> Stage | None:
+        return next((s for s in self.stages if s.kind.name == kind), None)
+
+    def active(self, scope: str, applies: str = UNSTRUCTURED) -> list[Stage]:
+        """The stages that are on, of one scope and run kind, in the order they run."""
+        return [s for s in self.stages if not s.off and s.kind.scope == scope and s.kind.applies == applies]
+
+    @property
+    def structures(self) -> tuple[tuple[Structure, Options], ...]:
+        return tuple((s.choice, s.options) for s in self.stages if s.kind.applies == STRUCTURED)
 
     @property
     def structured(self) -> bool:
         return bool(self.structures)
 
-    @property
-    def needs(self) -> frozenset[str]:
-        if self.structured:
-            return structured_needs(self.structures, self.group)
-        return self.method.needs(self.method_options) | self.refine.needs | self.update.needs | self.allocation.needs
-
     def structure_options(self, name: str) -> Options | None:
         return next((o for s, o in self.structures if s.name == name), None)
 
     @property
-    def stages(self) -> tuple[Options, ...]:
-        return (self.method_options, self.refine_options, self.update_options, self.allocation_options,
-                self.recon_options, *(o for _, o in self.structures), *(o for _, o in self.sources))
+    def needs(self) -> frozenset[str]:
+        if self.structured:
+            return structured_needs(self.structures, self.group)
+        stages = frozenset().union(*(s.needs for s in self.stages if s.kind.applies == UNSTRUCTURED))
+        return self.method.needs(self.method_options) | stages
+
+    @property
+    def all_options(self) -> tuple[Options, ...]:
+        return (self.method_options, *(s.options for s in self.stages), *(o for _, o in self.sources))
 
     def options_of(self, source: Source) -> Options:
         for s, opts in self.sources:
@@ -121,28 +121,31 @@ class Components:
         return source.options.build({})
 
     def option_names(self) -> set[str]:
-        return {sp.name for g in self.stages for sp in g.specs()}
+        return {sp.name for g in self.all_options for sp in g.specs()}
 
     def memory_hints(self) -> list[str]:
         """Options of this run that lower peak memory (suggested when it runs out)."""
-        return list(dict.fromkeys(sp.memory_hint for g in self.stages for sp in g.specs() if sp.memory_hint))
+        return list(dict.fromkeys(sp.memory_hint for g in self.all_options for sp in g.specs() if sp.memory_hint))
+
+    def names(self) -> dict[str, str]:
+        """{kind: chosen value} of the single-valued kinds (the report's summary of what ran)."""
+        return {s.kind.name: s.name for s in self.stages if not s.kind.several}
 
     def describe(self) -> dict[str, Any]:
         """Resolved options of every component (the report's record of what ran)."""
-        return {"method": {"name": self.method.name, **self.method_options.as_dict()},
-                "allocation": {"name": self.allocation.name, **self.allocation_options.as_dict()},
-                "refine": {"name": self.refine.name, **self.refine_options.as_dict()},
-                "update": {"name": self.update.name, **self.update_options.as_dict()},
-                "recon": {"name": self.recon.name, **self.recon_options.as_dict()},
-                "structures": {s.name: o.as_dict() for s, o in self.structures},
-                "statistics": {s.name: {"scope": s.scope.value, **o.as_dict()} for s, o in self.sources}}
+        out: dict[str, Any] = {"method": {"name": self.method.name, **self.method_options.as_dict()}}
+        out.update({s.kind.name: s.describe() for s in self.stages if not s.kind.several})
+        out["structures"] = {s.name: o.as_dict() for s, o in self.structures}
+        out["statistics"] = {s.name: {"scope": s.scope.value, **o.as_dict()} for s, o in self.sources}
+        return out
 
     def recipe(self) -> dict[str, Any]:
         """The result-changing options of every stage (cache identities of block-scope statistics)."""
         out = {"method": self.method.name, "method_options": self.method_options.identity()}
-        for stage in ("allocation", "refine", "update", "recon"):
-            out[stage] = getattr(self, stage).name
-            out[f"{stage}_options"] = getattr(self, f"{stage}_options").identity()
+        for s in self.stages:
+            if s.kind.applies == UNSTRUCTURED:
+                out[s.kind.name] = s.name
+                out[f"{s.kind.name}_options"] = s.options.identity()
         return out
 
 
@@ -153,58 +156,72 @@ def structured_needs(structures, group: GroupScore | None) -> frozenset[str]:
     return needs | (group.statistics if group is not None and widths else frozenset())
 
 
-def _structured(m: Method, method_options: Options, names: tuple[str, ...], values: Mapping[str, Any],
-                stages: tuple[str | None, str, str, str]) -> tuple[tuple[tuple[Structure, Options], ...],
-                                                                   GroupScore | None]:
-    """The structure stages and the method's group score; unstructured stages are refused."""
-    refine, update, allocation, recon = stages
-    for flag, given, default in (("--refine", refine, "none"), ("--update", update, "none"),
-                                 ("--allocation", allocation, "uniform"), ("--recon", recon, "none")):
-        if given not in (default, None):
-            raise StageConflict(f"{flag} {given} applies to unstructured pruning; drop it with --structure")
-    structures = tuple((STRUCTURES[n], STRUCTURES[n].options.build(values)) for n in names)
+def _value(kind: StageKind, given: str | None, m: Method, method_options: Options) -> str:
+    if given is not None:
+        return given
+    own = m.default_stage(kind.name, method_options)
+    return own if own is not None else kind.default
+
+
+def _stages(m: Method, method_options: Options, given: Mapping[str, str | None], values: Mapping[str, Any]
+            ) -> tuple[Stage, ...]:
+    structures = KINDS["structure"].parse(given.get("structure"))
+    stages = []
+    for kind in STAGE_KINDS:
+        if kind.several:
+            names = structures if kind.applies == STRUCTURED else kind.parse(given.get(kind.name))
+            stages += [Stage(kind, kind.registry[n], kind.registry[n].options.build(values)) for n in names]
+            continue
+        value = _value(kind, given.get(kind.name), m, method_options)
+        if structures and kind.applies == UNSTRUCTURED:
+            if given.get(kind.name) not in (None, kind.off):
+                raise StageConflict(f"{kind.flag} {given[kind.name]} applies to unstructured pruning; drop it with "
+                                    "--structure")
+            value = kind.off
+        kind.parse(value)
+        reason = kind.refuse(m, method_options, value) if value != kind.off else None
+        if reason:
+            raise StageConflict(f"{reason}; drop {kind.flag} {value}")
+        stages.append(Stage(kind, kind.registry[value], kind.registry[value].options.build(values)))
+    return tuple(stages)
+
+
+def _group(m: Method, method_options: Options, stages: tuple[Stage, ...]) -> GroupScore | None:
+    widths = [s.name for s in stages if s.kind.applies == STRUCTURED and s.name != "blocks"]
+    if not any(s.kind.applies == STRUCTURED for s in stages):
+        return None
     group = m.group_score(method_options)
-    if group is None and any(n != "blocks" for n in names):
+    if group is None and widths:
         having = ", ".join(sorted(x.name for x in METHODS.values() if x.structured is not None))
         raise UserError(f"--method {m.name} has no structured score with these options; for --structure "
-                        f"{','.join(n for n in names if n != 'blocks')} choose one of {having} (see `taylorprune "
-                        "methods NAME`)")
-    return structures, group
+                        f"{','.join(widths)} choose one of {having} (see `taylorprune methods NAME`)")
+    return group
 
 
-def resolve(method: str, update: str = "none", values: Mapping[str, Any] | None = None,
-            strict: bool = True, refine: str | None = None, allocation: str = "uniform",
-            recon: str = "none", structures: tuple[str, ...] = ()) -> Components:
-    """Typed components for ``method`` and its stages (``refine`` None: the method's default) from flat option
-    ``values``; ``structures`` (``--structure``) makes it a structured run."""
+def _check_whole_model(m: Method, method_options: Options, stages: tuple[Stage, ...]) -> None:
+    if m.whole_model(method_options) is None:
+        return
+    on = [s for s in stages if s.kind.applies == UNSTRUCTURED and not s.off]
+    if on:
+        flags = "/".join(k.flag for k in STAGE_KINDS if k.applies == UNSTRUCTURED)
+        raise StageConflict(f"--method {m.name} with these options prunes the whole model at once (one ranking "
+                            f"across layers, no per-layer stages); drop {flags}")
+
+
+def resolve(method: str, stages: Mapping[str, str | None] | None = None, values: Mapping[str, Any] | None = None,
+            strict: bool = True) -> Components:
+    """Typed components for ``method`` and the given stage values ({kind: value}; a kind not given takes the
+    method's own value, else its default) from flat option ``values``; a ``structure`` makes it a structured run."""
     values = dict(values or {})
     check_known(values)
-    m, u, a, c = get_method(method), get_update(update), get_allocation(allocation), get_recon(recon)
+    m = get_method(method)
     method_options = m.options.build(values)
-    if structures:
-        chosen, group = _structured(m, method_options, structures, values, (refine, update, allocation, recon))
-        needs = structured_needs(chosen, group)
-        none = {k: x.options.build(values) for k, x in (("r", get_refine("none")), ("u", u), ("a", a), ("c", c))}
-        made = Components(m, method_options, get_refine("none"), none["r"], u, none["u"],
-                          tuple((s, s.options.build(values)) for s in sources_for(needs)), a, none["a"], c,
-                          none["c"], chosen, group)
-        if strict:
-            check_applies(values, [made])
-        return made
-    r = get_refine(refine if refine is not None else m.default_refine(method_options))
-    if m.updates_weights and u.name != "none":
-        raise StageConflict(f"--method {m.name} updates weights itself; drop --update {u.name}")
-    if m.updates_weights and r.name != "none":
-        raise StageConflict(f"--method {m.name} chooses its mask itself; drop --refine {r.name}")
-    if m.whole_model(method_options) is not None and (r.name, u.name, a.name, c.name) != (
-            "none", "none", "uniform", "none"):
-        raise StageConflict(f"--method {m.name} with these options prunes the whole model at once (one ranking "
-                            "across layers, no per-layer stages); drop --refine/--update/--allocation/--recon")
-    stage_options = {k: x.options.build(values) for k, x in (("r", r), ("u", u), ("a", a), ("c", c))}
-    needs = m.needs(method_options) | r.needs | u.needs | a.needs
-    made = Components(m, method_options, r, stage_options["r"], u, stage_options["u"],
-                      tuple((s, s.options.build(values)) for s in sources_for(needs)), a, stage_options["a"], c,
-                      stage_options["c"])
+    chosen = _stages(m, method_options, dict(stages or {}), values)
+    _check_whole_model(m, method_options, chosen)
+    group = _group(m, method_options, chosen)
+    partial = Components(m, method_options, chosen, (), group)
+    sources = tuple((s, s.options.build(values)) for s in sources_for(partial.needs))
+    made = Components(m, method_options, chosen, sources, group)
     if strict:
         check_applies(values, [made])
     return made

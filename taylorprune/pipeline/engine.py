@@ -1,9 +1,10 @@
-"""The layer-by-layer engine (SparseGPT / Wanda style).
+"""The layer-by-layer engine (SparseGPT / Wanda style), blind to which method or stages run.
 
-Block inputs are captured once; then for each block in turn: collect the statistics the method needs from
-forward hooks on its linears, score, mask (and optionally update) each linear, and re-run the now-pruned
-block to produce the next block's inputs. So every block is calibrated on the outputs of the already
-pruned blocks before it. A method that needs no calibration statistics skips the forwards.
+Block inputs are captured once; then for each block in turn (one ``modeling.sweep.forward``): collect the
+statistics the components need from forward hooks on its linears (and block-scope ones), then for each linear
+score → mask (or the method's own solver) → the run's linear-scope stages in order, then the block-scope stages
+(reconstruction), and re-run the now-pruned block to produce the next block's inputs. So every block is
+calibrated on the outputs of the already pruned blocks before it. Nothing runs forward when nothing needs it.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from taylorprune.errors import RunError
 from taylorprune.modeling.attention import eager_attention
 from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.modeling.layout import Layout
+from taylorprune.modeling.sweep import forward
 from taylorprune.pipeline.components import Components
-from taylorprune.prune.masks import Pattern, build_mask
-from taylorprune.prune.obs import CholeskyFailed
+from taylorprune.pipeline.state import linear_record
+from taylorprune.prune.masks import Fallback, Pattern, build_mask
 from taylorprune.stats.collect import linear_statistics
 from taylorprune.stats.registry import of_scope, sources_for
 from taylorprune.stats.source import Scope, Stats
@@ -50,6 +52,20 @@ def _tick(timings: dict[str, float], key: str, since: float) -> float:
 
 
 @dataclass
+class LinearWork:
+    """What the linear-scope stages of one linear work on: the dense fp32 weight, its keep-mask, the new weight
+    (None until a stage sets it: the weight times the mask), and what the stages report."""
+
+    path: str
+    weight: torch.Tensor
+    keep: torch.Tensor | None
+    pattern: Pattern
+    stats: Mapping[str, torch.Tensor]
+    new: torch.Tensor | None = None
+    record: dict = field(default_factory=dict)
+
+
+@dataclass
 class Job:
     """What the engine does to every target: components, patterns, and where statistics come from."""
 
@@ -67,12 +83,13 @@ class Job:
         return self.patterns.get(path, self.pattern)
 
     @property
-    def recon(self) -> bool:
-        return self.parts.recon.apply is not None
+    def block_stages(self):
+        return self.parts.active("block")
 
     @property
     def dense_stream(self) -> bool:
-        return self.parts.recon.dense_stream(self.parts.recon_options)
+        """Whether a block stage fits to the dense model's outputs (carried along beside the pruned ones)."""
+        return any(s.choice.dense_stream(s.options) for s in self.block_stages)
 
 
 def prune_layers(
@@ -94,7 +111,7 @@ def prune_layers(
     dict, receives each linear's fp32 importance scores (CPU) under its module path; ``block_cache`` holds
     block-scope statistics already known for a target: they are used instead of computed, and what is
     computed is added to it. ``patterns`` overrides ``pattern`` per target (layer-wise allocations); ``seed``
-    seeds the block reconstruction.
+    seeds the block-scope stages.
     """
     needs = parts.needs
     job = Job(parts, pattern, model_stats or {}, {} if block_cache is None else block_cache, scores,
@@ -107,33 +124,33 @@ def prune_layers(
 def _prune_blocks(runner: BlockRunner, layout: Layout, calib_ids, job: Job, on_block) -> PruneResult:
     result = PruneResult()
     t = time.perf_counter()
-    calibrated = job.linear_needs or job.block_needs or job.recon
+    calibrated = job.linear_needs or job.block_needs or job.block_stages
     hidden = runner.capture(calib_ids) if calibrated else None
-    dense = hidden if job.dense_stream else None  # the dense model's activations, for dense recon targets
+    dense = [hidden if job.dense_stream else None]  # the dense model's activations, for dense block targets
     t = _tick(result.timings, "capture", t)
-    last = len(layout.blocks) - 1
-    for i, targets in enumerate(layout.targets):
-        with runner.on_device(i):
-            dense_out = runner.run(i, dense) if dense is not None else None  # before block i is pruned
-            same_out = runner.run(i, hidden) if job.recon and not job.dense_stream and targets else None
-            stats = _block_statistics(runner, i, hidden, targets, job) if targets else {}
-            t = _tick(result.timings, "statistics", t)
-            for tg in targets:
-                merged = {**job.model_stats.get(tg.path, {}), **stats.get(tg.path, {})}
-                result.linears.append(_prune_linear(tg.path, tg.module, merged, job, result) | {"block": i})
-            t = time.perf_counter()  # the linears' steps are timed inside
-            if job.recon and targets:
-                goal = dense_out if dense_out is not None else same_out
-                info = job.parts.recon.apply(runner, i, hidden, goal, [tg.module for tg in targets],
-                                             job.parts.recon_options, job.seed)
-                result.blocks.append({"block": i, **info})
-                t = _tick(result.timings, "recon", t)
-            if hidden is not None and i < last:
-                hidden = runner.run(i, hidden)
-            dense = dense_out
-            t = _tick(result.timings, "propagate", t)
-        if on_block:
-            on_block(i)
+
+    def visit(i: int, inputs: torch.Tensor | None) -> None:
+        targets = layout.targets[i]
+        dense_out = runner.run(i, dense[0]) if dense[0] is not None else None  # before block i is pruned
+        same = job.block_stages and not job.dense_stream and targets
+        same_out = runner.run(i, inputs) if same else None
+        t = time.perf_counter()
+        stats = _block_statistics(runner, i, inputs, targets, job) if targets else {}
+        _tick(result.timings, "statistics", t)
+        for tg in targets:
+            merged = {**job.model_stats.get(tg.path, {}), **stats.get(tg.path, {})}
+            result.linears.append(_prune_linear(tg.path, tg.module, merged, job, result) | {"block": i})
+        for stage in job.block_stages if targets else ():
+            t = time.perf_counter()
+            goal = dense_out if dense_out is not None else same_out
+            info = stage.kind.step(stage, runner, i, inputs, goal, [tg.module for tg in targets], job.seed)
+            result.blocks.append({"block": i, **info})
+            _tick(result.timings, stage.kind.name, t)
+        dense[0] = dense_out
+
+    t = time.perf_counter()
+    forward(runner, hidden, visit=visit, last=False, on_block=on_block)
+    _tick(result.timings, "blocks", t)
     return result
 
 
@@ -156,49 +173,33 @@ def _block_statistics(runner: BlockRunner, i: int, hidden, targets, job: Job) ->
 
 @torch.no_grad()
 def _prune_linear(path: str, linear, stats, job: Job, result: PruneResult) -> dict:
-    """Score → mask → refine → update one linear (or the method's own solver); each step timed as a phase."""
+    """Score → mask → the linear-scope stages (or the method's own solver); each step timed."""
     weight = linear.weight
-    w32 = weight.detach().to(torch.float32)
     parts = job.parts
-    pattern = job.pattern_of(path)
-    refined: dict = {}
-    keep = None
+    work = LinearWork(path, weight.detach().to(torch.float32), None, job.pattern_of(path), stats)
     t = time.perf_counter()
     try:
         if parts.method.solve is not None:
-            new, score = parts.method.solve(w32, stats, pattern, parts.method_options, path)
+            work.new, score = parts.method.solve(work.weight, stats, work.pattern, parts.method_options, path)
             what = parts.method.name
             t = _tick(result.timings, "solve", t)
         else:
-            score = parts.method.score(w32, stats, parts.method_options)
-            keep = build_mask(score, pattern, path)
+            score = parts.method.score(work.weight, stats, parts.method_options)
+            work.keep = build_mask(score, work.pattern, path)
             t = _tick(result.timings, "score_and_mask", t)
-            keep, refined = parts.refine.apply(w32, keep, pattern, stats, parts.refine_options)
-            t = _tick(result.timings, "refine", t)
-            new = parts.update.apply(w32, keep, pattern, stats, parts.update_options, path)
-            what = f"--update {parts.update.name}"
-            t = _tick(result.timings, "update", t)
-    except CholeskyFailed as exc:  # keep going on a long run: plain masking for this one linear, recorded
-        if keep is None:
-            score = w32.abs() if parts.method.solve is not None else score
-            keep = build_mask(score, pattern, path)
-        new = w32 * keep
+            what = "the linear stages"
+            for stage in parts.active("linear"):
+                stage.kind.step(stage, work)
+                what = f"{stage.kind.flag} {stage.name}"
+                t = _tick(result.timings, stage.kind.name, t)
+    except Fallback as exc:  # keep going on a long run: plain masking for this one linear, recorded
+        work.new, score = exc.weight, exc.score
+        result.warnings.append(str(exc))
         what = "fallback masking"
-        result.warnings.append(f"{exc}; fell back to masking without weight update (by |W| for a solver method)")
+    new = work.new if work.new is not None else work.weight * work.keep
     if not torch.isfinite(new).all():
         raise RunError(f"{path}: {what} produced non-finite weights; try --dtype float32 or more --nsamples")
     weight.copy_(new.to(weight.dtype))
     if job.scores is not None:
         job.scores[path] = score.detach().to(torch.float32).cpu().contiguous()
-    record = linear_record(path, weight)
-    if refined:
-        record["refine"] = refined
-    return record
-
-
-def linear_record(path: str, weight: torch.Tensor, block: int | None = None) -> dict:
-    """A pruned linear as the report lists it."""
-    zeros = int((weight == 0).sum().item())
-    record = {"name": path, "shape": list(weight.shape), "numel": weight.numel(), "zeros": zeros,
-              "sparsity": zeros / weight.numel()}
-    return record if block is None else record | {"block": block}
+    return linear_record(path, weight) | work.record

@@ -1,64 +1,70 @@
-"""Perplexity of a loaded model on a named test split or a text file (``eval``, ``run --eval``, ``sweep``)."""
+"""Evaluators on a model in memory: a run's pruned model, a folder ``eval``/``check`` loads, a sweep's dense row.
+
+``context`` builds what an evaluator sees; ``evaluate_model`` is ``taylorprune eval``: a model loaded on its own,
+placed for the evaluators' working set (resident when it fits, streamed otherwise), every chosen evaluator
+prepared and run.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from taylorprune.calib import sampling, text
-from taylorprune.evaluate.perplexity import (
-    EvalResult,
-    perplexity_of_windows,
-    streamed_perplexity_of_windows,
-    vocabulary_hash,
-    windows_of,
-)
-from taylorprune.modeling.layout import find_layout
+from taylorprune.evaluate.registry import EVALUATORS
+from taylorprune.evaluate.spec import EvalContext, Evaluator
 from taylorprune.modeling.placement import Placement, choose_placement, memory_cap
-from taylorprune.pipeline.plan import resolve_seqlen
+from taylorprune.options import Options
+from taylorprune.pipeline.hooks import Hooks
+
+Chosen = list[tuple[Evaluator, Options]]
 
 
-def eval_text(dataset: str, text_file: str | None) -> tuple[str, str]:
-    """(text, name) for evaluation: a local file or a named test split."""
-    if text_file:
-        return text.read_file(text_file).joined(), str(Path(text_file).name)
-    return text.evaluation_text(dataset), dataset
+def working_bytes(evaluators: Chosen, config) -> int:
+    """The largest working set beside the weights any of ``evaluators`` needs."""
+    return max((e.working_bytes(o, config) for e, o in evaluators if e.working_bytes), default=0)
 
 
-def eval_windows(tokenizer, dataset: str, text_file: str | None, seqlen: int,
-                 max_windows: int | None) -> tuple[torch.Tensor, str]:
-    """Tokenize the evaluation text once and cut its windows (fails early when the text is too short)."""
-    body, label = eval_text(dataset, text_file)
-    return windows_of(sampling.tokenize_cached(tokenizer, body), seqlen, max_windows, label), label
+def context(model: nn.Module, tokenizer: Any, name: str, device: torch.device, hooks: Hooks,
+            placement: Placement | None = None, stream_batch: int = 16, batch_size: int = 1,
+            baseline: Callable[[], nn.Module] | None = None) -> EvalContext:
+    return EvalContext(model, tokenizer, name, device, placement, stream_batch, batch_size, hooks.task,
+                       hooks.windows, baseline, hooks.events)
 
 
-def evaluate_windows(model, tokenizer, windows: torch.Tensor, label: str, name: str, device: torch.device,
-                     on_window: Callable[[int, int], None] | None = None, placement: Placement | None = None,
-                     stream_batch: int = 16, batch_size: int = 1) -> EvalResult:
-    """Perplexity of ``model`` on ``windows``: the whole model on ``device`` (moved there unless accelerate placed
-    it), or block by block when ``placement`` streams it."""
-    if placement is not None and placement.stream:
-        result = streamed_perplexity_of_windows(model, find_layout(model), windows, label, name, device, on_window,
-                                                stream_batch, batch_size)
-    else:
-        if not getattr(model, "hf_device_map", None):
-            model.to(device)
-        result = perplexity_of_windows(model, windows, label, name, device, on_window)
-    return dataclasses.replace(result, tokenizer=vocabulary_hash(tokenizer))
+def run_evaluators(ctx: EvalContext, evaluators: Chosen, hooks: Hooks, prepared: dict[str, Any] | None = None,
+                   timings: dict[str, float] | None = None) -> dict[str, dict]:
+    """{evaluator name: record} of each of ``evaluators`` (``prepared``: what their ``prepare`` gave already)."""
+    prepared = prepared if prepared is not None else prepare(ctx, evaluators)
+    records = {}
+    for evaluator, options in evaluators:
+        with hooks.timed(timings if timings is not None else {}, evaluator.name, evaluator.label or evaluator.name):
+            records[evaluator.name] = evaluator.run(ctx, options, prepared.get(evaluator.name))
+    return records
 
 
-def evaluate_model(model, tokenizer, name: str, dataset: str, text_file: str | None, seqlen: int | None,
-                   max_windows: int | None, device: torch.device,
-                   on_window: Callable[[int, int], None] | None = None, stream: bool = False,
-                   max_gpu_memory: float | None = None, stream_batch: int = 16) -> EvalResult:
-    """Perplexity as ``eval`` reports it; resident on the device when the model fits (with one window's logits
-    beside it) unless ``stream``, streamed block by block otherwise."""
-    seqlen = resolve_seqlen(seqlen, model.config, "--seqlen")
-    windows, label = eval_windows(tokenizer, dataset, text_file, seqlen, max_windows)
-    working = 2 * seqlen * model.config.vocab_size * 4
+def prepare(ctx: EvalContext, evaluators: Chosen) -> dict[str, Any]:
+    """What each evaluator prepares before any heavy work (tokenized evaluation windows)."""
+    return {e.name: e.prepare(ctx, o) for e, o in evaluators if e.prepare is not None}
+
+
+def metrics(records: dict[str, dict]) -> dict[str, float]:
+    """Every evaluator's metrics, flat (``perplexity``, ``prefill_ratio``, ...)."""
+    out: dict[str, float] = {}
+    for name, record in records.items():
+        out.update(EVALUATORS[name].metrics(record))
+    return out
+
+
+def evaluate_model(model: nn.Module, tokenizer: Any, name: str, evaluators: Chosen, device: torch.device,
+                   hooks: Hooks | None = None, stream: bool = False, max_gpu_memory: float | None = None,
+                   stream_batch: int = 16, baseline: Callable[[], nn.Module] | None = None) -> dict[str, dict]:
+    """Evaluate a model loaded on its own (``eval``, ``check``, a sweep's dense row): resident on the device when it
+    fits with the evaluators' working set (unless ``stream``), streamed block by block otherwise."""
+    hooks = hooks or Hooks()
     with memory_cap(device, max_gpu_memory):
-        placement = choose_placement(model, device, stream, max_gpu_memory, working)
-        return evaluate_windows(model, tokenizer, windows, label, name, device, on_window, placement, stream_batch)
+        placement = choose_placement(model, device, stream, max_gpu_memory, working_bytes(evaluators, model.config))
+        ctx = context(model, tokenizer, name, device, hooks, placement, stream_batch, baseline=baseline)
+        return run_evaluators(ctx, evaluators, hooks)

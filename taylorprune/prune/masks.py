@@ -17,6 +17,16 @@ from taylorprune.errors import RunError, UserError
 GROUPS = ("row", "layer")
 
 
+class Fallback(RunError):
+    """A step could not finish for one linear, which is plain-masked instead: ``weight`` is that linear's masked
+    weight and ``score`` what chose the mask (None: the mask it was given). The engine records the message as a
+    warning and goes on, so one bad layer does not end a long run."""
+
+    def __init__(self, message: str, weight: torch.Tensor, score: torch.Tensor | None) -> None:
+        super().__init__(message)
+        self.weight, self.score = weight, score
+
+
 @dataclass(frozen=True)
 class Pattern:
     """What to prune: ``sparsity`` for unstructured, or keep ``n`` of every ``m``."""

@@ -22,7 +22,7 @@ import torch
 
 from taylorprune.errors import RunError
 from taylorprune.options import option
-from taylorprune.prune.masks import Pattern, _prune_lowest
+from taylorprune.prune.masks import Fallback, Pattern, _prune_lowest, build_mask
 from taylorprune.prune.refine import SwapOptions, search
 
 DAMP_RETRIES = (1.0, 10.0, 100.0)
@@ -59,7 +59,7 @@ def obs_swaps(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, kee
 
 
 class CholeskyFailed(RunError):
-    """H stayed indefinite with damping ×100: the engine falls back to plain masking for that linear."""
+    """H stayed indefinite with damping ×100 (``obs_prune`` turns it into a ``Fallback``: plain masking)."""
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, name: str = "") -> tuple[torch.Tensor, float]:
@@ -108,7 +108,13 @@ def obs_prune(
     H[dead, dead] = 1
     if keep is None:
         W[:, dead] = 0  # inputs that never fire: the weight is irrelevant, SparseGPT zeroes it
-    U, damp = inverse_hessian_factor(H, percdamp, name)
+    try:
+        U, damp = inverse_hessian_factor(H, percdamp, name)
+    except CholeskyFailed as exc:
+        score = weight.detach().to(torch.float32).abs() if keep is None else None
+        mask = build_mask(score, pattern, name) if keep is None else keep.to(W.device)
+        raise Fallback(f"{exc}; fell back to masking without weight update (by |W| for a solver method)",
+                       weight.detach().to(torch.float32) * mask, score) from None
     pruned = torch.zeros_like(W, dtype=torch.bool) if keep is None else ~keep.to(W.device)
     if pattern.is_nm:  # N:M groups must not straddle two blocks
         blocksize = max(pattern.m, blocksize - blocksize % pattern.m)

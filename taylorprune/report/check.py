@@ -1,57 +1,55 @@
-"""``taylorprune check``: a CI gate comparing a candidate's perplexity (and sparsity) with a baseline.
+"""``taylorprune check``: a CI gate comparing a candidate's metrics (and sparsity) with a baseline.
 
 Results come from ``taylorprune eval --json`` files, from a folder's ``taylorprune_report.json`` (its
-``evaluation`` field), or from a model folder evaluated on the spot. Two perplexities are only comparable
-when they were measured the same way, so differing eval settings are refused unless explicitly allowed.
+``evaluation``), or from a model folder or GGUF file evaluated on the spot. Each side becomes its evaluators'
+records and their flat metrics (``perplexity``, ``prefill_ratio``, ...), so any metric an evaluator declares can
+be gated: ``--max-increase METRIC=V`` (lower is better) and ``--max-drop METRIC=V`` (higher is better), V a
+percentage of the baseline (``5%``) or an absolute amount (``0.01``); ``--max-ppl-increase`` and ``--max-ppl`` are
+the perplexity forms. Two results are only comparable when their evaluators measured them the same way (each
+evaluator names the settings that must agree), so differing settings are refused unless explicitly allowed.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from taylorprune.errors import UserError
-from taylorprune.export.save import REPORT_NAME
-from taylorprune.report import jsonio, weights
+from taylorprune.evaluate.registry import EVALUATORS
+from taylorprune.report import jsonio
 
-# Fields that must agree for two perplexities to be comparable; ``tokenizer`` only when both sides have it.
-SETTINGS = ("dataset", "seqlen", "windows", "tokens", "tokenizer")
 REQUIRED = {"perplexity": (int, float), "dataset": (str,), "seqlen": (int,), "windows": (int,), "tokens": (int,)}
+KINDS = ("increase", "drop", "max")
 
 
 @dataclass(frozen=True)
-class EvalSettings:
-    """How to evaluate a side given as a model folder (the options of ``taylorprune eval``)."""
+class Gate:
+    """One limit on a metric: ``increase``/``drop`` against the baseline (``relative``: a fraction of it, else an
+    absolute amount), or ``max``, an absolute ceiling on the candidate."""
 
-    dataset: str = "wikitext2"
-    text_file: str | None = None
-    seqlen: int | None = None
-    max_windows: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
+    name: str
+    metric: str
+    kind: str
+    limit: float
+    relative: bool = True
 
-
-@dataclass(frozen=True)
-class Limits:
-    """The tolerances a candidate must meet; None means that check is not run."""
-
-    max_ppl_increase: float | None = None
-    max_ppl: float | None = None
-    min_sparsity: float | None = None
+    @property
+    def needs_baseline(self) -> bool:
+        return self.kind != "max"
 
 
 @dataclass(frozen=True)
 class Check:
-    """One gate: ``value`` compared with ``limit``; ``detail`` is the human sentence behind it."""
+    """One gate's outcome: ``value`` compared with ``limit``; ``detail`` is the human sentence behind it."""
 
     name: str
     value: float | None
     limit: float
     passed: bool
     detail: str
+    relative: bool = False  # value and limit are fractions of the baseline
 
 
 @dataclass
@@ -69,177 +67,173 @@ class Verdict:
                              "baseline": self.baseline, "candidate": self.candidate, "mismatch": self.mismatch})
 
 
-def parse_increase(text: str) -> float:
-    """'5%' -> 0.05 and '0.05' -> 0.05 (a ratio: candidate ppl <= baseline × (1 + x))."""
+def parse_amount(text: str, flag: str) -> tuple[float, bool]:
+    """'5%' → (0.05, relative) and '0.05' → (0.05, absolute); finite and non-negative."""
     raw = text.strip()
     percent = raw.endswith("%")
     try:
         value = float(raw[:-1] if percent else raw)
     except ValueError:
-        raise UserError(f"--max-ppl-increase {text}: expected a ratio (0.05) or a percentage (5%)") from None
-    value = value / 100 if percent else value
+        raise UserError(f"{flag} {text}: expected a percentage (5%) or an amount (0.05)") from None
     if not math.isfinite(value) or value < 0:
-        raise UserError(f"--max-ppl-increase {text}: must be a finite, non-negative increase")
-    return value
+        raise UserError(f"{flag} {text}: must be a finite, non-negative amount")
+    return (value / 100 if percent else value), percent
 
 
-def validate_limits(limits: Limits, has_baseline: bool) -> None:
+def parse_increase(text: str) -> float:
+    """``--max-ppl-increase``: '5%' -> 0.05 and '0.05' -> 0.05 (a ratio: candidate ppl <= baseline × (1 + x))."""
+    try:
+        return parse_amount(text, "--max-ppl-increase")[0]
+    except UserError as exc:
+        raise UserError(str(exc).replace("a percentage (5%) or an amount (0.05)",
+                                         "a ratio (0.05) or a percentage (5%)")) from None
+
+
+def parse_gate(text: str, kind: str, flag: str) -> Gate:
+    """``METRIC=V`` of ``--max-increase`` / ``--max-drop``."""
+    metric, sep, amount = text.partition("=")
+    if not sep or not metric.strip():
+        raise UserError(f"{flag} {text}: expected METRIC=AMOUNT, e.g. perplexity=5% or zeroshot_average=0.01")
+    value, relative = parse_amount(amount, flag)
+    return Gate(f"{metric.strip()}_{kind}", metric.strip(), kind, value, relative)
+
+
+def legacy_gates(max_ppl_increase: str | None, max_ppl: float | None) -> list[Gate]:
+    gates = []
+    if max_ppl_increase is not None:
+        gates.append(Gate("ppl_increase", "perplexity", "increase", parse_increase(max_ppl_increase)))
+    if max_ppl is not None:
+        if not (math.isfinite(max_ppl) and max_ppl > 0):
+            raise UserError(f"--max-ppl {max_ppl}: must be a positive number")
+        gates.append(Gate("max_ppl", "perplexity", "max", max_ppl, relative=False))
+    return gates
+
+
+def validate_gates(gates: list[Gate], min_sparsity: float | None, has_baseline: bool) -> None:
     """A gate without any limit would pass everything; a relative limit needs something to be relative to."""
-    if limits.max_ppl_increase is None and limits.max_ppl is None and limits.min_sparsity is None:
-        raise UserError("nothing to check: give --max-ppl-increase, --max-ppl and/or --min-sparsity")
-    if limits.max_ppl_increase is not None and not has_baseline:
-        raise UserError("--max-ppl-increase needs --baseline")
-    if limits.max_ppl is not None and not (math.isfinite(limits.max_ppl) and limits.max_ppl > 0):
-        raise UserError(f"--max-ppl {limits.max_ppl}: must be a positive number")
-    if limits.min_sparsity is not None and not 0.0 <= limits.min_sparsity <= 1.0:
-        raise UserError(f"--min-sparsity {limits.min_sparsity}: must be between 0 and 1")
+    if not gates and min_sparsity is None:
+        raise UserError("nothing to check: give --max-ppl-increase, --max-ppl, --max-increase, --max-drop and/or "
+                        "--min-sparsity")
+    for gate in gates:
+        if gate.needs_baseline and not has_baseline:
+            flag = "--max-ppl-increase" if gate.name == "ppl_increase" else f"--max-{gate.kind}"
+            raise UserError(f"{flag} needs --baseline")
+    if min_sparsity is not None and not 0.0 <= min_sparsity <= 1.0:
+        raise UserError(f"--min-sparsity {min_sparsity}: must be between 0 and 1")
 
 
-def existing(text: str, flag: str) -> Path:
-    path = Path(text).expanduser()
-    if not path.exists():
-        raise UserError(f"{flag} {text}: no such file or folder")
-    return path
+def side(records: dict[str, dict], source: str) -> dict:
+    """One side of a comparison: the perplexity record's fields (as ``eval --json`` writes them), every
+    evaluator's record and the flat metrics."""
+    found = {}
+    for name, record in records.items():
+        if name in EVALUATORS:
+            found.update(EVALUATORS[name].metrics(record))
+    return {**records.get("perplexity", {}), "evaluation": records, "metrics": found, "source": source}
+
+
+def _records(data: dict, flag: str, path: Path) -> dict[str, dict]:
+    """The evaluator records of an ``eval --json`` file or a report (old reports: one perplexity record)."""
+    if "perplexity" not in data and "evaluation" in data:  # a report
+        evaluation = data["evaluation"]
+        if not evaluation:
+            raise UserError(f"{flag} {path}: the report has no evaluation; prune with --eval, or pass the model "
+                            "folder to evaluate it now")
+        if not isinstance(evaluation, dict):
+            raise UserError(f"{flag} {path}: the report's evaluation is not a JSON object")
+        return evaluation if "perplexity" not in evaluation or isinstance(evaluation["perplexity"], dict) else {
+            "perplexity": evaluation}
+    return data.get("evaluation") if isinstance(data.get("evaluation"), dict) else {"perplexity": data}
 
 
 def read_result(path: Path, flag: str) -> dict:
-    """An eval result from an ``eval --json`` file or a report's ``evaluation`` field, validated."""
+    """An evaluation from an ``eval --json`` file or a report, validated."""
+    what = (f"a {flag} is an `eval --json` file, a taylorprune_report.json, a model folder or a .gguf file")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise UserError(f"{flag} {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{flag} {path}: cannot read it ({exc})") from None
-    if isinstance(data, dict) and "perplexity" not in data and "evaluation" in data:
-        if not data["evaluation"]:
-            raise UserError(f"{flag} {path}: the report has no evaluation; prune with --eval, or pass the model "
-                            "folder to evaluate it now")
-        data = data["evaluation"]
+        raise UserError(f"{flag} {path}: not valid JSON ({exc.msg} at line {exc.lineno}); {what}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{flag} {path}: not a JSON text file; {what}") from None
+    except OSError as exc:
+        raise UserError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
     if not isinstance(data, dict):
         raise UserError(f"{flag} {path}: expected a JSON object as written by `taylorprune eval --json`")
-    missing = [k for k in REQUIRED if k not in data]
+    records = _records(data, flag, path)
+    if "perplexity" in records:
+        _check_perplexity(records["perplexity"], flag, path)
+    return side(records, str(path))
+
+
+def _check_perplexity(record: dict, flag: str, path: Path) -> None:
+    if not isinstance(record, dict):
+        raise UserError(f"{flag} {path}: its perplexity record is not a JSON object")
+    missing = [k for k in REQUIRED if k not in record]
     if missing:
         raise UserError(f"{flag} {path}: not an eval result (missing {', '.join(missing)}); write one with "
                         "`taylorprune eval --json`")
     for key, types in REQUIRED.items():
-        if isinstance(data[key], bool) or not isinstance(data[key], types):
-            raise UserError(f"{flag} {path}: field {key!r} has the wrong type ({type(data[key]).__name__})")
-    return dict(data, source=str(path))
-
-
-def evaluate_folder(path: Path, settings: EvalSettings, hooks=None, flag: str = "--candidate") -> dict:
-    """Load the folder and measure its perplexity exactly as ``taylorprune eval`` would."""
-    from taylorprune import pipeline
-    from taylorprune.modeling import loading
-
-    device = pipeline.resolve_device(settings.device)
-    hooks = hooks or pipeline.Hooks()
-    hooks.current = f"loading {flag} {path}"
-    try:
-        loaded = loading.load(str(path), settings.dtype)
-    except UserError as exc:  # loading speaks of --model; here the folder came in as --baseline/--candidate
-        raise UserError(str(exc).replace(f"--model {path}", f"{flag} {path}", 1)) from None
-    hooks.current = f"evaluating {flag} {path}"
-    result = pipeline.evaluate_model(loaded.model, loaded.tokenizer, str(path), settings.dataset,
-                                     settings.text_file, settings.seqlen, settings.max_windows, device,
-                                     hooks.windows)
-    return dict(result.to_dict(), source=str(path))
-
-
-def load_sides(base_path: Path | None, cand_path: Path, settings: EvalSettings, allow_mismatch: bool,
-               make_hooks: Callable[[], object] | None = None) -> tuple[dict | None, dict]:
-    """(baseline, candidate): files are read first, so a folder whose evaluation could never match is refused
-    before minutes of evaluation rather than after."""
-    sides = {"--baseline": base_path, "--candidate": cand_path}
-    loaded = {flag: read_result(p, flag) for flag, p in sides.items() if p is not None and not p.is_dir()}
-    folders = [flag for flag, p in sides.items() if p is not None and p.is_dir()]
-    if folders and loaded and not allow_mismatch:
-        planned = {"dataset": Path(settings.text_file).name if settings.text_file else settings.dataset}
-        if settings.seqlen is not None:
-            planned["seqlen"] = settings.seqlen
-        known = next(iter(loaded.values()))
-        diffs = [f"{k}: {known[k]!r} in the file vs {v!r} from the eval options" for k, v in planned.items()
-                 if known[k] != v]
-        if diffs:
-            raise UserError(f"{folders[0]} would be evaluated differently from the result it is compared with "
-                            f"({'; '.join(diffs)}); set --dataset/--text-file/--seqlen/--max-windows to match, "
-                            "or pass --allow-mismatch")
-    for flag in folders:
-        loaded[flag] = evaluate_folder(sides[flag], settings, make_hooks() if make_hooks else None, flag)
-    return loaded.get("--baseline"), loaded["--candidate"]
-
-
-def validate_eval_settings(settings: EvalSettings) -> None:
-    from taylorprune import pipeline
-    from taylorprune.calib.text import EVAL_DATASETS
-    from taylorprune.modeling import loading
-
-    if settings.text_file is None and settings.dataset not in EVAL_DATASETS:
-        raise UserError(f"--dataset {settings.dataset}: choose one of {', '.join(EVAL_DATASETS)} or give --text-file")
-    if settings.text_file and not Path(settings.text_file).expanduser().is_file():
-        raise UserError(f"--text-file {settings.text_file}: file not found")
-    pipeline.resolve_device(settings.device)
-    loading.torch_dtype(settings.dtype)
+        if isinstance(record[key], bool) or not isinstance(record[key], types):
+            raise UserError(f"{flag} {path}: field {key!r} has the wrong type ({type(record[key]).__name__})")
 
 
 def mismatches(baseline: dict, candidate: dict) -> list[str]:
-    """'field: baseline vs candidate' for every eval setting that differs."""
-    return [f"{k}: {baseline[k]!r} vs {candidate[k]!r}" for k in SETTINGS
-            if k in baseline and k in candidate and baseline[k] != candidate[k]]
+    """'field: baseline vs candidate' for every setting of an evaluator both sides have that differs."""
+    diffs = []
+    for name, record in baseline["evaluation"].items():
+        other = candidate["evaluation"].get(name)
+        if name in EVALUATORS and isinstance(other, dict):
+            diffs += EVALUATORS[name].comparable(record, other)
+    return diffs
 
 
-def weights_folder(path: Path) -> Path:
-    """Where ``--min-sparsity`` reads weights: the candidate folder, or the folder around its report file."""
-    if path.is_dir():
-        return path
-    if path.name == REPORT_NAME and any(path.parent.glob("*.safetensors")):
-        return path.parent
-    raise UserError(f"--min-sparsity reads the candidate's weights: --candidate {path} must be a model folder "
-                    f"(or the {REPORT_NAME} inside one)")
+def _metric(result: dict, metric: str, flag: str) -> float:
+    value = result["metrics"].get(metric)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        have = ", ".join(sorted(result["metrics"])) or "none"
+        raise UserError(f"{flag} {result['source']} has no metric {metric} (it has: {have})")
+    return float(value) if value is not None else math.nan
 
 
-def candidate_sparsity(folder: Path) -> tuple[float, int, str]:
-    """(sparsity, linears, rule) over the report's linears when the folder has a report, else the block rule."""
-    from taylorprune.report.inspect_folder import read_report
-
-    report = read_report(folder)
-    names = [f"{lin['name']}.weight" for lin in (report or {}).get("linears") or []]
-    rows = weights.scan(folder, names or None, candidates=(), flag="--candidate")
-    rule = "linears listed in its report" if names else "2-D weights inside decoder blocks"
-    return weights.total(rows)[2], len(rows), rule
+def _shown(value: float, relative: bool) -> str:
+    return f"{value:+.2%}" if relative else f"{value:+.4g}"
 
 
-def run_checks(baseline: dict | None, candidate: dict, limits: Limits, sparsity: tuple[float, int, str] | None
-               ) -> list[Check]:
-    checks = []
-    ppl = float(candidate["perplexity"])
-    if limits.max_ppl_increase is not None and baseline is not None:
-        base = float(baseline["perplexity"])
-        if not (math.isfinite(base) and base > 0):
-            raise UserError(f"--baseline perplexity is {base}; a relative limit needs a finite baseline")
-        bound = base * (1 + limits.max_ppl_increase)
-        rel = ppl / base - 1 if base > 0 and math.isfinite(ppl) else math.inf
-        checks.append(Check("ppl_increase", rel, limits.max_ppl_increase, ppl <= bound,
-                            f"perplexity {ppl:.4f} vs baseline {base:.4f} ({rel:+.2%}); limit {bound:.4f} "
-                            f"({limits.max_ppl_increase:+.2%})"))
-    if limits.max_ppl is not None:
-        checks.append(Check("max_ppl", ppl, limits.max_ppl, ppl <= limits.max_ppl,
-                            f"perplexity {ppl:.4f}; limit {limits.max_ppl:g}"))
-    if limits.min_sparsity is not None and sparsity is not None:
-        value, count, rule = sparsity
-        checks.append(Check("min_sparsity", value, limits.min_sparsity, value >= limits.min_sparsity - 1e-12,
-                            f"sparsity {value:.4f} over {count} {rule}; minimum {limits.min_sparsity:g}"))
-    return checks
+def run_gate(gate: Gate, baseline: dict | None, candidate: dict) -> Check:
+    cand = _metric(candidate, gate.metric, "--candidate")
+    if gate.kind == "max":
+        return Check(gate.name, cand, gate.limit, cand <= gate.limit,
+                     f"{gate.metric} {cand:.4f}; limit {gate.limit:g}")
+    base = _metric(baseline, gate.metric, "--baseline")
+    if gate.relative and not (math.isfinite(base) and base > 0):
+        raise UserError(f"--baseline {gate.metric} is {base}; a relative limit needs a finite, positive baseline")
+    sign = 1.0 if gate.kind == "increase" else -1.0
+    change = sign * (cand - base) / (base if gate.relative else 1.0)
+    change = change if math.isfinite(change) else math.inf
+    bound = base + sign * gate.limit * (base if gate.relative else 1.0)
+    passed = change <= gate.limit
+    word = "rise" if gate.kind == "increase" else "drop"
+    return Check(gate.name, change, gate.limit, passed,
+                 f"{gate.metric} {cand:.4f} vs baseline {base:.4f} ({word} {_shown(change, gate.relative)}); limit "
+                 f"{bound:.4f} ({_shown(gate.limit, gate.relative)})", gate.relative)
 
 
-def verdict(baseline: dict | None, candidate: dict, limits: Limits, sparsity: tuple[float, int, str] | None,
-            allow_mismatch: bool) -> Verdict:
+def sparsity_check(sparsity: tuple[float, int, str], minimum: float) -> Check:
+    value, count, rule = sparsity
+    return Check("min_sparsity", value, minimum, value >= minimum - 1e-12,
+                 f"sparsity {value:.4f} over {count} {rule}; minimum {minimum:g}")
+
+
+def verdict(baseline: dict | None, candidate: dict, gates: list[Gate], sparsity: tuple[float, int, str] | None,
+            min_sparsity: float | None, allow_mismatch: bool) -> Verdict:
     """Refuse incomparable results (unless allowed), then run every requested check."""
     diffs = mismatches(baseline, candidate) if baseline is not None else []
     if diffs and not allow_mismatch:
         raise UserError(f"baseline and candidate were evaluated differently ({'; '.join(diffs)}); evaluate both "
                         "with the same settings, or pass --allow-mismatch")
-    checks = run_checks(baseline, candidate, limits, sparsity)
+    checks = [run_gate(g, baseline, candidate) for g in gates]
+    if min_sparsity is not None and sparsity is not None:
+        checks.append(sparsity_check(sparsity, min_sparsity))
     return Verdict(all(c.passed for c in checks), checks, baseline, candidate, diffs)
 
 

@@ -48,11 +48,19 @@ def report_summary(report: dict, rows: list[weights.TensorSparsity]) -> dict:
         "matches_weights": None if on_disk is None or claimed is None else abs(float(claimed) - on_disk) < 1e-9,
         "linears": len(listed),
         "calibration": report.get("calibration"),
-        "evaluation": report.get("evaluation") or None,
+        "evaluation": _perplexity(report.get("evaluation")),
+        "metrics": report.get("metrics") or {},
         "source": (report.get("source") or {}).get("model"),
         "taylorprune": (report.get("versions") or {}).get("taylorprune"),
         "structured": _structured(report.get("structured")),
     }
+
+
+def _perplexity(evaluation) -> dict | None:
+    """The perplexity record of a report (reports before evaluators kept it as the whole ``evaluation``)."""
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("perplexity"), dict):
+        return evaluation["perplexity"]
+    return evaluation or None
 
 
 def _structured(record) -> dict | None:

@@ -21,7 +21,8 @@ def to_xml(v: Verdict) -> ET.ElementTree:
     for side, result in (("baseline", v.baseline), ("candidate", v.candidate)):
         if result is not None:
             ET.SubElement(props, "property", name=f"{side}.source", value=str(result.get("source", "")))
-            ET.SubElement(props, "property", name=f"{side}.perplexity", value=repr(result.get("perplexity")))
+            for metric, value in (result.get("metrics") or {}).items():
+                ET.SubElement(props, "property", name=f"{side}.{metric}", value=repr(value))
     for diff in v.mismatch:
         ET.SubElement(props, "property", name="allowed_mismatch", value=diff)
     for c in v.checks:

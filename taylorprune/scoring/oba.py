@@ -94,7 +94,7 @@ METHOD = Method(
     "Sun et al., arXiv:2502.17941",
     statistics=("act_norm_sq", "loss_grad", "hvp", "block_hvp"), options=ObaOptions, score=score,
     select=_needs,
-    refine=lambda o: "swap" if o.oba_mode == "swap" else "none",
+    stages=lambda o: {"refine": "swap"} if o.oba_mode == "swap" else {},
     prune_model=lambda o: released_prune if o.oba_mode == "released" else None,
     structured=lambda o: {"released": RELEASED, "swap": RECON}.get(o.oba_mode),
 )

@@ -50,7 +50,8 @@ class Method:
     """A registered pruning method.
 
     ``statistics`` lists every statistic the method may need; ``select`` picks those a given set of options
-    needs (default: all of them). ``refine`` names the mask refinement used when ``--refine`` is not given.
+    needs (default: all of them). ``stages`` gives the stage values the method runs with when the run does not
+    give them (``{"refine": "swap"}``).
     ``prune_model`` returns, for options that ask for it, a function that prunes the whole model itself instead
     of the layer-by-layer engine (global ranking across layers, schedules with recomputation). ``structured``
     returns how the method scores whole structures (neurons, heads) for ``--structure``.
@@ -64,7 +65,7 @@ class Method:
     score: ScoreFn | None = None
     solve: SolveFn | None = None
     select: Callable[[Options], frozenset[str]] | None = None
-    refine: Callable[[Options], str] | None = None
+    stages: Callable[[Options], dict[str, str]] | None = None
     prune_model: Callable[[Options], ModelPruneFn | None] | None = None
     structured: Callable[[Options], GroupScore] | None = None
 
@@ -80,8 +81,9 @@ class Method:
     def whole_model(self, options: Options) -> ModelPruneFn | None:
         return self.prune_model(options) if self.prune_model else None
 
-    def default_refine(self, options: Options) -> str:
-        return self.refine(options) if self.refine else "none"
+    def default_stage(self, kind: str, options: Options) -> str | None:
+        """The method's own value for stage ``kind`` with these options (None: the kind's default)."""
+        return (self.stages(options) if self.stages else {}).get(kind)
 
     def group_score(self, options: Options) -> GroupScore | None:
         """The structured score for these options, None when the method has none."""

@@ -30,9 +30,16 @@ from taylorprune.prune.structures.spec import (
     Structure,
     parse_structures,
 )
-from taylorprune.prune.structures.surgery import compensate, count_parameters, remove, update_config, zero
+from taylorprune.prune.structures.surgery import (
+    compensate,
+    count_parameters,
+    remove,
+    take_out,
+    update_config,
+    zero,
+)
 
 __all__ = ["CONSUMER_STATS", "KINDS", "STRUCTURES", "WIDTH_KINDS", "Groups", "Member", "Shape", "Structure",
            "all_groups", "attention_of", "check_config", "choose", "compensate", "count_parameters",
            "counts_for_target", "groups_of", "groups_to_remove", "parse_structures", "reduce_groups",
-           "removal_counts", "remove", "update_config", "widths_after", "zero"]
+           "removal_counts", "remove", "take_out", "update_config", "widths_after", "zero"]

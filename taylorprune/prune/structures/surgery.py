@@ -42,6 +42,14 @@ def compensate(groups: Groups, drop: torch.Tensor, hessian: torch.Tensor, percda
         w[:, kept] = new.to(w.dtype)
 
 
+def take_out(groups: Groups, drop: torch.Tensor, stats, options, block: nn.Module) -> None:
+    """Remove the dropped groups from ``block``, refitting their consumer first when ``options.compensate`` (with
+    the consumer's XXᵀ from ``stats``, the statistic the structure declares it needs)."""
+    if getattr(options, "compensate", False):
+        compensate(groups, drop, stats[groups.consumer.path]["hessian"], options.compensate_damp)
+    remove(groups, drop, block)
+
+
 def _shrink(linear: nn.Linear, dim: int, keep: torch.Tensor) -> None:
     keep = keep.to(linear.weight.device)
     weight = linear.weight.detach().index_select(dim, keep).contiguous()

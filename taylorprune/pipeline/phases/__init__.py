@@ -1,0 +1,1 @@
+"""The phases a run is made of, one module each, in the order a plan lists them (``pipeline.plan``)."""

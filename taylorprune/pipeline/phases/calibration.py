@@ -1,0 +1,32 @@
+"""Calibration phase: the calibration windows (when a later phase needs them), and what each evaluator prepares.
+
+Both are cheap and both can fail on bad input (a text too short for the windows asked for), so they run right
+after loading, before any heavy work; the record is the calibration's description (source, windows, sha256).
+"""
+
+from __future__ import annotations
+
+from taylorprune.calib import sampling, text
+from taylorprune.pipeline.evaluation import context, prepare
+from taylorprune.pipeline.state import Phase, RunState
+
+
+def load_calibration(calib, tokenizer, seqlen: int):
+    """(windows [nsamples, seqlen], CalibSpec) of the calibration options ``calib``."""
+    corpus = text.read_file(calib.calib_file) if calib.calib_file else text.calibration_corpus(calib.calib)
+    return sampling.sample(tokenizer, corpus, calib.nsamples, seqlen, calib.seed, calib.calib_sampling, cache=True)
+
+
+class Calibration(Phase):
+    name = "calibration"
+    label = "tokenizing calibration and evaluation text"
+
+    def run(self, state: RunState) -> dict | None:
+        plan = state.plan
+        with state.hooks.timed(state.phases_s, "calibration_data", self.label):
+            if plan.calibrated:
+                state.calib_ids, state.spec = load_calibration(plan.opts.calib, state.loaded.tokenizer, plan.seqlen)
+            ctx = context(state.model, state.loaded.tokenizer, plan.opts.output, plan.device, state.hooks,
+                          state.placement)
+            state.prepared = prepare(ctx, list(plan.evaluators))
+        return state.spec.describe() if state.spec else None

@@ -1,0 +1,109 @@
+"""Unstructured phase: masks (unstructured or N:M) on the target linears, with the run's stages.
+
+Model-scope statistics are taken on the dense model first (gradients, model-scope HVPs, dense activations);
+the model-scope stages (allocation) turn them into per-linear patterns; then the layer-by-layer engine
+(``pipeline.engine``) prunes block after block, or the method's own whole-model procedure runs instead.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from taylorprune.export import save
+from taylorprune.modeling.blocks import BlockRunner
+from taylorprune.pipeline.engine import PruneResult, prune_layers
+from taylorprune.pipeline.state import Phase, RunState, linear_records
+from taylorprune.stats.collect import BlockCache, model_statistics
+from taylorprune.stats.registry import of_scope
+from taylorprune.stats.source import ModelContext, Scope
+
+
+def model_context(state: RunState) -> ModelContext:
+    opts = state.opts
+    return ModelContext(state.model, state.layout, state.calib_ids, state.plan.device, state.hooks.task,
+                        state.hooks.events, state.placement, opts.placement.stream_batch, opts.calib.batch_size)
+
+
+def pruning_label(state: RunState) -> str:
+    """'pruning with M + recon block (unstructured 0.5 per row)': what the progress line says."""
+    parts = state.plan.parts
+    stages = "".join(f" + {s.kind.name} {s.name}" for s in parts.stages if not s.off and not s.kind.several)
+    return f"pruning with {parts.method.name}{stages} ({state.plan.pattern.describe()})"
+
+
+class Unstructured(Phase):
+    name = "unstructured"
+
+    def check(self, plan) -> None:
+        for stage in plan.parts.active("model"):
+            stage.choice.check(plan.pattern)
+
+    def calibrated(self, plan) -> bool:
+        return bool(plan.parts.needs) or plan.whole_model is not None
+
+    def run(self, state: RunState) -> dict:
+        plan, hooks, opts = state.plan, state.hooks, state.opts
+        ctx = model_context(state)
+        dense_stats = {}
+        if of_scope(plan.needs, Scope.MODEL):
+            with hooks.timed(state.phases_s, "model_statistics", "model-scope statistics on the dense model"):
+                dense_stats = model_statistics(plan.needs, ctx, state.spec, plan.parts.options_of)
+        with hooks.timed(state.phases_s, "prune", pruning_label(state)):
+            scores: dict[str, torch.Tensor] | None = {} if opts.write.save_scores else None
+            result = _prune(state, ctx, dense_stats, scores)
+            if scores is not None:
+                save.write_tensors(Path(opts.write.save_scores), scores,
+                                   {"method": plan.parts.method.name, "pattern": plan.pattern.describe()})
+        state.phases_s.update({f"prune.{k}": v for k, v in result.timings.items()})
+        state.linears, state.warnings = result.linears, state.warnings + result.warnings
+        return {"pattern": plan.pattern.describe(), "achieved_sparsity": result.sparsity,
+                "allocation": result.allocation, "blocks": block_report(result)}
+
+
+def _prune(state: RunState, ctx: ModelContext, dense_stats, scores) -> PruneResult:
+    """The layer-by-layer engine, or the method's own whole-model procedure when it has one."""
+    plan = state.plan
+    if plan.whole_model is not None:
+        t0 = time.perf_counter()
+        chosen = plan.whole_model(ctx, plan.pattern, plan.parts.method_options)
+        if scores is not None:
+            scores.update({k: v.detach().to(torch.float32).cpu().contiguous() for k, v in chosen.items()})
+        return PruneResult(linear_records(state.layout), {"whole_model": time.perf_counter() - t0})
+    layout = state.layout
+    runner = BlockRunner(state.model, layout, plan.device, plan.opts.calib.batch_size,
+                         stream=state.placement.mode != "device_map")
+    block_cache = BlockCache(plan.needs, plan.parts.options_of, state.model, layout, state.spec, plan.recipe(),
+                             state.hooks.events)
+    patterns, allocated = {}, {}
+    for stage in plan.parts.active("model"):
+        patterns, allocated = stage.kind.step(stage, layout, dense_stats, plan.pattern)
+    try:
+        result = prune_layers(runner, layout, plan.parts, plan.pattern, state.calib_ids, dense_stats,
+                              on_block=state.hooks.task("pruning blocks", len(layout.blocks)), scores=scores,
+                              block_cache=block_cache.stats, patterns=patterns, seed=plan.opts.calib.seed)
+    finally:
+        runner.streamer.close()
+    block_cache.save()
+    result.allocation = allocated
+    return result
+
+
+def block_report(result: PruneResult) -> list[dict]:
+    """Per decoder block: sparsity of its targets, the allocation's numbers and the block stages' records."""
+    blocks: dict[int, dict] = {}
+    for lin in result.linears:
+        entry = blocks.setdefault(lin["block"], {"block": lin["block"], "numel": 0, "zeros": 0})
+        entry["numel"] += lin["numel"]
+        entry["zeros"] += lin["zeros"]
+    for entry in blocks.values():
+        entry["sparsity"] = entry["zeros"] / max(entry["numel"], 1)
+    for name, values in (result.allocation or {}).items():
+        for index, value in enumerate(values):
+            if index in blocks:
+                blocks[index][name] = value
+    for info in result.blocks:
+        blocks.setdefault(info["block"], {"block": info["block"]}).update(info)
+    return [blocks[k] for k in sorted(blocks)]

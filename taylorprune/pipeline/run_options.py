@@ -1,0 +1,147 @@
+"""The options of a run, as typed groups declared once (``option(...)`` fields, as components declare theirs).
+
+- ``load``: what model and how it is loaded; ``calib``: the calibration windows; ``placement``: where the
+  weights live; ``target``: the method and how much to prune; ``write``: the output folder and side files;
+- one group per evaluator (its own options, ``evaluate.registry``);
+- the stage values ({kind: value}, ``pipeline.stages``) and the component option values (flat, checked against
+  the components that run).
+
+``RunOptions`` takes them all as one flat mapping (``RunOptions(model=..., sparsity=0.5, alpha=0.5)``), as the
+CLI does, and routes each name to its group; the CLI flags of ``run`` and ``sweep`` are generated from the same
+declarations, and each group validates its own values (bounds, choices, files that must exist).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from taylorprune.calib import sampling, text
+from taylorprune.errors import UserError
+from taylorprune.evaluate.registry import EVALUATORS
+from taylorprune.evaluate.spec import Evaluator
+from taylorprune.options import Options, option
+from taylorprune.pipeline.stages import KINDS
+from taylorprune.prune.masks import GROUPS
+from taylorprune.scoring.registry import DEFAULT_METHOD
+
+
+@dataclass(frozen=True)
+class LoadOptions(Options):
+    model: str | None = option(None, "HF folder, hub id, .gguf file, or 'demo' (bundled stories260K).", required=True)
+    dtype: str = option("auto", "auto, float32, bfloat16 or float16.", choices=("auto", "float32", "bfloat16",
+                                                                              "float16"))
+    device_map: str | None = option(None, "accelerate device map (auto, balanced, sequential, cpu).")
+    offload_folder: str | None = option(None, "Folder for accelerate's disk offload.")
+    trust_remote_code: bool = option(False, "Allow model code from the checkpoint (off: never run it).")
+
+
+@dataclass(frozen=True)
+class CalibOptions(Options):
+    calib: str = option("c4", f"Calibration data set: {', '.join(text.CALIB_SOURCES)}.", choices=text.CALIB_SOURCES)
+    calib_file: str | None = option(None, "Calibration text file (.txt, or .jsonl with 'text').")
+    nsamples: int = option(128, "Number of calibration windows.", minimum=1)
+    seqlen: int | None = option(None, "Calibration tokens per window (default: min(2048, max positions)).",
+                                minimum=2)
+    seed: int = option(0, "Seed of the calibration sampler (and of every seeded stage).")
+    calib_sampling: str = option("random", f"Window sampler: {', '.join(sampling.SAMPLINGS)}.",
+                                 choices=sampling.SAMPLINGS)
+    batch_size: int = option(1, "Windows per forward while calibrating.", minimum=1)
+
+    def check(self) -> None:
+        if self.calib_file and not Path(self.calib_file).expanduser().is_file():
+            raise UserError(f"--calib-file {self.calib_file}: file not found")
+
+
+@dataclass(frozen=True)
+class PlacementOptions(Options):
+    device: str = option("auto", "Compute device: auto, cpu, cuda, cuda:1, ...")
+    stream: bool = option(False, "Keep the model in CPU memory and bring one decoder block at a time to the device, "
+                          "for every pass (statistics, pruning, evaluation), on any device (default: only when the "
+                          "model does not fit).")
+    max_gpu_memory: float | None = option(None, "GiB of device memory this run may use: the model stays on the GPU "
+                                          "when it fits under this (with its working set), else it streams; also "
+                                          "caps PyTorch's CUDA allocator (default: the free memory).", above=0)
+    stream_batch: int = option(16, "Calibration or evaluation windows per block-by-block sweep: each block visits the "
+                               "device once per sweep (more: fewer transfers, more memory for stored block inputs).",
+                               minimum=1)
+
+
+@dataclass(frozen=True)
+class TargetOptions(Options):
+    method: str = option(DEFAULT_METHOD, "Pruning method; see `taylorprune methods`.")
+    sparsity: float | None = option(None, "Fraction of weights to prune in each target, e.g. 0.5; with --structure "
+                                    "the fraction of each structure removed in every block (of blocks: of the "
+                                    "model's blocks).")
+    pattern: str | None = option(None, "N:M semi-structured pattern, e.g. 2:4 (keep N of every M).")
+    group: str = option("row", "Unstructured comparison group: row (Wanda) or layer.", choices=GROUPS)
+    targets: str | None = option(None, "Regex on module paths selecting the linears to prune.")
+    target_params: float | None = option(None, "With --structure instead of --sparsity: fraction of all parameters "
+                                         "to remove (the smallest uniform count reaching it).")
+
+
+@dataclass(frozen=True)
+class WriteOptions(Options):
+    output: str | None = option(None, "Folder to write (created atomically; must not exist).", required=True)
+    overwrite: bool = option(False, "Replace an existing output folder.")
+    save_scores: str | None = option(None, "Write each target's fp32 scores (.safetensors, module paths).")
+    plots: bool = option(False, "Also write layer_sparsity.png into the output.")
+
+
+GROUPS_OF_RUN: dict[str, type[Options]] = {"load": LoadOptions, "calib": CalibOptions, "placement": PlacementOptions,
+                                           "target": TargetOptions, "write": WriteOptions}
+
+
+def evaluator_groups() -> dict[str, type[Options]]:
+    return {e.name: e.options for e in EVALUATORS.values()}
+
+
+class RunOptions:
+    """Every option of ``taylorprune run`` (recorded verbatim in the report), from one flat mapping.
+
+    Names of a group go to that group (validated there), stage kinds to ``stages``, ``method_options`` and any
+    other name to the component values (checked against the run's components when it is planned).
+    """
+
+    def __init__(self, method_options: dict[str, Any] | None = None, **values: Any) -> None:
+        self.stages: dict[str, str | None] = {k: values.pop(k) for k in list(values) if k in KINDS}
+        self.groups: dict[str, Options] = {}
+        claimed: set[str] = set()
+        for name, cls in {**GROUPS_OF_RUN, **evaluator_groups()}.items():
+            mine = {s.name for s in cls.specs()}
+            self.groups[name] = cls.build({k: v for k, v in values.items() if k in mine})
+            claimed |= mine
+        self.method_options: dict[str, Any] = {**{k: v for k, v in values.items() if k not in claimed},
+                                               **(method_options or {})}
+
+    load = property(lambda self: self.groups["load"])
+    calib = property(lambda self: self.groups["calib"])
+    placement = property(lambda self: self.groups["placement"])
+    target = property(lambda self: self.groups["target"])
+    write = property(lambda self: self.groups["write"])
+
+    @property
+    def model(self) -> str:
+        return self.load.model
+
+    @property
+    def output(self) -> str:
+        return self.write.output
+
+    def evaluators(self) -> list[tuple[Evaluator, Options]]:
+        """The evaluators this run turns on, with their options, in registry order."""
+        return [(e, self.groups[e.name]) for e in EVALUATORS.values() if e.enabled(self.groups[e.name])]
+
+    def flat(self) -> dict[str, Any]:
+        """Every option by name, as given or defaulted (the report's ``options``; ``RunOptions(**flat)`` again)."""
+        out: dict[str, Any] = {}
+        for group in self.groups.values():
+            out.update(group.as_dict())
+        return {**out, **self.stages, "method_options": dict(self.method_options)}
+
+    def replace(self, **changes: Any) -> RunOptions:
+        return RunOptions(**{**self.flat(), **changes})
+
+    def __repr__(self) -> str:
+        return f"RunOptions({self.flat()!r})"

@@ -1,0 +1,119 @@
+"""One run's state, and what a phase of the run is.
+
+A run is an ordered list of phases over one ``RunState`` (``Plan.phases``: load → calibration → structured →
+unstructured → evaluation → write, each only when the run asks for it). A phase declares its checks (run by
+``validate`` before any weight is loaded), whether it needs calibration windows, and what it does; the record
+its ``run`` returns goes into the report under the phase's name.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import transformers
+
+import taylorprune
+from taylorprune.calib.sampling import CalibSpec
+from taylorprune.modeling.layout import Layout
+from taylorprune.modeling.loading import Loaded
+from taylorprune.modeling.placement import Placement
+from taylorprune.pipeline.evaluation import metrics
+from taylorprune.pipeline.hooks import Hooks
+
+if TYPE_CHECKING:
+    from taylorprune.pipeline.plan import Plan
+
+
+class Phase:
+    """A step of the run: ``name`` (its report key), ``label`` (what progress says), the three hooks below."""
+
+    name = ""
+    label = ""
+
+    def check(self, plan: Plan) -> None:
+        """Everything that can be refused before any weight is loaded."""
+
+    def calibrated(self, plan: Plan) -> bool:
+        """Whether this phase needs the calibration windows."""
+        return False
+
+    def run(self, state: RunState) -> dict | None:
+        """Do the work on ``state``; the returned record goes into the report under ``name``."""
+        return None
+
+
+@dataclass
+class RunState:
+    """Everything the phases share: the model once loaded, its layout and placement, the calibration windows,
+    what each evaluator prepared, timings, events, the per-linear records and each phase's record."""
+
+    plan: Plan
+    hooks: Hooks
+    loaded: Loaded | None = None
+    layout: Layout | None = None
+    placement: Placement | None = None
+    spec: CalibSpec | None = None
+    calib_ids: torch.Tensor | None = None
+    prepared: dict[str, Any] = field(default_factory=dict)
+    phases_s: dict[str, float] = field(default_factory=dict)
+    records: dict[str, dict] = field(default_factory=dict)
+    linears: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    report: dict | None = None  # what the write phase wrote
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def opts(self):
+        return self.plan.opts
+
+    @property
+    def events(self) -> list[str]:
+        return self.hooks.events
+
+    @property
+    def evaluation(self) -> dict | None:
+        return self.records.get("evaluation")
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Every evaluator's metrics, flat (``perplexity``, ``prefill_ratio``, ...)."""
+        return metrics(self.evaluation or {})
+
+    @property
+    def achieved_sparsity(self) -> float | None:
+        total = sum(r["numel"] for r in self.linears)
+        return sum(r["zeros"] for r in self.linears) / total if total else None
+
+
+STARTED = taylorprune.IMPORTED_AT
+
+
+def process_seconds() -> float:
+    """Seconds since taylorprune was first imported (the interpreter's start-up and every import after it);
+    measured in-process because a shell that execs the command would give its own start as the process's."""
+    return max(0.0, time.time() - STARTED)
+
+
+def versions() -> dict[str, str]:
+    return {"taylorprune": taylorprune.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def linear_record(path: str, weight: torch.Tensor, block: int | None = None) -> dict:
+    """A pruned linear as the report lists it."""
+    zeros = int((weight == 0).sum().item())
+    record = {"name": path, "shape": list(weight.shape), "numel": weight.numel(), "zeros": zeros,
+              "sparsity": zeros / weight.numel()}
+    return record if block is None else record | {"block": block}
+
+
+def linear_records(layout: Layout) -> list[dict]:
+    """Every target of ``layout`` as the report lists it, with its block."""
+    return [linear_record(t.path, t.module.weight, i) for i, ts in enumerate(layout.targets) for t in ts]
