@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from taylorprune.cli import app
 from taylorprune.prune.masks import Pattern, build_mask, check_nm
-from taylorprune.prune.refine import _prefix_changes, row_errors, swap_refine
+from taylorprune.prune.swap import _prefix_changes, row_errors, swap_refine
 
 from .conftest import VALID
 

@@ -1,7 +1,6 @@
 """Method specs as the single source of truth: typed options, flags and --option derived from them, registry
 consistency, and imports that run one way between packages."""
 
-import ast
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,34 +148,6 @@ def test_out_of_memory_advice_names_the_runs_own_memory_options(tmp_path, monkey
 
 
 # ------------------------------------------------------------------------------------------- package layering
-
-# Each package may import only packages listed before it (and the top-level modules errors/options).
-LAYERS = ["errors", "options", "modeling", "calib", "evaluate", "export", "stats", "prune", "scoring", "pipeline",
-          "report", "cli"]
-
-
-def _imports(path: Path) -> set[str]:
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("taylorprune."):
-            found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("taylorprune."))
-    return found
-
-
-def test_imports_run_one_way_between_packages():
-    bad = []
-    for path in PACKAGE.rglob("*.py"):
-        rel = path.relative_to(PACKAGE).parts
-        own = rel[0].removesuffix(".py")
-        if own not in LAYERS:
-            continue
-        for dep in _imports(path) - {own}:
-            if dep in LAYERS and LAYERS.index(dep) > LAYERS.index(own):
-                bad.append(f"{'/'.join(rel)} imports {dep}")
-    assert not bad, bad
-
 
 def test_no_method_names_in_the_cli_pipeline_or_report():
     import re

@@ -8,15 +8,10 @@ the widths a structured run leaves). The phases then work from the plan alone, s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 
 from taylorprune.errors import UserError
-from taylorprune.evaluate.spec import Evaluator
 from taylorprune.modeling import loading
-from taylorprune.options import Options
 from taylorprune.pipeline.components import Components, resolve
 from taylorprune.pipeline.phases.calibration import Calibration
 from taylorprune.pipeline.phases.evaluation import Evaluation
@@ -25,67 +20,12 @@ from taylorprune.pipeline.phases.structured import Structured, head_mode
 from taylorprune.pipeline.phases.unstructured import Unstructured
 from taylorprune.pipeline.phases.write import Write
 from taylorprune.pipeline.run_options import RunOptions
-from taylorprune.pipeline.state import Phase
+from taylorprune.pipeline.state import Phase, Plan, StructuredPlan
 from taylorprune.prune.masks import Pattern, parse_pattern
 from taylorprune.prune.structures import Shape, check_config, parse_structures, removal_counts
 
 LOAD, CALIBRATION, STRUCTURED, UNSTRUCTURED, EVALUATION, WRITE = (Load(), Calibration(), Structured(),
                                                                   Unstructured(), Evaluation(), Write())
-
-
-@dataclass(frozen=True)
-class StructuredPlan:
-    """What a structured run removes: kinds in processing order, the ratio or the parameter target, and (for a
-    ratio) the count of each kind per block, known from the config alone."""
-
-    kinds: tuple[str, ...]
-    ratio: float | None
-    target_params: float | None
-    counts: dict[str, int] | None
-
-    def describe(self) -> str:
-        how = f"ratio {self.ratio:g}" if self.ratio is not None else f"{self.target_params:g} of the parameters"
-        return f"structured {'+'.join(self.kinds)}, {how}"
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A validated run: components, pattern, device, dtype, calibration length, model config, the evaluators it
-    turns on, and its phases in order."""
-
-    opts: RunOptions
-    parts: Components
-    pattern: Pattern
-    device: torch.device
-    dtype: torch.dtype | str
-    config: Any
-    seqlen: int
-    structured: StructuredPlan | None = None
-    evaluators: tuple[tuple[Evaluator, Options], ...] = ()
-    phases: tuple[Phase, ...] = ()
-
-    @property
-    def needs(self) -> frozenset[str]:
-        return self.parts.needs
-
-    @property
-    def whole_model(self):
-        """The method's whole-model procedure for these options, or None (the layer-by-layer engine)."""
-        return self.parts.method.whole_model(self.parts.method_options)
-
-    @property
-    def calibrated(self) -> bool:
-        return any(p.calibrated(self) for p in self.phases)
-
-    def describe(self) -> str:
-        return self.structured.describe() if self.structured else self.pattern.describe()
-
-    def recipe(self) -> dict[str, Any]:
-        """Everything that decides how the blocks are pruned (block-scope cache identity)."""
-        t, c = self.opts.target, self.opts.calib
-        run = {"sparsity": t.sparsity, "pattern": t.pattern, "group": t.group, "targets": t.targets,
-               "batch_size": c.batch_size, "seed": c.seed}
-        return {**run, **self.parts.recipe()}
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,4 +1,4 @@
-"""One run's state, and what a phase of the run is.
+"""One run's plan and state, and what a phase of the run is.
 
 A run is an ordered list of phases over one ``RunState`` (``Plan.phases``: load → calibration → structured →
 unstructured → evaluation → write, each only when the run asks for it). A phase declares its checks (run by
@@ -11,21 +11,78 @@ from __future__ import annotations
 import platform
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import transformers
 
 import taylorprune
 from taylorprune.calib.sampling import CalibSpec
+from taylorprune.evaluate.spec import Evaluator
 from taylorprune.modeling.layout import Layout
 from taylorprune.modeling.loading import Loaded
 from taylorprune.modeling.placement import Placement
+from taylorprune.options import Options
+from taylorprune.pipeline.components import Components
 from taylorprune.pipeline.evaluation import metrics
 from taylorprune.pipeline.hooks import Hooks
+from taylorprune.pipeline.run_options import RunOptions
+from taylorprune.prune.masks import Pattern
 
-if TYPE_CHECKING:
-    from taylorprune.pipeline.plan import Plan
+
+@dataclass(frozen=True)
+class StructuredPlan:
+    """What a structured run removes: kinds in processing order, the ratio or the parameter target, and (for a
+    ratio) the count of each kind per block, known from the config alone."""
+
+    kinds: tuple[str, ...]
+    ratio: float | None
+    target_params: float | None
+    counts: dict[str, int] | None
+
+    def describe(self) -> str:
+        how = f"ratio {self.ratio:g}" if self.ratio is not None else f"{self.target_params:g} of the parameters"
+        return f"structured {'+'.join(self.kinds)}, {how}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated run: components, pattern, device, dtype, calibration length, model config, the evaluators it
+    turns on, and its phases in order."""
+
+    opts: RunOptions
+    parts: Components
+    pattern: Pattern
+    device: torch.device
+    dtype: torch.dtype | str
+    config: Any
+    seqlen: int
+    structured: StructuredPlan | None = None
+    evaluators: tuple[tuple[Evaluator, Options], ...] = ()
+    phases: tuple[Phase, ...] = ()
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return self.parts.needs
+
+    @property
+    def whole_model(self):
+        """The method's whole-model procedure for these options, or None (the layer-by-layer engine)."""
+        return self.parts.method.whole_model(self.parts.method_options)
+
+    @property
+    def calibrated(self) -> bool:
+        return any(p.calibrated(self) for p in self.phases)
+
+    def describe(self) -> str:
+        return self.structured.describe() if self.structured else self.pattern.describe()
+
+    def recipe(self) -> dict[str, Any]:
+        """Everything that decides how the blocks are pruned (block-scope cache identity)."""
+        t, c = self.opts.target, self.opts.calib
+        run = {"sparsity": t.sparsity, "pattern": t.pattern, "group": t.group, "targets": t.targets,
+               "batch_size": c.batch_size, "seed": c.seed}
+        return {**run, **self.parts.recipe()}
 
 
 class Phase:

@@ -23,7 +23,7 @@ import torch
 from taylorprune.errors import RunError
 from taylorprune.options import option
 from taylorprune.prune.masks import Fallback, Pattern, _prune_lowest, build_mask
-from taylorprune.prune.refine import SwapOptions, search
+from taylorprune.prune.swap import SwapOptions, search
 
 DAMP_RETRIES = (1.0, 10.0, 100.0)
 MIN_RETRY_DAMP = 1e-4  # retries of an undamped (percdamp 0) Hessian start from this fraction
