@@ -5,11 +5,10 @@ optimised together with Adam so that the pruned block maps its calibration input
 activations, as the engine propagates them) to the dense outputs — the dense block on the dense model's
 activations (``--recon-target dense``: errors of earlier blocks are corrected too, as in EBFT, Guo et al.,
 "EBFT: Effective and Block-Wise Fine-Tuning for Sparse LLMs", 2024) or on the same inputs (``same``). Masks are
-fixed: the gradient of a pruned weight is zeroed and the mask re-applied after every step. The weights are
-optimised in fp32 (a half-precision block is upcast and cast back once at the end); the last calibration
-window is held out and the weights with the lowest held-out error are kept (early stop after
-``--recon-patience`` evaluations without improvement). Batches are drawn from a generator seeded by ``--seed``
-and the block index, so runs repeat exactly.
+fixed (``prune.fit``, the loop shared with recovery). The weights are optimised in fp32 (a half-precision block
+is upcast and cast back once at the end); the last calibration window is held out and the weights with the
+lowest held-out error are kept (early stop after ``--recon-patience`` evaluations without improvement). Batches
+are drawn from a generator seeded by ``--seed`` and the block index, so runs repeat exactly.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from torch import nn
 from taylorprune.errors import UserError
 from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.options import NoOptions, Options, option
+from taylorprune.prune.fit import FitSettings, masked_fit
 
 TARGETS = ("dense", "same")
 
@@ -38,9 +38,6 @@ class ReconOptions(Options):
                                "or on the pruned model's (same).", choices=TARGETS)
     recon_patience: int = option(3, "Held-out evaluations (every 10 steps) without improvement before stopping.",
                                  minimum=1)
-
-
-EVAL_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -72,52 +69,22 @@ def reconstruct(runner: BlockRunner, i: int, inputs: torch.Tensor, targets: torc
     upcast = home in (torch.float16, torch.bfloat16)
     if upcast:
         block.to(torch.float32)
-    weights = [lin.weight for lin in linears]
-    masks = [w.detach() != 0 for w in weights]
     n = inputs.shape[0]
     train = torch.arange(n - 1 if n > 1 else n)
     held = torch.tensor([n - 1]) if n > 1 else train
     cast = (lambda x: x.to(torch.float32)) if upcast else (lambda x: x)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
-    for w in weights:
-        w.requires_grad_(True)
-    optimizer = torch.optim.Adam(weights, lr=options.recon_lr)
+    settings = FitSettings(options.recon_steps, options.recon_batch, options.recon_patience)
     try:
-        with torch.no_grad():
-            first = best = float(_loss(runner, i, cast(inputs[held]), targets[held]))
-        best_state = [w.detach().clone() for w in weights]
-        bad, step = 0, 0
-        for step in range(1, options.recon_steps + 1):
-            pick = train[torch.randperm(len(train), generator=generator)[: options.recon_batch]]
-            optimizer.zero_grad(set_to_none=True)
-            _loss(runner, i, cast(inputs[pick]), targets[pick]).backward()
-            for w, m in zip(weights, masks, strict=True):
-                w.grad.mul_(m)
-            optimizer.step()
-            with torch.no_grad():
-                for w, m in zip(weights, masks, strict=True):
-                    w.mul_(m)
-            if step % EVAL_EVERY and step != options.recon_steps:
-                continue
-            with torch.no_grad():
-                now = float(_loss(runner, i, cast(inputs[held]), targets[held]))
-            if now < best:
-                best, bad = now, 0
-                best_state = [w.detach().clone() for w in weights]
-            else:
-                bad += 1
-                if bad >= options.recon_patience:
-                    break
-        with torch.no_grad():
-            for w, b in zip(weights, best_state, strict=True):
-                w.copy_(b)
+        info = masked_fit([lin.weight for lin in linears],
+                          lambda pick: _loss(runner, i, cast(inputs[train[pick]]), targets[train[pick]]),
+                          lambda: float(_loss(runner, i, cast(inputs[held]), targets[held])), len(train), settings,
+                          lambda weights: (torch.optim.Adam(weights, lr=options.recon_lr), None),
+                          torch.Generator().manual_seed(seed * 1_000_003 + i))
     finally:
-        for w in weights:
-            w.requires_grad_(False)
-            w.grad = None
         if upcast:
             block.to(home)
-    return {"steps": step, "heldout_mse_before": first, "heldout_mse_after": best}
+    return {"steps": info["steps"], "heldout_mse_before": info["heldout_before"],
+            "heldout_mse_after": info["heldout_after"]}
 
 
 RECONS: dict[str, Recon] = {

@@ -1,0 +1,79 @@
+"""Optimise kept weights under fixed masks: the loop shared by block reconstruction and recovery.
+
+The weights' zeros are the mask: the gradient of a pruned weight is zeroed before every step and the mask
+re-applied after it, so unstructured and N:M patterns hold exactly whatever the optimiser does (masks as a
+constraint of the loop, as torchao's parametrizations keep them). Batches are drawn by a seeded generator, so a
+run repeats exactly; a held-out loss is evaluated every ``eval_every`` steps and at the end, the weights with the
+lowest one are kept, and the loop stops after ``patience`` evaluations without improvement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from taylorprune.modeling.sweep import trainable
+
+EVAL_EVERY = 10
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """How long and how the kept weights are optimised."""
+
+    steps: int
+    batch: int
+    patience: int
+    eval_every: int = EVAL_EVERY
+    clip: float | None = None  # gradient-norm clipping (None: off)
+
+
+Optimizer = Callable[[list[torch.nn.Parameter]], tuple[torch.optim.Optimizer, object | None]]
+
+
+def masked_fit(weights: list[torch.nn.Parameter], train_loss: Callable[[torch.Tensor], torch.Tensor],
+               heldout_loss: Callable[[], float], train_size: int, settings: FitSettings, optimizer: Optimizer,
+               generator: torch.Generator) -> dict:
+    """Fit ``weights`` (their zeros fixed) to ``train_loss(batch indices)``; returns steps and held-out losses.
+
+    ``optimizer(weights)`` gives (optimiser, learning-rate scheduler or None); batches are ``settings.batch``
+    indices of ``train_size`` training items, without replacement within a step.
+    """
+    masks = [w.detach() != 0 for w in weights]
+    with trainable(weights):
+        opt, schedule = optimizer(weights)
+        with torch.no_grad():
+            first = best = heldout_loss()
+        best_state = [w.detach().clone() for w in weights]
+        bad, step = 0, 0
+        for step in range(1, settings.steps + 1):
+            pick = torch.randperm(train_size, generator=generator)[: settings.batch]
+            opt.zero_grad(set_to_none=True)
+            train_loss(pick).backward()
+            for w, m in zip(weights, masks, strict=True):
+                w.grad.mul_(m)
+            if settings.clip is not None:
+                torch.nn.utils.clip_grad_norm_(weights, settings.clip)
+            opt.step()
+            if schedule is not None:
+                schedule.step()
+            with torch.no_grad():
+                for w, m in zip(weights, masks, strict=True):
+                    w.mul_(m)
+            if step % settings.eval_every and step != settings.steps:
+                continue
+            with torch.no_grad():
+                now = heldout_loss()
+            if now < best:
+                best, bad = now, 0
+                best_state = [w.detach().clone() for w in weights]
+            else:
+                bad += 1
+                if bad >= settings.patience:
+                    break
+        with torch.no_grad():
+            for w, b in zip(weights, best_state, strict=True):
+                w.copy_(b)
+    return {"steps": step, "heldout_before": first, "heldout_after": best}
