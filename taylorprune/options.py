@@ -193,6 +193,17 @@ def merge_specs(groups: Iterable[tuple[str, type[Options]]]) -> dict[str, tuple[
     return merged
 
 
+def by_name(*entries: Any) -> dict[str, Any]:
+    """A registry of declared components (anything with a ``name``), in the order given; a name twice is an error.
+    Registering a component is one line: its declaration in the registry's ``by_name(...)``."""
+    out: dict[str, Any] = {}
+    for entry in entries:
+        if entry.name in out:
+            raise TypeError(f"{entry.name!r} registered twice")
+        out[entry.name] = entry
+    return out
+
+
 def parse_assignments(items: Iterable[str]) -> dict[str, str]:
     """``--option KEY=VALUE`` items as text values (converted later by the option's own type)."""
     parsed: dict[str, str] = {}

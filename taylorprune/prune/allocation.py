@@ -19,7 +19,7 @@ import torch
 
 from taylorprune.errors import UserError
 from taylorprune.modeling.layout import Layout
-from taylorprune.options import NoOptions, Options, option
+from taylorprune.options import NoOptions, Options, by_name, option
 from taylorprune.prune.masks import Pattern
 
 Allocate = Callable[[Layout, Mapping[str, Mapping[str, torch.Tensor]], Pattern, Options],
@@ -108,14 +108,11 @@ def _owl(layout, stats, pattern: Pattern, options: OwlOptions):
     return patterns, info
 
 
-ALLOCATIONS: dict[str, Allocation] = {
-    "uniform": Allocation("uniform", "the same sparsity in every target", _uniform),
-    "owl": Allocation("owl", "OWL: more weights kept in blocks with more activation outliers", _owl,
-                      frozenset({"dense_act_norm_sq"}), OwlOptions, unstructured_only=True),
-}
+UNIFORM = Allocation("uniform", "the same sparsity in every target", _uniform)
+OWL = Allocation("owl", "OWL: more weights kept in blocks with more activation outliers", _owl,
+                 frozenset({"dense_act_norm_sq"}), OwlOptions, unstructured_only=True)
 
-
-def get_allocation(name: str) -> Allocation:
-    if name not in ALLOCATIONS:
-        raise UserError(f"--allocation {name}: choose one of {', '.join(ALLOCATIONS)}")
-    return ALLOCATIONS[name]
+ALLOCATIONS: dict[str, Allocation] = by_name(
+    UNIFORM,
+    OWL,
+)

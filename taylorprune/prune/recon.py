@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from taylorprune.errors import UserError
 from taylorprune.modeling.blocks import BlockRunner
-from taylorprune.options import NoOptions, Options, option
+from taylorprune.options import NoOptions, Options, by_name, option
 from taylorprune.prune.fit import FitSettings, masked_fit
 
 TARGETS = ("dense", "same")
@@ -87,14 +86,11 @@ def reconstruct(runner: BlockRunner, i: int, inputs: torch.Tensor, targets: torc
             "heldout_mse_after": info["heldout_after"]}
 
 
-RECONS: dict[str, Recon] = {
-    "none": Recon("none", "no block reconstruction", None),
-    "block": Recon("block", "Adam re-fit of each pruned block's kept weights to the dense outputs", reconstruct,
-                   ReconOptions),
-}
+NONE = Recon("none", "no block reconstruction", None)
+BLOCK = Recon("block", "Adam re-fit of each pruned block's kept weights to the dense outputs", reconstruct,
+              ReconOptions)
 
-
-def get_recon(name: str) -> Recon:
-    if name not in RECONS:
-        raise UserError(f"--recon {name}: choose one of {', '.join(RECONS)}")
-    return RECONS[name]
+RECONS: dict[str, Recon] = by_name(
+    NONE,
+    BLOCK,
+)

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from taylorprune.errors import UserError
-from taylorprune.options import NoOptions, Options
+from taylorprune.options import NoOptions, Options, by_name
 from taylorprune.prune.masks import Pattern
 from taylorprune.prune.swap import SwapOptions, swap_refine
 
@@ -38,14 +37,11 @@ def _swap(weight, keep, pattern, stats, options: SwapOptions):
                  "error_after": info.error_after}
 
 
-REFINES: dict[str, Refine] = {
-    "none": Refine("none", "keep the mask as scored", lambda weight, keep, pattern, stats, options: (keep, {})),
-    "swap": Refine("swap", "swap search on the exact layer reconstruction error (needs XXᵀ)", _swap,
-                   frozenset({"hessian"}), SwapOptions),
-}
+NONE = Refine("none", "keep the mask as scored", lambda weight, keep, pattern, stats, options: (keep, {}))
+SWAP = Refine("swap", "swap search on the exact layer reconstruction error (needs XXᵀ)", _swap, frozenset({"hessian"}),
+              SwapOptions)
 
-
-def get_refine(name: str) -> Refine:
-    if name not in REFINES:
-        raise UserError(f"--refine {name}: choose one of {', '.join(REFINES)}")
-    return REFINES[name]
+REFINES: dict[str, Refine] = by_name(
+    NONE,
+    SWAP,
+)

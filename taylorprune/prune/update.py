@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from taylorprune.errors import UserError
-from taylorprune.options import NoOptions, Options
+from taylorprune.options import NoOptions, Options, by_name
 from taylorprune.prune.masks import Pattern
 from taylorprune.prune.obs import ObsOptions, obs_prune, obs_swaps
 
@@ -41,14 +40,11 @@ def _obs(weight, keep, pattern, stats, options: ObsOptions, name):
     return obs_swaps(weight, stats["hessian"], pattern, keep, new, options, name)
 
 
-UPDATES: dict[str, Update] = {
-    "none": Update("none", "zero the pruned weights", _none),
-    "obs": Update("obs", "reconstruct kept weights with SparseGPT's OBS (mask fixed)", _obs, frozenset({"hessian"}),
-                  ObsOptions),
-}
+NONE = Update("none", "zero the pruned weights", _none)
+OBS = Update("obs", "reconstruct kept weights with SparseGPT's OBS (mask fixed)", _obs, frozenset({"hessian"}),
+             ObsOptions)
 
-
-def get_update(name: str) -> Update:
-    if name not in UPDATES:
-        raise UserError(f"--update {name}: choose one of {', '.join(UPDATES)}")
-    return UPDATES[name]
+UPDATES: dict[str, Update] = by_name(
+    NONE,
+    OBS,
+)

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 
 from taylorprune.errors import UserError
-from taylorprune.options import Options, option
+from taylorprune.options import Options, by_name, option
 
 KINDS = ("neurons", "heads", "blocks")
 WIDTH_KINDS = ("heads", "neurons")  # order inside a block: attention first, then the MLP it feeds
@@ -73,11 +73,11 @@ class Structure:
         return CONSUMER_STATS if getattr(options, "compensate", False) else frozenset()
 
 
-STRUCTURES: dict[str, Structure] = {
-    "neurons": Structure("neurons", "MLP channels: rows of gate/up, columns of down_proj", NeuronOptions),
-    "heads": Structure("heads", "attention heads (whole KV groups or query heads per group)", HeadOptions),
-    "blocks": Structure("blocks", "whole decoder blocks (depth)", BlockOptions),
-}
+STRUCTURES: dict[str, Structure] = by_name(
+    Structure("neurons", "MLP channels: rows of gate/up, columns of down_proj", NeuronOptions),
+    Structure("heads", "attention heads (whole KV groups or query heads per group)", HeadOptions),
+    Structure("blocks", "whole decoder blocks (depth)", BlockOptions),
+)
 
 
 def parse_structures(text: str) -> tuple[str, ...]:
