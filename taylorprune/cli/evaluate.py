@@ -9,25 +9,7 @@ import typer
 from taylorprune.calib.text import EVAL_DATASETS
 from taylorprune.cli import options as opt
 from taylorprune.cli.console import guarded, out, progress
-from taylorprune.errors import UserError
 from taylorprune.pipeline.run_options import PlacementOptions
-
-# this command's flag for each option of the perplexity evaluator (``run`` spells them --eval-*)
-RENAMED = {"--eval-dataset": "--dataset", "--eval-text-file": "--text-file", "--eval-seqlen": "--seqlen"}
-
-
-def eval_options(dataset: str, text_file: str | None, seqlen: int | None, max_windows: int | None):
-    """The perplexity evaluator's options from this command's flags; errors name the flags as given here."""
-    from taylorprune.evaluate.perplexity import PerplexityOptions
-
-    try:
-        return PerplexityOptions.build({"eval": True, "eval_dataset": dataset, "eval_text_file": text_file,
-                                        "eval_seqlen": seqlen, "max_windows": max_windows})
-    except UserError as exc:
-        message = str(exc)
-        for theirs, ours in RENAMED.items():
-            message = message.replace(theirs, ours)
-        raise UserError(message) from None
 
 
 def eval_cmd(
@@ -47,12 +29,12 @@ def eval_cmd(
 ) -> None:
     """Perplexity with the papers' protocol: text tokenized once, non-overlapping windows."""
     from taylorprune import pipeline
-    from taylorprune.evaluate.perplexity import EVALUATOR
+    from taylorprune.evaluate.perplexity import EVALUATOR, short_options
     from taylorprune.modeling import loading
     from taylorprune.report import jsonio
 
     with guarded() as session:
-        options = eval_options(dataset, text_file, seqlen, max_windows)
+        options = short_options(dataset, text_file, seqlen, max_windows)
         placement = PlacementOptions.build({"device": device, "stream": stream, "max_gpu_memory": max_gpu_memory,
                                             "stream_batch": stream_batch})
         pipeline.check_placement(stream, max_gpu_memory, device_map)

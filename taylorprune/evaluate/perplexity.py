@@ -137,6 +137,23 @@ class PerplexityOptions(Options):
             raise UserError(f"--eval-text-file {self.eval_text_file}: file not found")
 
 
+# how ``eval`` and ``check`` spell the options ``run`` calls --eval-*
+SHORT_FLAGS = {"--eval-dataset": "--dataset", "--eval-text-file": "--text-file", "--eval-seqlen": "--seqlen"}
+
+
+def short_options(dataset: str, text_file: str | None, seqlen: int | None, max_windows: int | None
+                  ) -> PerplexityOptions:
+    """The evaluator's options from ``eval``'s and ``check``'s own flags; errors name those flags."""
+    try:
+        return PerplexityOptions.build({"eval": True, "eval_dataset": dataset, "eval_text_file": text_file,
+                                        "eval_seqlen": seqlen, "max_windows": max_windows})
+    except UserError as exc:
+        message = str(exc)
+        for long, short in SHORT_FLAGS.items():
+            message = message.replace(long, short)
+        raise UserError(message) from None
+
+
 def eval_text(dataset: str, text_file: str | None) -> tuple[str, str]:
     """(text, name) for evaluation: a local file or a named test split."""
     if text_file:

@@ -10,9 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from taylorprune.calib.text import EVAL_DATASETS
 from taylorprune.errors import UserError
-from taylorprune.evaluate.perplexity import EVALUATOR, PerplexityOptions
+from taylorprune.evaluate.perplexity import EVALUATOR, PerplexityOptions, short_options
 from taylorprune.export.save import REPORT_NAME
 from taylorprune.modeling import loading
 from taylorprune.pipeline import Hooks, evaluate_model, resolve_device
@@ -33,8 +32,7 @@ class EvalSettings:
     dtype: str = "auto"
 
     def perplexity(self) -> PerplexityOptions:
-        return PerplexityOptions.build({"eval": True, "eval_dataset": self.dataset, "eval_text_file": self.text_file,
-                                        "eval_seqlen": self.seqlen, "max_windows": self.max_windows})
+        return short_options(self.dataset, self.text_file, self.seqlen, self.max_windows)
 
 
 def is_model(path: Path) -> bool:
@@ -50,10 +48,7 @@ def existing(text: str, flag: str) -> Path:
 
 
 def validate_eval_settings(settings: EvalSettings) -> None:
-    if settings.text_file is None and settings.dataset not in EVAL_DATASETS:
-        raise UserError(f"--dataset {settings.dataset}: choose one of {', '.join(EVAL_DATASETS)} or give --text-file")
-    if settings.text_file and not Path(settings.text_file).expanduser().is_file():
-        raise UserError(f"--text-file {settings.text_file}: file not found")
+    settings.perplexity()
     resolve_device(settings.device)
     loading.torch_dtype(settings.dtype)
 
