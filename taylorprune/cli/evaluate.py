@@ -9,9 +9,11 @@ import typer
 from taylorprune.calib.text import EVAL_DATASETS
 from taylorprune.cli import options as opt
 from taylorprune.cli.console import guarded, out, progress
+from taylorprune.errors import UserError
 from taylorprune.pipeline.run_options import PlacementOptions
 
 
+@opt.with_run_options("zeroshot", stages=False)
 def eval_cmd(
     model: opt.Model,
     dataset: str = typer.Option("wikitext2", help=f"Test split: {', '.join(EVAL_DATASETS)}."),
@@ -26,15 +28,25 @@ def eval_cmd(
     max_gpu_memory: opt.MaxGpuMemory = None,
     stream_batch: opt.StreamBatch = 16,
     trust_remote_code: opt.TrustRemoteCode = False,
+    perplexity: bool = typer.Option(True, help="Measure perplexity (off: only the --tasks)."),
+    run_values: dict | None = None,
 ) -> None:
-    """Perplexity with the papers' protocol: text tokenized once, non-overlapping windows."""
+    """Perplexity with the papers' protocol (text tokenized once, non-overlapping windows), and zero-shot accuracy
+    of lm-eval tasks with --tasks."""
     from taylorprune import pipeline
+    from taylorprune.evaluate import zeroshot
     from taylorprune.evaluate.perplexity import EVALUATOR, short_options
     from taylorprune.modeling import loading
     from taylorprune.report import jsonio
 
     with guarded() as session:
-        options = short_options(dataset, text_file, seqlen, max_windows)
+        chosen = [(EVALUATOR, short_options(dataset, text_file, seqlen, max_windows))] if perplexity else []
+        tasks = zeroshot.ZeroShotOptions.build(run_values)
+        if tasks.tasks:
+            zeroshot.EVALUATOR.check(tasks, None)
+            chosen.append((zeroshot.EVALUATOR, tasks))
+        if not chosen:
+            raise UserError("nothing to evaluate: --no-perplexity needs --tasks")
         placement = PlacementOptions.build({"device": device, "stream": stream, "max_gpu_memory": max_gpu_memory,
                                             "stream_batch": stream_batch})
         pipeline.check_placement(stream, max_gpu_memory, device_map)
@@ -45,12 +57,11 @@ def eval_cmd(
             hooks = session.hooks(bar)
             hooks.current = "loading model"
             loaded = loading.load(model, dtype, device_map, None, trust_remote_code, config=config)
-            records = pipeline.evaluate_model(loaded.model, loaded.tokenizer, model, [(EVALUATOR, options)], dev,
-                                              hooks, placement.stream, placement.max_gpu_memory,
-                                              placement.stream_batch)
-        result = records["perplexity"]
-        out.print(f"perplexity {result['perplexity']:.4f}  ({result['dataset']}, {result['windows']} windows × "
-                  f"{result['seqlen']} tokens)", highlight=False)
+            records = pipeline.evaluate_model(loaded.model, loaded.tokenizer, model, chosen, dev, hooks,
+                                              placement.stream, placement.max_gpu_memory, placement.stream_batch)
+        for evaluator, _ in chosen:
+            for what, value in evaluator.rows(records[evaluator.name]):
+                out.print(f"{what}: {value}", highlight=False)
         if json_out:
-            jsonio.dump({**result, "evaluation": records, "metrics": pipeline.metrics(records)}, json_out,
-                                "--json")
+            jsonio.dump({**records.get("perplexity", {}), "evaluation": records, "metrics": pipeline.metrics(records)},
+                        json_out, "--json")

@@ -7,7 +7,7 @@ options, the report holds each one's record under its name, and ``check`` gates 
 from __future__ import annotations
 
 from taylorprune.errors import UserError
-from taylorprune.evaluate import perplexity, speed
+from taylorprune.evaluate import perplexity, speed, zeroshot
 from taylorprune.evaluate.spec import Evaluator
 
 
@@ -25,6 +25,7 @@ def _index(*evaluators: Evaluator) -> dict[str, Evaluator]:
 EVALUATORS: dict[str, Evaluator] = _index(
     perplexity.EVALUATOR,
     speed.EVALUATOR,
+    zeroshot.EVALUATOR,
 )
 
 
