@@ -38,9 +38,9 @@ RUNS: dict[str, list[str]] = {
     "oba obs 2 swaps 50%": ["--method", "oba", "--sparsity", "0.5", "--update", "obs", "--obs-swaps", "2"],
     "sparsegpt recon 50%": ["--method", "sparsegpt", "--sparsity", "0.5", "--recon", "block"],
     "wanda owl 70%": ["--method", "wanda", "--sparsity", "0.7", "--allocation", "owl"],
-    "neurons 0.3 oba": ["--structure", "neurons", "--sparsity", "0.3", "--method", "oba"],
-    "heads 0.5 wanda": ["--structure", "heads", "--sparsity", "0.5", "--method", "wanda"],
-    "blocks 0.4 taylor": ["--structure", "blocks", "--sparsity", "0.4", "--method", "taylor"],
+    "neurons 0.3 oba": ["--structure", "neurons", "--structure-ratio", "0.3", "--method", "oba"],
+    "heads 0.5 wanda": ["--structure", "heads", "--structure-ratio", "0.5", "--method", "wanda"],
+    "blocks 0.4 taylor": ["--structure", "blocks", "--structure-ratio", "0.4", "--method", "taylor"],
 }
 
 

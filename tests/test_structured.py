@@ -206,19 +206,21 @@ def test_oba_released_selection_prunes_in_steps_and_restores_the_model(tiny_dirs
 
 
 @pytest.mark.parametrize("extra,needle", [
-    (["--structure", "heads", "--sparsity", "0.9"], "leaves no head"),
-    (["--structure", "heads", "--head-mode", "query-heads", "--sparsity", "0.25"], "not a multiple of the 4 KV"),
-    (["--structure", "heads", "--sparsity", "0.25"], "LlamaConfig refuses"),
-    (["--structure", "blocks", "--sparsity", "0.95"], "drops every block"),
-    (["--structure", "neurons", "--pattern", "2:4"], "--pattern is for unstructured"),
-    (["--structure", "neurons"], "exactly one of --sparsity"),
-    (["--structure", "nodes", "--sparsity", "0.2"], "choose from neurons, heads, blocks"),
-    (["--structure", "neurons", "--sparsity", "0.2", "--method", "oba", "--oba-mode", "full"],
+    (["--structure", "heads", "--structure-ratio", "0.9"], "leaves no head"),
+    (["--structure", "heads", "--head-mode", "query-heads", "--structure-ratio", "0.25"], "not a multiple of the 4 KV"),
+    (["--structure", "heads", "--structure-ratio", "0.25"], "LlamaConfig refuses"),
+    (["--structure", "blocks", "--structure-ratio", "0.95"], "drops every block"),
+    (["--structure", "neurons", "--pattern", "2:4"], "give --structure-ratio R"),
+    (["--structure", "neurons"], "give --structure-ratio R"),
+    (["--structure", "neurons", "--sparsity", "0.2"], "is --structure-ratio 0.2 (--sparsity is the unstructured"),
+    (["--structure", "neurons", "--structure-ratio", "0.2", "--target-params", "0.1"], "not both"),
+    (["--structure", "nodes", "--structure-ratio", "0.2"], "choose from neurons, heads, blocks"),
+    (["--structure", "neurons", "--structure-ratio", "0.2", "--method", "oba", "--oba-mode", "full"],
      "has no structured score"),
-    (["--structure", "neurons", "--sparsity", "0.2", "--update", "obs"], "applies to unstructured"),
+    (["--structure", "neurons", "--structure-ratio", "0.2", "--update", "obs"], "applies to unstructured"),
     (["--structure", "neurons,heads", "--target-params", "0.2"], "takes one --structure"),
     (["--sparsity", "0.5", "--target-params", "0.2"], "applies to structured"),
-    (["--structure", "blocks", "--sparsity", "0.4", "--head-mode", "query-heads"], "does not apply"),
+    (["--structure", "blocks", "--structure-ratio", "0.4", "--head-mode", "query-heads"], "does not apply"),
 ])
 def test_bad_structured_requests_fail_before_loading(stories_dir, tmp_path, monkeypatch, extra, needle):
     def never(*a, **k):
@@ -245,11 +247,11 @@ def test_target_params_removes_the_fewest_neurons_that_reach_it(tiny_dirs, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [
-    ["--structure", "neurons", "--sparsity", "0.3", "--method", "wanda"],
-    ["--structure", "heads", "--sparsity", "0.5", "--method", "taylor"],
-    ["--structure", "heads", "--head-mode", "query-heads", "--sparsity", "0.5", "--method", "oba"],
-    ["--structure", "blocks", "--sparsity", "0.2", "--block-score", "loss"],
-    ["--structure", "blocks,heads,neurons", "--sparsity", "0.4", "--method", "fisher", "--no-compensate"],
+    ["--structure", "neurons", "--structure-ratio", "0.3", "--method", "wanda"],
+    ["--structure", "heads", "--structure-ratio", "0.5", "--method", "taylor"],
+    ["--structure", "heads", "--head-mode", "query-heads", "--structure-ratio", "0.5", "--method", "oba"],
+    ["--structure", "blocks", "--structure-ratio", "0.2", "--block-score", "loss"],
+    ["--structure", "blocks,heads,neurons", "--structure-ratio", "0.4", "--method", "fisher", "--no-compensate"],
 ])
 def test_structured_runs_end_to_end_on_stories260k(stories_dir, tmp_path, extra):
     out = tmp_path / "o"
@@ -304,7 +306,7 @@ def test_all_three_structures_on_smollm2(smollm2_gguf, tmp_path):
     """SmolLM2-135M (9 heads / 3 KV, 30 blocks): one KV group, a third of the blocks and of the neurons go."""
     out = tmp_path / "o"
     res = runner.invoke(app, ["run", "--model", str(smollm2_gguf), *CALIB, "--structure", "blocks,heads,neurons",
-                              "--sparsity", "0.34", "--method", "wanda", "--output", str(out)])
+                              "--structure-ratio", "0.34", "--method", "wanda", "--output", str(out)])
     assert res.exit_code == 0, res.output
     config = json.loads((out / "config.json").read_text())
     assert (config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"],

@@ -40,8 +40,9 @@ def show_summary(report: dict) -> None:
     table.add_column("value", justify="right")
     if structured:
         structured_rows(table, structured)
-    else:
-        table.add_row("target linears", str(len(report["linears"])))
+    if report.get("achieved_sparsity") is not None:
+        if not structured:
+            table.add_row("target linears", str(len(report["linears"])))
         table.add_row("achieved sparsity", f"{report['achieved_sparsity']:.4f}")
     for phase, secs in report["phases_s"].items():
         if "." not in phase:

@@ -16,7 +16,7 @@ from typing import Any
 
 from taylorprune.errors import UserError
 from taylorprune.options import Options, Spec, merge_specs
-from taylorprune.pipeline.stages import KINDS, STAGE_KINDS, STRUCTURED, UNSTRUCTURED, Stage, StageKind
+from taylorprune.pipeline.stages import ANY, KINDS, STAGE_KINDS, STRUCTURED, UNSTRUCTURED, Stage, StageKind
 from taylorprune.prune.structures import Structure
 from taylorprune.scoring.registry import METHODS, get_method
 from taylorprune.scoring.spec import GroupScore, Method
@@ -84,13 +84,14 @@ class Components:
     stages: tuple[Stage, ...]
     sources: tuple[tuple[Source, Options], ...]
     group: GroupScore | None = None  # the method's structured score (None: blocks only)
+    unstructured: bool = True  # the method masks weights (after the structures, when there are any)
 
     def stage(self, kind: str) -> Stage | None:
         return next((s for s in self.stages if s.kind.name == kind), None)
 
-    def active(self, scope: str, applies: str = UNSTRUCTURED) -> list[Stage]:
-        """The stages that are on, of one scope and run kind, in the order they run."""
-        return [s for s in self.stages if not s.off and s.kind.scope == scope and s.kind.applies == applies]
+    def active(self, scope: str, phase: str = UNSTRUCTURED) -> list[Stage]:
+        """The stages that are on, of one scope, that a pruning phase runs (its own and those of any phase)."""
+        return [s for s in self.stages if not s.off and s.kind.scope == scope and s.kind.applies in (phase, ANY)]
 
     @property
     def structures(self) -> tuple[tuple[Structure, Options], ...]:
@@ -104,11 +105,21 @@ class Components:
         return next((o for s, o in self.structures if s.name == name), None)
 
     @property
-    def needs(self) -> frozenset[str]:
-        if self.structured:
-            return structured_needs(self.structures, self.group)
-        stages = frozenset().union(*(s.needs for s in self.stages if s.kind.applies == UNSTRUCTURED))
+    def structured_needs(self) -> frozenset[str]:
+        """Statistics of the structured phase (the group score's and the structure stages')."""
+        return structured_needs(self.structures, self.group) if self.structured else frozenset()
+
+    @property
+    def unstructured_needs(self) -> frozenset[str]:
+        """Statistics of the unstructured phase (the method's and its stages')."""
+        if not self.unstructured:
+            return frozenset()
+        stages = frozenset().union(*(s.needs for s in self.stages if s.kind.applies in (UNSTRUCTURED, ANY)))
         return self.method.needs(self.method_options) | stages
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return self.structured_needs | self.unstructured_needs
 
     @property
     def all_options(self) -> tuple[Options, ...]:
@@ -143,7 +154,7 @@ class Components:
         """The result-changing options of every stage (cache identities of block-scope statistics)."""
         out = {"method": self.method.name, "method_options": self.method_options.identity()}
         for s in self.stages:
-            if s.kind.applies == UNSTRUCTURED:
+            if s.kind.applies in (UNSTRUCTURED, ANY):
                 out[s.kind.name] = s.name
                 out[f"{s.kind.name}_options"] = s.options.identity()
         return out
@@ -163,8 +174,8 @@ def _value(kind: StageKind, given: str | None, m: Method, method_options: Option
     return own if own is not None else kind.default
 
 
-def _stages(m: Method, method_options: Options, given: Mapping[str, str | None], values: Mapping[str, Any]
-            ) -> tuple[Stage, ...]:
+def _stages(m: Method, method_options: Options, given: Mapping[str, str | None], values: Mapping[str, Any],
+            unstructured: bool) -> tuple[Stage, ...]:
     structures = KINDS["structure"].parse(given.get("structure"))
     stages = []
     for kind in STAGE_KINDS:
@@ -173,10 +184,11 @@ def _stages(m: Method, method_options: Options, given: Mapping[str, str | None],
             stages += [Stage(kind, kind.registry[n], kind.registry[n].options.build(values)) for n in names]
             continue
         value = _value(kind, given.get(kind.name), m, method_options)
-        if structures and kind.applies == UNSTRUCTURED:
+        if not unstructured and kind.applies == UNSTRUCTURED:
             if given.get(kind.name) not in (None, kind.off):
                 raise StageConflict(f"{kind.flag} {given[kind.name]} applies to unstructured pruning; drop it with "
-                                    "--structure")
+                                    "--structure, or add --sparsity / --pattern to mask the weights the structures "
+                                    "leave")
             value = kind.off
         kind.parse(value)
         reason = kind.refuse(m, method_options, value) if value != kind.off else None
@@ -198,8 +210,8 @@ def _group(m: Method, method_options: Options, stages: tuple[Stage, ...]) -> Gro
     return group
 
 
-def _check_whole_model(m: Method, method_options: Options, stages: tuple[Stage, ...]) -> None:
-    if m.whole_model(method_options) is None:
+def _check_whole_model(m: Method, method_options: Options, stages: tuple[Stage, ...], unstructured: bool) -> None:
+    if not unstructured or m.whole_model(method_options) is None:
         return
     on = [s for s in stages if s.kind.applies == UNSTRUCTURED and not s.off]
     if on:
@@ -209,19 +221,23 @@ def _check_whole_model(m: Method, method_options: Options, stages: tuple[Stage, 
 
 
 def resolve(method: str, stages: Mapping[str, str | None] | None = None, values: Mapping[str, Any] | None = None,
-            strict: bool = True) -> Components:
+            strict: bool = True, unstructured: bool | None = None) -> Components:
     """Typed components for ``method`` and the given stage values ({kind: value}; a kind not given takes the
-    method's own value, else its default) from flat option ``values``; a ``structure`` makes it a structured run."""
+    method's own value, else its default) from flat option ``values``. A ``structure`` makes it a structured run;
+    ``unstructured`` says whether the method also masks weights (default: only without structures)."""
     values = dict(values or {})
     check_known(values)
+    stages = dict(stages or {})
+    if unstructured is None:
+        unstructured = not KINDS["structure"].parse(stages.get("structure"))
     m = get_method(method)
     method_options = m.options.build(values)
-    chosen = _stages(m, method_options, dict(stages or {}), values)
-    _check_whole_model(m, method_options, chosen)
+    chosen = _stages(m, method_options, stages, values, unstructured)
+    _check_whole_model(m, method_options, chosen, unstructured)
     group = _group(m, method_options, chosen)
-    partial = Components(m, method_options, chosen, (), group)
+    partial = Components(m, method_options, chosen, (), group, unstructured)
     sources = tuple((s, s.options.build(values)) for s in sources_for(partial.needs))
-    made = Components(m, method_options, chosen, sources, group)
+    made = Components(m, method_options, chosen, sources, group, unstructured)
     if strict:
         check_applies(values, [made])
     return made

@@ -113,7 +113,7 @@ def prune_layers(
     computed is added to it. ``patterns`` overrides ``pattern`` per target (layer-wise allocations); ``seed``
     seeds the block-scope stages.
     """
-    needs = parts.needs
+    needs = parts.unstructured_needs
     job = Job(parts, pattern, model_stats or {}, {} if block_cache is None else block_cache, scores,
               of_scope(needs, Scope.LINEAR), of_scope(needs, Scope.BLOCK), patterns or {}, seed)
     # Block-scope statistics differentiate through attention: capture and run everything with eager attention.

@@ -20,9 +20,10 @@ from taylorprune.pipeline.phases.structured import Structured, head_mode
 from taylorprune.pipeline.phases.unstructured import Unstructured
 from taylorprune.pipeline.phases.write import Write
 from taylorprune.pipeline.run_options import RunOptions
+from taylorprune.pipeline.stages import KINDS
 from taylorprune.pipeline.state import Phase, Plan, StructuredPlan
-from taylorprune.prune.masks import Pattern, parse_pattern
-from taylorprune.prune.structures import Shape, check_config, parse_structures, removal_counts
+from taylorprune.prune.masks import parse_pattern
+from taylorprune.prune.structures import Shape, check_config, removal_counts
 
 LOAD, CALIBRATION, STRUCTURED, UNSTRUCTURED, EVALUATION, WRITE = (Load(), Calibration(), Structured(),
                                                                   Unstructured(), Evaluation(), Write())
@@ -40,60 +41,76 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _structured(opts: RunOptions) -> tuple[str, ...]:
-    """The structures asked for, and the checks of the options that go with them (config not needed)."""
+AMOUNT = ("structure_ratio", "target_params")
+
+
+def _no_structures(opts: RunOptions) -> None:
+    for name in AMOUNT:
+        if name in opts.method_options:
+            raise UserError(f"--{name.replace('_', '-')} applies to structured pruning; add --structure "
+                            "neurons|heads|blocks")
+
+
+def _amount(parts: Components) -> tuple[float | None, float | None]:
+    """(structure ratio, parameter target) of the structure stages (every structure takes the same two)."""
+    options = parts.structures[0][1]
+    return options.structure_ratio, options.target_params
+
+
+def _check_structured(opts: RunOptions, kinds: tuple[str, ...], parts: Components) -> None:
+    """The structure stage's amount, and what does not go with structures (config not needed)."""
     t = opts.target
-    if opts.stages.get("structure") is None:
-        if t.target_params is not None:
-            raise UserError("--target-params applies to structured pruning; add --structure neurons|heads|blocks")
-        return ()
-    kinds = parse_structures(opts.stages["structure"])
-    if t.pattern is not None:
-        raise UserError("--pattern is for unstructured pruning; with --structure give --sparsity (the fraction of "
-                        "each structure removed) or --target-params")
+    ratio, target = _amount(parts)
     if t.targets is not None:
         raise UserError("--targets does not apply with --structure (structures span several linears)")
-    if (t.sparsity is None) == (t.target_params is None):
-        raise UserError("with --structure give exactly one of --sparsity (fraction of each structure removed in "
-                        "every block) and --target-params (fraction of all parameters to remove)")
-    for flag, value in (("--sparsity", t.sparsity), ("--target-params", t.target_params)):
-        if value is not None and not 0.0 < value < 1.0:
-            raise UserError(f"{flag} {value}: must be between 0 and 1 (exclusive)")
-    if t.target_params is not None and len(kinds) > 1:
-        raise UserError("--target-params takes one --structure; combine structures with --sparsity")
-    return kinds
+    if ratio is None and target is None:
+        if t.sparsity is not None and t.pattern is None:
+            raise UserError(f"--structure {','.join(kinds)} --sparsity {t.sparsity:g}: the fraction of each structure "
+                            f"removed is --structure-ratio {t.sparsity:g} (--sparsity is the unstructured sparsity "
+                            "pruned after the structures, e.g. --structure neurons --structure-ratio 0.2 --pattern "
+                            "2:4)")
+        raise UserError("with --structure give --structure-ratio R (fraction of each structure removed in every "
+                        "block) or --target-params P (fraction of all parameters to remove)")
+    if ratio is not None and target is not None:
+        raise UserError("give one of --structure-ratio and --target-params, not both")
+    if target is not None and len(kinds) > 1:
+        raise UserError("--target-params takes one --structure; combine structures with --structure-ratio")
 
 
-def _structured_plan(kinds: tuple[str, ...], opts: RunOptions, parts: Components, config) -> StructuredPlan:
-    t, mode = opts.target, head_mode(parts)
-    counts = None
-    if t.sparsity is not None:
-        counts = removal_counts(kinds, t.sparsity, Shape.of(config), mode)
-        check_config(config, counts, Shape.of(config), mode, f"--sparsity {t.sparsity:g}")
-    return StructuredPlan(kinds, t.sparsity, t.target_params, counts)
+def _structured_plan(kinds: tuple[str, ...], parts: Components, config) -> StructuredPlan:
+    ratio, target = _amount(parts)
+    mode, counts = head_mode(parts), None
+    if ratio is not None:
+        counts = removal_counts(kinds, ratio, Shape.of(config), mode)
+        check_config(config, counts, Shape.of(config), mode, f"--structure-ratio {ratio:g}")
+    return StructuredPlan(kinds, ratio, target, counts)
 
 
-def phases_of(structured: bool, evaluators) -> tuple[Phase, ...]:
+def phases_of(structured: bool, unstructured: bool, evaluators) -> tuple[Phase, ...]:
     """The phases of a run, in order: each only when the run asks for it."""
-    middle = (STRUCTURED,) if structured else (UNSTRUCTURED,)
-    return (LOAD, CALIBRATION, *middle, *((EVALUATION,) if evaluators else ()), WRITE)
+    pruning = (*((STRUCTURED,) if structured else ()), *((UNSTRUCTURED,) if unstructured else ()))
+    return (LOAD, CALIBRATION, *pruning, *((EVALUATION,) if evaluators else ()), WRITE)
 
 
 def validate(opts: RunOptions) -> Plan:
     """Everything that can be checked before loading weights; returns the plan the phases follow."""
-    kinds = _structured(opts)
-    parts = resolve(opts.target.method, opts.stages, opts.method_options)
+    kinds = KINDS["structure"].parse(opts.stages.get("structure"))
     t = opts.target
-    pattern = (Pattern(t.sparsity if t.sparsity is not None else t.target_params) if kinds
-               else parse_pattern(t.sparsity, t.pattern, t.group))
+    if not kinds:
+        _no_structures(opts)
+    unstructured = not kinds or t.sparsity is not None or t.pattern is not None
+    parts = resolve(t.method, opts.stages, opts.method_options, unstructured=unstructured)
+    if kinds:
+        _check_structured(opts, kinds, parts)
+    pattern = parse_pattern(t.sparsity, t.pattern, t.group) if unstructured else None
     evaluators = tuple(opts.evaluators())
     device = resolve_device(opts.placement.device)
     dtype = loading.torch_dtype(opts.load.dtype)
     config = loading.load_config(opts.model, opts.load.trust_remote_code)
     seqlen = loading.resolve_seqlen(opts.calib.seqlen, config)
-    structured = _structured_plan(kinds, opts, parts, config) if kinds else None
+    structured = _structured_plan(kinds, parts, config) if kinds else None
     plan = Plan(opts, parts, pattern, device, dtype, config, seqlen, structured, evaluators,
-                phases_of(bool(kinds), evaluators))
+                phases_of(bool(kinds), unstructured, evaluators))
     for phase in plan.phases:
         phase.check(plan)
     return plan

@@ -71,14 +71,11 @@ class PlacementOptions(Options):
 @dataclass(frozen=True)
 class TargetOptions(Options):
     method: str = option(DEFAULT_METHOD, "Pruning method; see `taylorprune methods`.")
-    sparsity: float | None = option(None, "Fraction of weights to prune in each target, e.g. 0.5; with --structure "
-                                    "the fraction of each structure removed in every block (of blocks: of the "
-                                    "model's blocks).")
+    sparsity: float | None = option(None, "Fraction of weights to prune in each target, e.g. 0.5 (with --structure: "
+                                    "of the linears the structures leave, pruned after them).")
     pattern: str | None = option(None, "N:M semi-structured pattern, e.g. 2:4 (keep N of every M).")
     group: str = option("row", "Unstructured comparison group: row (Wanda) or layer.", choices=GROUPS)
     targets: str | None = option(None, "Regex on module paths selecting the linears to prune.")
-    target_params: float | None = option(None, "With --structure instead of --sparsity: fraction of all parameters "
-                                         "to remove (the smallest uniform count reaching it).")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from taylorprune.prune.update import UPDATES
 from taylorprune.scoring.spec import Method
 
 SCOPES = ("linear", "block", "model")
-UNSTRUCTURED, STRUCTURED = "unstructured", "structured"
+UNSTRUCTURED, STRUCTURED, ANY = "unstructured", "structured", "any"  # which pruning phase a stage belongs to
 
 # (method, its options, the chosen value) -> why the method excludes the stage, or None
 Refusal = Callable[[Method, Options, str], str | None]
@@ -138,8 +138,8 @@ REFINE = StageKind("refine", "Mask refinement between masking and the update", R
                    UNSTRUCTURED, _refine_step, _solver_refuses("chooses its mask itself"), method_default=True)
 UPDATE = StageKind("update", "Weight update after masking", UPDATES, "none", "none", "linear", UNSTRUCTURED,
                    _update_step, _solver_refuses("updates weights itself"))
-RECON = StageKind("recon", "Block stage after the linears of a block are pruned", RECONS, "none", "none", "block",
-                  UNSTRUCTURED, _recon_step)
+RECON = StageKind("recon", "Block stage after a block is pruned (its masks, or its structures when no masks follow)",
+                  RECONS, "none", "none", "block", ANY, _recon_step)
 STRUCTURE = StageKind("structure", "Structured pruning: remove", STRUCTURES, None, None, "model", STRUCTURED,
                       several=True, note="Comma-separated to combine. The output is a smaller dense model (tensors "
                       "and config.json shrink).")
@@ -153,7 +153,7 @@ def variant_values() -> dict[str, tuple[str, str]]:
     tokens of sweep ``--variants``; a choice name shared by two kinds would be ambiguous there."""
     found: dict[str, tuple[str, str]] = {}
     for kind in STAGE_KINDS:
-        if kind.applies != UNSTRUCTURED:
+        if kind.applies == STRUCTURED:
             continue
         for name in kind.choices():
             if name in found:

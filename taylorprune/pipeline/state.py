@@ -52,7 +52,7 @@ class Plan:
 
     opts: RunOptions
     parts: Components
-    pattern: Pattern
+    pattern: Pattern | None  # the unstructured pattern (None: no unstructured phase)
     device: torch.device
     dtype: torch.dtype | str
     config: Any
@@ -75,7 +75,8 @@ class Plan:
         return any(p.calibrated(self) for p in self.phases)
 
     def describe(self) -> str:
-        return self.structured.describe() if self.structured else self.pattern.describe()
+        parts = [x.describe() for x in (self.structured, self.pattern) if x is not None]
+        return " then ".join(parts)
 
     def recipe(self) -> dict[str, Any]:
         """Everything that decides how the blocks are pruned (block-scope cache identity)."""

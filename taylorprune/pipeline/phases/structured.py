@@ -12,8 +12,9 @@ applies them with the same compensation. The config gets the new uniform widths.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from taylorprune.errors import RunError
+from taylorprune.errors import RunError, UserError
 from taylorprune.export import save
 from taylorprune.modeling import loading
 from taylorprune.modeling.blocks import BlockRunner
@@ -21,6 +22,7 @@ from taylorprune.modeling.layout import find_layout
 from taylorprune.modeling.sweep import forward
 from taylorprune.pipeline.components import Components
 from taylorprune.pipeline.phases.unstructured import model_context
+from taylorprune.pipeline.stages import STRUCTURED
 from taylorprune.pipeline.state import Phase, RunState, linear_records
 from taylorprune.prune.structures import (
     CONSUMER_STATS,
@@ -67,7 +69,7 @@ def _scores(parts: Components, groups: Groups, stats: dict) -> torch.Tensor:
 def _prune_kind(runner, i: int, hidden, kind: str, parts: Components, count: int, model_stats, preset) -> dict:
     block = runner.layout.blocks[i]
     groups = groups_of(kind, block, f"{runner.layout.blocks_path}.{i}", i, head_mode(parts))
-    linear = of_scope(parts.needs, Scope.LINEAR)
+    linear = of_scope(parts.structured_needs, Scope.LINEAR)
     stats = _statistics(runner, i, hidden, groups, linear if preset is None else linear & CONSUMER_STATS)
     for m in groups.members:
         stats.setdefault(m.path, {}).update({k: v for k, v in model_stats.get(m.path, {}).items()
@@ -81,17 +83,29 @@ def _prune_kind(runner, i: int, hidden, kind: str, parts: Components, count: int
 
 
 def prune_widths(state: RunState, counts: dict[str, int], model_stats, preset) -> list[dict]:
-    """Heads then neurons of every block, block after block, each calibrated on the pruned blocks' outputs."""
+    """Heads then neurons of every block, block after block, each calibrated on the pruned blocks' outputs; then
+    the block stages (``--recon block``: re-fit the compact block to the dense block's outputs) when no masks
+    follow in this run."""
     plan, layout = state.plan, state.layout
     kinds = [k for k in WIDTH_KINDS if k in counts]
     runner = BlockRunner(state.model, layout, plan.device, plan.opts.calib.batch_size)
     hidden = runner.capture(state.calib_ids) if state.calib_ids is not None else None
+    stages = plan.parts.active("block", STRUCTURED) if plan.pattern is None else []
+    dense_stream = any(s.choice.dense_stream(s.options) for s in stages)
+    dense = [hidden if dense_stream else None]  # the dense model's activations, for dense block targets
     per_block = []
 
     def visit(i: int, inputs) -> None:
+        dense_out = runner.run(i, dense[0]) if dense[0] is not None else None  # before block i is pruned
+        same_out = runner.run(i, inputs) if stages and not dense_stream else None
         info: dict = {"block": i}
         for kind in kinds:
             info[kind] = _prune_kind(runner, i, inputs, kind, plan.parts, counts[kind], model_stats, preset)
+        linears = [m for m in layout.blocks[i].modules() if isinstance(m, nn.Linear)]  # the compact ones
+        for stage in stages:
+            goal = dense_out if dense_out is not None else same_out
+            info[stage.kind.name] = stage.kind.step(stage, runner, i, inputs, goal, linears, plan.opts.calib.seed)
+        dense[0] = dense_out
         per_block.append(info)
 
     forward(runner, hidden, visit=visit, last=False,
@@ -103,9 +117,10 @@ def _widths(state: RunState, counts: dict[str, int]) -> list[dict]:
     plan, hooks = state.plan, state.hooks
     parts = plan.parts
     model_stats = {}
-    if of_scope(plan.needs, Scope.MODEL):
+    needs = parts.structured_needs
+    if of_scope(needs, Scope.MODEL):
         with hooks.timed(state.phases_s, "model_statistics", "model-scope statistics"):
-            model_stats = model_statistics(plan.needs, model_context(state), state.spec, parts.options_of)
+            model_stats = model_statistics(needs, model_context(state), state.spec, parts.options_of)
     preset = None
     if parts.group.select is not None:
         with hooks.timed(state.phases_s, "select", f"choosing structures ({parts.method.name})"):
@@ -118,9 +133,15 @@ def _widths(state: RunState, counts: dict[str, int]) -> list[dict]:
 class Structured(Phase):
     name = "structured"
 
+    def check(self, plan) -> None:
+        if plan.pattern is None and plan.parts.active("block", STRUCTURED) and plan.structured.kinds == ("blocks",):
+            stage = plan.parts.active("block", STRUCTURED)[0]
+            raise UserError(f"{stage.kind.flag} {stage.name} re-fits blocks whose heads or neurons were removed (or "
+                            "masked); --structure blocks alone leaves none")
+
     def calibrated(self, plan) -> bool:
         sp = plan.structured
-        return bool(plan.needs) or "blocks" in sp.kinds or plan.parts.group.select is not None
+        return bool(plan.parts.structured_needs) or "blocks" in sp.kinds or plan.parts.group.select is not None
 
     def run(self, state: RunState) -> dict:
         plan, hooks = state.plan, state.hooks

@@ -42,15 +42,16 @@ class Unstructured(Phase):
             stage.choice.check(plan.pattern)
 
     def calibrated(self, plan) -> bool:
-        return bool(plan.parts.needs) or plan.whole_model is not None
+        return bool(plan.parts.unstructured_needs) or plan.whole_model is not None
 
     def run(self, state: RunState) -> dict:
         plan, hooks, opts = state.plan, state.hooks, state.opts
         ctx = model_context(state)
         dense_stats = {}
-        if of_scope(plan.needs, Scope.MODEL):
+        needs = plan.parts.unstructured_needs
+        if of_scope(needs, Scope.MODEL):
             with hooks.timed(state.phases_s, "model_statistics", "model-scope statistics on the dense model"):
-                dense_stats = model_statistics(plan.needs, ctx, state.spec, plan.parts.options_of)
+                dense_stats = model_statistics(needs, ctx, state.spec, plan.parts.options_of)
         with hooks.timed(state.phases_s, "prune", pruning_label(state)):
             scores: dict[str, torch.Tensor] | None = {} if opts.write.save_scores else None
             result = _prune(state, ctx, dense_stats, scores)
@@ -75,8 +76,8 @@ def _prune(state: RunState, ctx: ModelContext, dense_stats, scores) -> PruneResu
     layout = state.layout
     runner = BlockRunner(state.model, layout, plan.device, plan.opts.calib.batch_size,
                          stream=state.placement.mode != "device_map")
-    block_cache = BlockCache(plan.needs, plan.parts.options_of, state.model, layout, state.spec, plan.recipe(),
-                             state.hooks.events)
+    block_cache = BlockCache(plan.parts.unstructured_needs, plan.parts.options_of, state.model, layout, state.spec,
+                             plan.recipe(), state.hooks.events)
     patterns, allocated = {}, {}
     for stage in plan.parts.active("model"):
         patterns, allocated = stage.kind.step(stage, layout, dense_stats, plan.pattern)

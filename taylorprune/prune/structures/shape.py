@@ -53,16 +53,19 @@ def removal_counts(kinds: tuple[str, ...], ratio: float, shape: Shape, head_mode
             counts[kind] = _checked(count_of(ratio, shape.intermediate), shape.intermediate, ratio, "MLP neurons",
                                     "leaves no neuron")
         elif head_mode == "kv-groups":
-            groups = _checked(count_of(ratio, shape.kv_heads), shape.kv_heads, ratio, "KV groups", "leaves no head")
+            hint = (f" (the model has {shape.kv_heads} KV head{'s' if shape.kv_heads > 1 else ''}: remove query heads "
+                    "from every KV group instead with --head-mode query-heads)" if shape.heads > shape.kv_heads else "")
+            groups = _checked(count_of(ratio, shape.kv_heads), shape.kv_heads, ratio, "KV groups", "leaves no head",
+                              hint if shape.kv_heads <= 2 else "")
             counts[kind] = groups * (shape.heads // shape.kv_heads)
         else:
             heads = _checked(count_of(ratio, shape.heads), shape.heads, ratio, "query heads", "leaves no head")
             if heads % shape.kv_heads:
                 per = shape.heads // shape.kv_heads
                 fine = ", ".join(f"{k / per:.2f} ({k * shape.kv_heads} heads)" for k in range(1, per))
-                raise UserError(f"--sparsity {ratio:g} removes {heads} of {shape.heads} query heads per block, not a "
-                                f"multiple of the {shape.kv_heads} KV groups (GQA keeps the same number of query heads "
-                                f"in every group); use one of: {fine or 'none (one query head per group)'}")
+                raise UserError(f"--structure-ratio {ratio:g} removes {heads} of {shape.heads} query heads per block, "
+                                f"not a multiple of the {shape.kv_heads} KV groups (GQA keeps the same number of query "
+                                f"heads in every group); use one of: {fine or 'none (one query head per group)'}")
             counts[kind] = heads
     return counts
 
@@ -106,12 +109,13 @@ def check_config(config, counts: Mapping[str, int], shape: Shape, head_mode: str
                         f"({reason}); choose another ratio or --head-mode") from None
 
 
-def _checked(count: int, total: int, ratio: float, what: str, all_gone: str) -> int:
+def _checked(count: int, total: int, ratio: float, what: str, all_gone: str, hint: str = "") -> int:
     if count >= total:
-        raise UserError(f"--sparsity {ratio:g} removes {count} of {total} {what}: that {all_gone}; lower it")
+        raise UserError(f"--structure-ratio {ratio:g} removes {count} of {total} {what}: that {all_gone}; lower it"
+                        f"{hint}")
     if count < 1:
-        raise UserError(f"--sparsity {ratio:g} removes none of the {total} {what} (rounded); raise it to at least "
-                        f"{0.5 / total:.3g}")
+        raise UserError(f"--structure-ratio {ratio:g} removes none of the {total} {what} (rounded); raise it to at "
+                        f"least {0.5 / total:.3g}{hint}")
     return count
 
 

@@ -40,13 +40,24 @@ def _percdamp():
 
 
 @dataclass(frozen=True)
-class NeuronOptions(Options):
+class AmountOptions(Options):
+    """How much of a structure goes: the structure stage's own amount, so that --sparsity keeps one meaning (the
+    unstructured sparsity a run may prune after the structures)."""
+
+    structure_ratio: float | None = option(None, "Fraction of each structure removed in every block (of blocks: of "
+                                           "the model's blocks).", above=0, below=1)
+    target_params: float | None = option(None, "Instead of --structure-ratio: fraction of all parameters to remove "
+                                         "(the smallest uniform count reaching it).", above=0, below=1)
+
+
+@dataclass(frozen=True)
+class NeuronOptions(AmountOptions):
     compensate: bool = _compensate()
     compensate_damp: float = _percdamp()
 
 
 @dataclass(frozen=True)
-class HeadOptions(Options):
+class HeadOptions(AmountOptions):
     head_mode: str = option("kv-groups", "kv-groups (remove whole KV groups: a key/value head with its query heads) "
                             "or query-heads (the same number of query heads from every KV group).",
                             choices=HEAD_MODES)
@@ -55,7 +66,7 @@ class HeadOptions(Options):
 
 
 @dataclass(frozen=True)
-class BlockOptions(Options):
+class BlockOptions(AmountOptions):
     block_score: str = option("influence", "How decoder blocks are ranked: influence (1 − cosine of a block's input "
                               "and output, ShortGPT) or loss (exact calibration-loss increase when the block is "
                               "skipped, one forward per block).", choices=BLOCK_SCORES)
