@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from taylorprune.cli import check, evaluate, inspection, methods, run, speed, sweep
+from taylorprune.cli import check, evaluate, inspection, methods, recover, run, speed, sweep
 
 app = typer.Typer(
     add_completion=False,
@@ -19,6 +19,7 @@ app.command("check")(check.check)
 app.command("inspect")(inspection.inspect_cmd)
 app.command("sweep")(sweep.sweep)
 app.command("speed")(speed.speed_cmd)
+app.command("recover")(recover.recover)
 
 
 def main() -> None:

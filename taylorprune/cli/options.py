@@ -20,7 +20,7 @@ from taylorprune.errors import UserError
 from taylorprune.options import Options, Spec, parse_assignments
 from taylorprune.pipeline.components import all_options
 from taylorprune.pipeline.run_options import GROUPS_OF_RUN, evaluator_groups
-from taylorprune.pipeline.stages import STAGE_KINDS
+from taylorprune.pipeline.stages import KINDS, STAGE_KINDS
 
 
 def _help(group: str, name: str) -> str:
@@ -116,15 +116,18 @@ def with_run_options(*groups: str, exclude: Iterable[str] = (), stages: bool = T
     return decorate
 
 
-def with_component_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Give a command one flag per component option; ``fn`` receives the given ones as ``component_options``.
+def with_component_options(fn: Callable[..., Any], kind: str | None = None) -> Callable[..., Any]:
+    """Give a command one flag per component option (``kind``: only those of that stage kind's choices); ``fn``
+    receives the given ones as ``component_options``.
 
     Flags default to "not given" (None), so only options the user set are passed on, where they are checked
     against the method that runs (an option of another method is an error, not silently ignored).
     """
+    own = None if kind is None else {s.name for c in KINDS[kind].registry.values() for s in c.options.specs()}
     params = []
     for name, info in sorted(all_options().items()):
-        params.append(_parameter(name, info.spec, info.help, None, info.spec.shown_default(), PANEL))
+        if own is None or name in own:
+            params.append(_parameter(name, info.spec, info.help, None, info.spec.shown_default(), PANEL))
     return _generated(fn, "component_options", params, lambda given: {k: v for k, v in given.items() if v is not None})
 
 

@@ -154,7 +154,7 @@ class BlockRunner:
         outs = [self.call(i, chunk).to(hidden.device) for chunk in hidden.split(self.batch_size)]
         return torch.cat(outs)
 
-    def head(self, ids: torch.Tensor, hidden: torch.Tensor, labels: bool = False):
+    def head(self, ids: torch.Tensor, hidden: torch.Tensor, labels: bool = False, **kwargs):
         """The model's own output for windows ``ids`` whose last block returned ``hidden``: every block passes
         ``hidden`` through, so the final norm, LM head, soft-capping and loss are the model's code. Use inside
         ``outside_on_device(head=True)``; ``labels``: the output carries the causal-LM loss (labels = ids)."""
@@ -162,7 +162,7 @@ class BlockRunner:
         ids = ids.to(self.input_device)
         extra = {"labels": ids} if labels else {}
         with patched_forwards(blocks, [lambda *a, **k: hidden] * len(blocks)):
-            return self.model(input_ids=ids, use_cache=False, **extra)
+            return self.model(input_ids=ids, use_cache=False, **extra, **kwargs)
 
 
 def block_function(block: nn.Module, targets: list[Target], kwargs: dict) -> Callable[..., torch.Tensor]:

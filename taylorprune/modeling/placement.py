@@ -167,3 +167,16 @@ def hvp_bytes(config, target_numel: int, sums: int, seqlen: int, upcast_bytes: i
     states = 2 * layers * seqlen * config.hidden_size * 4
     graphs = 3 * activation_bytes(config, seqlen, 4) // layers + 3 * seqlen * config.vocab_size * 4
     return upcast_bytes + 4 * sums * target_numel + states + graphs
+
+
+def training_bytes(config, model_bytes_fp32: int, trained_numel: int, batch: int, seqlen: int,
+                   checkpointing: bool, teacher_bytes: int = 0) -> int:
+    """Recovery on the device: the student in fp32, a gradient and two AdamW moments per trained parameter, the
+    autograd activations of one batch (with checkpointing: block inputs plus one block's), the student's and the
+    teacher's fp32 logits and their gradient, and the teacher when it sits on the device too."""
+    activations = activation_bytes(config, seqlen, 4, batch)
+    if checkpointing:
+        layers = max(1, config.num_hidden_layers)
+        activations = activations // layers + batch * layers * seqlen * config.hidden_size * 4
+    logits = 3 * batch * seqlen * config.vocab_size * 4
+    return model_bytes_fp32 + 12 * trained_numel + activations + logits + teacher_bytes

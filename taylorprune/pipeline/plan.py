@@ -16,6 +16,7 @@ from taylorprune.pipeline.components import Components, resolve
 from taylorprune.pipeline.phases.calibration import Calibration
 from taylorprune.pipeline.phases.evaluation import Evaluation
 from taylorprune.pipeline.phases.load import Load
+from taylorprune.pipeline.phases.recover import Recover
 from taylorprune.pipeline.phases.structured import Structured, head_mode
 from taylorprune.pipeline.phases.unstructured import Unstructured
 from taylorprune.pipeline.phases.write import Write
@@ -25,8 +26,8 @@ from taylorprune.pipeline.state import Phase, Plan, StructuredPlan
 from taylorprune.prune.masks import parse_pattern
 from taylorprune.prune.structures import Shape, check_config, removal_counts
 
-LOAD, CALIBRATION, STRUCTURED, UNSTRUCTURED, EVALUATION, WRITE = (Load(), Calibration(), Structured(),
-                                                                  Unstructured(), Evaluation(), Write())
+LOAD, CALIBRATION, STRUCTURED, UNSTRUCTURED, RECOVER, EVALUATION, WRITE = (
+    Load(), Calibration(), Structured(), Unstructured(), Recover(), Evaluation(), Write())
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,10 +87,14 @@ def _structured_plan(kinds: tuple[str, ...], parts: Components, config) -> Struc
     return StructuredPlan(kinds, ratio, target, counts)
 
 
-def phases_of(structured: bool, unstructured: bool, evaluators) -> tuple[Phase, ...]:
+def phases_of(structured: bool, unstructured: bool, recover: bool, evaluators) -> tuple[Phase, ...]:
     """The phases of a run, in order: each only when the run asks for it."""
-    pruning = (*((STRUCTURED,) if structured else ()), *((UNSTRUCTURED,) if unstructured else ()))
-    return (LOAD, CALIBRATION, *pruning, *((EVALUATION,) if evaluators else ()), WRITE)
+    asked = ((STRUCTURED, structured), (UNSTRUCTURED, unstructured), (RECOVER, recover), (EVALUATION, evaluators))
+    return (LOAD, CALIBRATION, *(phase for phase, wanted in asked if wanted), WRITE)
+
+
+def _recovers(opts: RunOptions) -> bool:
+    return KINDS["recover"].parse(opts.stages.get("recover")) != ()
 
 
 def validate(opts: RunOptions) -> Plan:
@@ -98,7 +103,9 @@ def validate(opts: RunOptions) -> Plan:
     t = opts.target
     if not kinds:
         _no_structures(opts)
-    unstructured = not kinds or t.sparsity is not None or t.pattern is not None
+    masks = t.sparsity is not None or t.pattern is not None
+    recover_only = not kinds and not masks and _recovers(opts) and "recover_teacher" in opts.method_options
+    unstructured = (not kinds or masks) and not recover_only
     parts = resolve(t.method, opts.stages, opts.method_options, unstructured=unstructured)
     if kinds:
         _check_structured(opts, kinds, parts)
@@ -110,7 +117,7 @@ def validate(opts: RunOptions) -> Plan:
     seqlen = loading.resolve_seqlen(opts.calib.seqlen, config)
     structured = _structured_plan(kinds, parts, config) if kinds else None
     plan = Plan(opts, parts, pattern, device, dtype, config, seqlen, structured, evaluators,
-                phases_of(bool(kinds), unstructured, evaluators))
+                phases_of(bool(kinds), unstructured, _recovers(opts), evaluators))
     for phase in plan.phases:
         phase.check(plan)
     return plan

@@ -2,10 +2,11 @@
 
 A ``StageKind`` is a flag (``--refine``) whose value picks a choice from the kind's registry (``prune.refine
 .REFINES``), the choice that means "off", the default, its scope (``linear``: for each pruned linear after its
-mask; ``block``: for each block after its linears; ``model``: once over the model), which runs it applies to
-(unstructured masks or structure removal), how the phase that runs it calls a choice (``step``), and when a
-method excludes it. The CLI flags and help, ``--option`` ownership, sweep ``--variants``, the report's record of
-what ran, cache recipes and every refusal are derived from these declarations.
+mask; ``block``: for each block after its linears; ``model``: once over the model before the engine; ``after``:
+once after the pruning phases), which pruning it belongs to (unstructured masks, structure removal, or any), how
+the phase that runs it calls a choice (``step``), and when a method excludes it. The CLI flags and help,
+``--option`` ownership, sweep ``--variants``, the report's record of what ran, cache recipes and every refusal
+are derived from these declarations.
 
 Adding a stage kind is one registry of choices in ``prune/`` plus one ``StageKind`` line in ``STAGE_KINDS``;
 adding a choice to a kind is one entry in its registry.
@@ -24,9 +25,10 @@ from taylorprune.prune.recon import RECONS
 from taylorprune.prune.refine import REFINES
 from taylorprune.prune.structures import STRUCTURES, parse_structures
 from taylorprune.prune.update import UPDATES
+from taylorprune.recover.registry import RECOVERS
 from taylorprune.scoring.spec import Method
 
-SCOPES = ("linear", "block", "model")
+SCOPES = ("linear", "block", "model", "after")  # per linear, per block, over the model first, after the pruning
 UNSTRUCTURED, STRUCTURED, ANY = "unstructured", "structured", "any"  # which pruning phase a stage belongs to
 
 # (method, its options, the chosen value) -> why the method excludes the stage, or None
@@ -144,7 +146,11 @@ STRUCTURE = StageKind("structure", "Structured pruning: remove", STRUCTURES, Non
                       several=True, note="Comma-separated to combine. The output is a smaller dense model (tensors "
                       "and config.json shrink).")
 
-STAGE_KINDS: tuple[StageKind, ...] = (STRUCTURE, ALLOCATION, REFINE, UPDATE, RECON)  # the order they run in
+RECOVER = StageKind("recover", "Recovery after pruning, before writing", RECOVERS, "none", "none", "after", ANY,
+                    note="Trains the pruned model toward the dense one on calibration-source text; masks and "
+                    "compact shapes stay.")
+
+STAGE_KINDS: tuple[StageKind, ...] = (STRUCTURE, ALLOCATION, REFINE, UPDATE, RECON, RECOVER)  # the order they run in
 KINDS: dict[str, StageKind] = {k.name: k for k in STAGE_KINDS}
 
 

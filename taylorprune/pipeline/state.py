@@ -76,7 +76,7 @@ class Plan:
 
     def describe(self) -> str:
         parts = [x.describe() for x in (self.structured, self.pattern) if x is not None]
-        return " then ".join(parts)
+        return " then ".join(parts) or "recovery only"
 
     def recipe(self) -> dict[str, Any]:
         """Everything that decides how the blocks are pruned (block-scope cache identity)."""
@@ -98,6 +98,10 @@ class Phase:
     def calibrated(self, plan: Plan) -> bool:
         """Whether this phase needs the calibration windows."""
         return False
+
+    def prepare(self, state: RunState) -> None:
+        """Cheap work that can fail on bad input (tokenizing its text), done right after loading, before any
+        phase does heavy work."""
 
     def run(self, state: RunState) -> dict | None:
         """Do the work on ``state``; the returned record goes into the report under ``name``."""

@@ -35,13 +35,15 @@ Optimizer = Callable[[list[torch.nn.Parameter]], tuple[torch.optim.Optimizer, ob
 
 def masked_fit(weights: list[torch.nn.Parameter], train_loss: Callable[[torch.Tensor], torch.Tensor],
                heldout_loss: Callable[[], float], train_size: int, settings: FitSettings, optimizer: Optimizer,
-               generator: torch.Generator) -> dict:
+               generator: torch.Generator, masks: list[torch.Tensor | None] | None = None,
+               on_step: Callable[[int], None] | None = None) -> dict:
     """Fit ``weights`` (their zeros fixed) to ``train_loss(batch indices)``; returns steps and held-out losses.
 
     ``optimizer(weights)`` gives (optimiser, learning-rate scheduler or None); batches are ``settings.batch``
-    indices of ``train_size`` training items, without replacement within a step.
+    indices of ``train_size`` training items, without replacement within a step. ``masks`` overrides the masks
+    read from the zeros (None for a weight that is free everywhere: adapters that start at zero).
     """
-    masks = [w.detach() != 0 for w in weights]
+    masks = [w.detach() != 0 for w in weights] if masks is None else masks
     with trainable(weights):
         opt, schedule = optimizer(weights)
         with torch.no_grad():
@@ -53,7 +55,8 @@ def masked_fit(weights: list[torch.nn.Parameter], train_loss: Callable[[torch.Te
             opt.zero_grad(set_to_none=True)
             train_loss(pick).backward()
             for w, m in zip(weights, masks, strict=True):
-                w.grad.mul_(m)
+                if m is not None and w.grad is not None:
+                    w.grad.mul_(m)
             if settings.clip is not None:
                 torch.nn.utils.clip_grad_norm_(weights, settings.clip)
             opt.step()
@@ -61,7 +64,10 @@ def masked_fit(weights: list[torch.nn.Parameter], train_loss: Callable[[torch.Te
                 schedule.step()
             with torch.no_grad():
                 for w, m in zip(weights, masks, strict=True):
-                    w.mul_(m)
+                    if m is not None:
+                        w.mul_(m)
+            if on_step is not None:
+                on_step(step)
             if step % settings.eval_every and step != settings.steps:
                 continue
             with torch.no_grad():

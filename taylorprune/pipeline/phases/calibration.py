@@ -1,4 +1,5 @@
-"""Calibration phase: the calibration windows (when a later phase needs them), and what each evaluator prepares.
+"""Calibration phase: the calibration windows (when a later phase needs them), and every later phase's ``prepare``
+(evaluation texts, recovery windows).
 
 Both are cheap and both can fail on bad input (a text too short for the windows asked for), so they run right
 after loading, before any heavy work; the record is the calibration's description (source, windows, sha256).
@@ -7,7 +8,6 @@ after loading, before any heavy work; the record is the calibration's descriptio
 from __future__ import annotations
 
 from taylorprune.calib import sampling, text
-from taylorprune.pipeline.evaluation import context, prepare
 from taylorprune.pipeline.state import Phase, RunState
 
 
@@ -26,7 +26,7 @@ class Calibration(Phase):
         with state.hooks.timed(state.phases_s, "calibration_data", self.label):
             if plan.calibrated:
                 state.calib_ids, state.spec = load_calibration(plan.opts.calib, state.loaded.tokenizer, plan.seqlen)
-            ctx = context(state.model, state.loaded.tokenizer, plan.opts.output, plan.device, state.hooks,
-                          state.placement)
-            state.prepared = prepare(ctx, list(plan.evaluators))
+            for phase in plan.phases:
+                if phase is not self:
+                    phase.prepare(state)
         return state.spec.describe() if state.spec else None

@@ -7,7 +7,7 @@ the dense model (speed) reloads the dense source on demand.
 from __future__ import annotations
 
 from taylorprune.modeling import loading
-from taylorprune.pipeline.evaluation import context, run_evaluators
+from taylorprune.pipeline.evaluation import context, prepare, run_evaluators
 from taylorprune.pipeline.state import Phase, RunState
 
 
@@ -30,8 +30,15 @@ class Evaluation(Phase):
             if evaluator.check is not None:
                 evaluator.check(options, plan.config)
 
+    def prepare(self, state: RunState) -> None:
+        state.prepared.update(prepare(_context(state), list(state.plan.evaluators)))
+
     def run(self, state: RunState) -> dict:
-        opts = state.opts
-        ctx = context(state.model, state.loaded.tokenizer, opts.output, state.plan.device, state.hooks,
-                      state.placement, opts.placement.stream_batch, opts.calib.batch_size, dense_loader(state))
-        return run_evaluators(ctx, list(state.plan.evaluators), state.hooks, state.prepared, state.phases_s)
+        return run_evaluators(_context(state), list(state.plan.evaluators), state.hooks, state.prepared,
+                              state.phases_s)
+
+
+def _context(state: RunState):
+    opts = state.opts
+    return context(state.model, state.loaded.tokenizer, opts.output, state.plan.device, state.hooks,
+                   state.placement, opts.placement.stream_batch, opts.calib.batch_size, dense_loader(state))

@@ -48,7 +48,7 @@ def build_report(state: RunState) -> dict:
         **parts.names(),
         "paper": parts.method.paper,
         "pattern": plan.describe(),
-        "sparsity": plan.pattern.sparsity if plan.pattern else plan.structured.ratio,
+        "sparsity": plan.pattern.sparsity if plan.pattern else (plan.structured.ratio if plan.structured else None),
         "achieved_sparsity": unstructured.get("achieved_sparsity"),
         "options": plan.opts.flat(),
         "components": parts.describe(),

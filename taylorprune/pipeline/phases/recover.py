@@ -1,0 +1,158 @@
+"""Recover phase (``--recover distill``): train the pruned model toward the dense one, after pruning, before
+evaluating and writing (``recover.distill``).
+
+The teacher is the run's dense source (or ``--recover-teacher``), loaded again into CPU memory: it joins the
+student on the device only when both and the training working set fit there, and otherwise streams through the
+device block by block for each batch, so it never doubles the device memory a run needs. The training windows
+come from the calibration source (sequential, non-overlapping, tokenized before any heavy work); the estimate of
+the device memory the training needs is checked before it starts (a one-line error naming the options that
+lower it). Masks are checked afterwards: every pruned weight is still zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from taylorprune.calib import sampling, text
+from taylorprune.errors import RunError, UserError
+from taylorprune.export import save
+from taylorprune.modeling import loading
+from taylorprune.modeling.blocks import BlockRunner
+from taylorprune.modeling.layout import find_layout
+from taylorprune.modeling.placement import GIB, USABLE, device_budget, model_bytes, training_bytes
+from taylorprune.modeling.sweep import forward
+from taylorprune.pipeline.state import Phase, RunState
+from taylorprune.recover.distill import Teacher, distill
+from taylorprune.recover.student import finish, prepare
+
+
+def _stage(plan):
+    stage = plan.parts.stage("recover")
+    return stage if stage is not None and not stage.off else None
+
+
+def teacher_source(plan) -> str:
+    return _stage(plan).options.recover_teacher or plan.opts.model
+
+
+def recovery_windows(state: RunState, options) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training windows, held-out windows) of the calibration source, sequential and non-overlapping."""
+    calib = state.opts.calib
+    corpus = text.read_file(calib.calib_file) if calib.calib_file else text.calibration_corpus(calib.calib)
+    seqlen = options.recover_seqlen or state.plan.seqlen
+    try:
+        ids, _ = sampling.sample(state.loaded.tokenizer, corpus, options.recover_windows, seqlen, calib.seed,
+                                 "sequential", cache=True)
+    except UserError as exc:
+        flags = str(exc).replace("--nsamples or --seqlen", "--recover-windows or --recover-seqlen")
+        raise UserError(f"recovery: {flags}") from None
+    held = min(options.recover_heldout, len(ids) - 1)
+    return ids[:-held], ids[-held:]
+
+
+def _trained_numel(model: nn.Module, layout, options) -> int:
+    if options.recover_weights == "lora":
+        r = options.recover_lora_rank
+        return sum(r * (t.module.in_features + t.module.out_features) for t in layout.all_targets)
+    return sum(p.numel() for p in layout.blocks.parameters())
+
+
+def _check_memory(state: RunState, options, teacher_bytes: int) -> dict:
+    """The device memory training needs (estimate), against the budget; a one-line error when it cannot fit."""
+    plan, model = state.plan, state.model
+    fp32 = model_bytes(model) * 4 // next(model.parameters()).element_size()
+    need = training_bytes(model.config, fp32, _trained_numel(model, state.layout, options), options.recover_batch,
+                          options.recover_seqlen or plan.seqlen, options.recover_checkpoint, teacher_bytes)
+    budget = device_budget(plan.device, state.opts.placement.max_gpu_memory)
+    if budget is not None and need > USABLE * budget:
+        raise UserError(f"recovery needs about {need / GIB:.2f} GiB on {plan.device} ({USABLE:.0%} of "
+                        f"{budget / GIB:.2f} GiB is usable); lower --recover-batch or --recover-seqlen, or use "
+                        "--recover-checkpoint or --recover-weights lora")
+    return {"estimate_gib": round(need / GIB, 3), "budget_gib": None if budget is None else round(budget / GIB, 3)}
+
+
+def _teacher(state: RunState, options) -> tuple[Teacher, str, nn.Module]:
+    """The teacher's (logits, last hidden) for a batch of windows: resident beside the student when both fit,
+    streamed block by block otherwise."""
+    plan, lo = state.plan, state.opts.load
+    source = teacher_source(plan)
+    model = loading.load(source, lo.dtype, None, None, lo.trust_remote_code,
+                         config=plan.config if source == plan.opts.model else None).model
+    hidden = options.recover_hidden > 0
+    student = model_bytes(state.model) * 4 // next(state.model.parameters()).element_size()
+    budget = device_budget(plan.device, state.opts.placement.max_gpu_memory)
+    resident = budget is None or student + model_bytes(model) <= USABLE * budget
+    if resident:
+        model.to(plan.device)
+
+        def logits(ids: torch.Tensor):
+            out = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+            return out.logits, (out.hidden_states[-1] if hidden else None)
+
+        return logits, "resident", model
+    runner = BlockRunner(model, find_layout(model), plan.device, state.opts.calib.batch_size, stream=True)
+
+    def streamed(ids: torch.Tensor):
+        last = forward(runner, runner.capture(ids), write=False)
+        with runner.outside_on_device(head=True):
+            out = runner.head(ids, last, output_hidden_states=hidden)
+        return out.logits, (out.hidden_states[-1] if hidden else None)
+
+    return streamed, "stream", model
+
+
+def _check_masks(state: RunState, before: dict[str, int]) -> None:
+    for t in state.layout.all_targets:
+        zeros = int((t.module.weight == 0).sum())
+        if zeros < before[t.path]:
+            raise RunError(f"recovery changed the mask of {t.path} ({before[t.path]} zeros before, {zeros} after)")
+
+
+class Recover(Phase):
+    name = "recover"
+
+    def check(self, plan) -> None:
+        source = teacher_source(plan)
+        if source != plan.opts.model:
+            config = loading.load_config(source, plan.opts.load.trust_remote_code)
+            if getattr(config, "vocab_size", None) != getattr(plan.config, "vocab_size", None):
+                raise UserError(f"--recover-teacher {source}: its vocabulary ({config.vocab_size}) is not the "
+                                f"student's ({plan.config.vocab_size}); distillation compares the two per token")
+
+    def prepare(self, state: RunState) -> None:
+        state.prepared["recover"] = recovery_windows(state, _stage(state.plan).options)
+
+    def run(self, state: RunState) -> dict:
+        plan, hooks = state.plan, state.hooks
+        stage = _stage(plan)
+        options = stage.options
+        train, held = state.prepared["recover"]
+        if state.placement is not None and state.placement.stream:
+            raise UserError("recovery trains the whole student on the device, and it does not fit there "
+                            f"({state.placement.reason}); use --recover-weights lora, or a device with more memory")
+        with hooks.timed(state.phases_s, "recover", f"recovering by {stage.name} ({options.recover_steps} steps)"):
+            teacher, where, teacher_model = _teacher(state, options)
+            memory = _check_memory(state, options, model_bytes(teacher_model) if where == "resident" and
+                                   plan.device.type != "cpu" else 0)
+            before = {t.path: int((t.module.weight == 0).sum()) for t in state.layout.all_targets}
+            state.model.to(plan.device)
+            prepared = prepare(state.model, state.layout, options)
+            tick = hooks.task("recovery steps", options.recover_steps)
+            try:
+                record, heldout = distill(prepared.student, teacher, train, held, options, plan.device,
+                                          plan.opts.calib.seed, on_step=lambda s: tick(s - 1))
+                state.loaded.model = finish(prepared, prepared.student.model, state.layout)
+                if prepared.peft is not None:
+                    record["kl_after_merged"] = heldout()
+            finally:
+                del teacher_model
+        _check_masks(state, before)
+        for lin in state.linears:  # the same masks; the records follow the weights as they are now
+            weight = state.model.get_submodule(lin["name"]).weight
+            lin["zeros"] = int((weight == 0).sum())
+            lin["sparsity"] = lin["zeros"] / weight.numel()
+        windows_tokens = len(train) * train.shape[1]
+        return {"method": stage.name, **options.as_dict(), "teacher": teacher_source(plan), "teacher_placement": where,
+                **record, "passes": record["tokens_seen"] / windows_tokens, "memory": memory,
+                "peak_memory_mib": save.peak_memory()}

@@ -1,0 +1,1 @@
+"""Recovery after pruning: distillation from the dense model (``distill``), what trains (``student``)."""
