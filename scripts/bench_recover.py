@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""Recovery by distillation on SmolLM2-135M (issue #23): each pruned configuration before and after
+`taylorprune recover`, on WikiText-2 and on a second text domain neither calibration nor recovery saw.
+
+Protocol: calibration 128 × 512 sequential windows of WikiText-2 validation (as scripts/bench_quality.py);
+recovery on the same WikiText-2 validation text: all of its 534 windows of 512 tokens, 8 held out, 260 steps of
+4 windows = 532,480 tokens, 1.95 passes (the issue allows at most 2). Evaluation: perplexity on the first
+40 × 512 windows of the WikiText-2 raw test split, and on the first 40 × 512 windows of Python's own language
+reference (the ``pydoc_data.topics`` text every CPython ships, joined in sorted topic order: technical prose
+with code, a domain no WikiText window holds; its sha256 and the Python version are recorded), plus the bundled
+`wikitext_lastword` accuracy. Every pruned model is written once, evaluated, then recovered with
+`taylorprune recover` (equal to `run --recover`, tests/test_recover.py) and evaluated again. Dense tokens/s of a
+plain forward (batch 4 × 512, no grad) is measured in this process for the cost ratio. Results accumulate in
+docs/bench_recover.json (``--resume``); the table goes to docs/bench_recover.md and docs/BENCHMARKS.md.
+
+    python scripts/bench_recover.py                  # every row (hours on 2 CPU cores)
+    python scripts/bench_recover.py --only neurons-20
+    python scripts/bench_recover.py --render
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_quality import CALIB, DOC, RESULTS, TEST, dense_folder, render, row_parser, taylorprune  # noqa: E402
+
+DOCS = ROOT / "docs"
+JSON, MD = DOCS / "bench_recover.json", DOCS / "bench_recover.md"
+CALIB_ARGS = ["--calib-file", str(CALIB), "--calib-sampling", "sequential", "--seqlen", "512", "--nsamples", "128"]
+RECOVER = ["--recover-windows", "534", "--recover-heldout", "8", "--recover-steps", "260", "--recover-batch", "4",
+           "--recover-lr", "1e-4"]
+TASKS = ["--tasks", "wikitext_lastword", "--tasks-batch-size", "4"]
+ROWS: dict[str, tuple[str, list[str]]] = {
+    "neurons-20": ("neurons 20% of parameters (oba-recon + compensation) + recon block",
+                   ["--structure", "neurons", "--target-params", "0.2", "--method", "oba", "--recon", "block"]),
+    "sparsegpt-50": ("SparseGPT 50% + recon block", ["--method", "sparsegpt", "--sparsity", "0.5", "--recon", "block"]),
+    "sparsegpt-2of4": ("SparseGPT 2:4 + recon block", ["--method", "sparsegpt", "--pattern", "2:4", "--recon",
+                                                        "block"]),
+    "neurons-20-2of4": ("neurons 20% then 2:4 (oba: compensated neurons, swap-refined masks) + recon block",
+                        ["--structure", "neurons", "--target-params", "0.2", "--method", "oba", "--pattern", "2:4",
+                         "--recon", "block"]),
+}
+TARGETS = {"neurons-20": (1.50, 1.30), "sparsegpt-50": (None, 1.20), "sparsegpt-2of4": (None, 1.50)}
+
+
+def second_domain(work: Path) -> tuple[Path, dict]:
+    """Python's language reference as one text file (the second domain), and what identifies it."""
+    import platform
+
+    import pydoc_data.topics as topics
+
+    body = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    path = work / "python-reference.txt"
+    path.write_text(body)
+    return path, {"python": platform.python_version(), "sha256": hashlib.sha256(body.encode()).hexdigest(),
+                  "chars": len(body)}
+
+
+def evaluate(model: Path, text: Path, work: Path, tasks: bool) -> dict:
+    out = work / f"eval-{model.name}-{text.stem}.json"
+    taylorprune("eval", "--model", str(model), "--text-file", str(text), "--seqlen", "512", "--max-windows", "40",
+                *(TASKS if tasks else []), "--json", str(out), "--device", "cpu")
+    return json.loads(out.read_text())["metrics"]
+
+
+def measured(model: Path, work: Path, other: Path) -> dict:
+    wiki, second = evaluate(model, TEST, work, True), evaluate(model, other, work, False)
+    return {"ppl": wiki["perplexity"], "lastword": wiki["zeroshot.wikitext_lastword"], "ppl_second": second["perplexity"]}
+
+
+def forward_tokens_per_s(model: Path) -> float:
+    """Plain forward of the dense model, batch 4 × 512, no grad, best of 3 (the floor of the cost ratio)."""
+    import torch
+
+    from taylorprune.modeling.loading import load
+
+    net = load(str(model)).model
+    ids = torch.randint(0, net.config.vocab_size, (4, 512), generator=torch.Generator().manual_seed(0))
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(3):
+            t0 = time.perf_counter()
+            net(input_ids=ids, use_cache=False)
+            best = min(best, time.perf_counter() - t0)
+    return ids.numel() / best
+
+
+def measure(name: str, model: Path, work: Path, other: Path) -> dict:
+    what, args = ROWS[name]
+    pruned, recovered = work / f"recover-bench-{name}", work / f"recover-bench-{name}-recovered"
+    taylorprune("run", "--model", str(model), *args, *CALIB_ARGS, "--device", "cpu", "--output", str(pruned),
+                "--overwrite")
+    t0 = time.perf_counter()
+    taylorprune("recover", "--model", str(pruned), "--teacher", str(model), "--calib-file", str(CALIB), "--seqlen",
+                "512", *RECOVER, "--device", "cpu", "--output", str(recovered), "--overwrite")
+    wall = time.perf_counter() - t0
+    report = json.loads((recovered / "taylorprune_report.json").read_text())
+    pruned_report = json.loads((pruned / "taylorprune_report.json").read_text())
+    row = {"what": what, "args": args, "pruned": measured(pruned, work, other),
+           "recovered": measured(recovered, work, other), "recover": report["recover"], "recover_wall_s": wall,
+           "prune_s": pruned_report["phases_s"].get("prune", 0.0),
+           "removed_params": (pruned_report.get("structured") or {}).get("parameters", {}).get("removed_fraction"),
+           "sparsity": pruned_report.get("achieved_sparsity")}
+    for folder in (pruned, recovered):
+        for weights in folder.glob("*.safetensors"):
+            weights.unlink()
+    return row
+
+
+def _ratio(value: float, dense: float) -> str:
+    return f"{value / dense:.3f}"
+
+
+def table(results: dict) -> str:
+    dense, second = results.get("dense"), results.get("second_domain", {})
+    if dense is None:
+        return ""
+    fwd = results.get("forward_tokens_per_s")
+    lines = ["## Recovery by distillation (issue #23)", "",
+             "SmolLM2-135M-Instruct. Each configuration pruned (calibration 128 × 512 WikiText-2 validation windows), "
+             "then recovered by `taylorprune recover --teacher DENSE` on WikiText-2 validation (534 windows × 512, "
+             "8 held out, 260 steps × 4 windows = 532,480 tokens = 1.95 passes, AdamW lr 1e-4, KL at T = 1, "
+             "every decoder-block parameter trained, masks kept). PPL on 40 × 512 windows of WikiText-2 test and, as "
+             "a second domain neither calibration nor recovery saw, of Python's language reference (`pydoc_data."
+             f"topics` of CPython {second.get('python', '?')}, sha256 {second.get('sha256', '?')[:12]}…). "
+             "Made by `python scripts/bench_recover.py` (raw numbers in `docs/bench_recover.json`).", "",
+             f"Dense: WikiText-2 PPL {dense['ppl']:.2f}, Python-reference PPL {dense['ppl_second']:.2f}, last-word "
+             f"acc {dense['lastword']:.4f}; plain forward {fwd:.0f} tokens/s (batch 4 × 512)." if fwd else "", "",
+             "| configuration | WikiText PPL pruned → recovered (× dense) | Python-reference PPL pruned → recovered "
+             "(× dense) | last-word acc | held-out KL | recovery tok/s (÷ forward) | recovery s |",
+             "| --- | --- | --- | --- | --- | --- | ---: |"]
+    for name in ROWS:
+        r = results.get(name)
+        if r is None:
+            continue
+        p, q, rec = r["pruned"], r["recovered"], r["recover"]
+        lines.append(
+            f"| {r['what']} | {p['ppl']:.2f} → **{q['ppl']:.2f}** ({_ratio(p['ppl'], dense['ppl'])} → "
+            f"{_ratio(q['ppl'], dense['ppl'])}) | {p['ppl_second']:.2f} → {q['ppl_second']:.2f} "
+            f"({_ratio(p['ppl_second'], dense['ppl_second'])} → {_ratio(q['ppl_second'], dense['ppl_second'])}) | "
+            f"{p['lastword']:.4f} → {q['lastword']:.4f} | {rec['kl_before']:.3f} → {rec['kl_after']:.3f} | "
+            f"{rec['tokens_per_s']:.0f} ({rec['tokens_per_s'] / fwd:.2f}) | {rec['seconds']:.0f} |")
+    lines += ["", "Targets (× dense WikiText-2 PPL): " + "; ".join(
+        f"{ROWS[n][0]}: {'recon ≤ %.2f' % a + ', ' if a else ''}recovered ≤ {b:.2f}" for n, (a, b) in TARGETS.items())]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = row_parser(__doc__, "comma-separated row names (and dense)").parse_args()
+    results = json.loads(JSON.read_text()) if JSON.is_file() else {}
+    if args.list:
+        print("\n".join(f"{'✓' if n in results else '?'} {n}: {w}" for n, (w, _) in ROWS.items()))
+        return
+    if not args.render:
+        work = Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
+        model = dense_folder(work)
+        other, results["second_domain"] = second_domain(work)
+        wanted = args.only.split(",") if args.only else ["dense", *ROWS]
+        if "dense" in wanted and not (args.resume and "dense" in results):
+            results["dense"] = measured(model, work, other)
+            results["forward_tokens_per_s"] = forward_tokens_per_s(model)
+        for name in (n for n in wanted if n in ROWS):
+            if args.resume and name in results:
+                continue
+            results[name] = measure(name, model, work, other)
+            JSON.write_text(json.dumps(results, indent=2) + "\n")
+            MD.write_text(table(results))
+        JSON.write_text(json.dumps(results, indent=2) + "\n")
+    MD.write_text(table(results))
+    DOC.write_text(render(json.loads(RESULTS.read_text())))
+    print(MD.read_text())
+
+
+if __name__ == "__main__":
+    main()
