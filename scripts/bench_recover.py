@@ -53,7 +53,6 @@ TARGETS = {"neurons-20": (1.50, 1.30), "sparsegpt-50": (None, 1.20), "sparsegpt-
 def second_domain(work: Path) -> tuple[Path, dict]:
     """Python's language reference as one text file (the second domain), and what identifies it."""
     import platform
-
     import pydoc_data.topics as topics
 
     body = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
@@ -72,7 +71,8 @@ def evaluate(model: Path, text: Path, work: Path, tasks: bool) -> dict:
 
 def measured(model: Path, work: Path, other: Path) -> dict:
     wiki, second = evaluate(model, TEST, work, True), evaluate(model, other, work, False)
-    return {"ppl": wiki["perplexity"], "lastword": wiki["zeroshot.wikitext_lastword"], "ppl_second": second["perplexity"]}
+    return {"ppl": wiki["perplexity"], "lastword": wiki["zeroshot.wikitext_lastword"],
+            "ppl_second": second["perplexity"]}
 
 
 def forward_tokens_per_s(model: Path) -> float:
@@ -147,8 +147,8 @@ def table(results: dict) -> str:
             f"({_ratio(p['ppl_second'], dense['ppl_second'])} → {_ratio(q['ppl_second'], dense['ppl_second'])}) | "
             f"{p['lastword']:.4f} → {q['lastword']:.4f} | {rec['kl_before']:.3f} → {rec['kl_after']:.3f} | "
             f"{rec['tokens_per_s']:.0f} ({rec['tokens_per_s'] / fwd:.2f}) | {rec['seconds']:.0f} |")
-    lines += ["", "Targets (× dense WikiText-2 PPL): " + "; ".join(
-        f"{ROWS[n][0]}: {'recon ≤ %.2f' % a + ', ' if a else ''}recovered ≤ {b:.2f}" for n, (a, b) in TARGETS.items())]
+    goals = [f"{ROWS[n][0]}: {f'recon ≤ {a:.2f}, ' if a else ''}recovered ≤ {b:.2f}" for n, (a, b) in TARGETS.items()]
+    lines += ["", "Targets (× dense WikiText-2 PPL): " + "; ".join(goals)]
     return "\n".join(lines) + "\n"
 
 
