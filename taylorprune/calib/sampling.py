@@ -8,6 +8,7 @@ one start position per sample in a long text, or, for documents (C4), a random d
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from dataclasses import asdict, dataclass
@@ -31,6 +32,7 @@ class CalibSpec:
     seed: int
     sampling: str
     text_sha256: str = ""
+    bos: int | None = None  # every window starts with this token (families that always run after one: Gemma)
 
     @property
     def tokens(self) -> int:
@@ -90,9 +92,11 @@ def _random_from_docs(tokenizer, corpus: Corpus, n: int, seqlen: int, rng: rando
     return torch.stack(windows)
 
 
-def sample(tokenizer, corpus: Corpus, nsamples: int, seqlen: int, seed: int, sampling: str, cache: bool = False):
+def sample(tokenizer, corpus: Corpus, nsamples: int, seqlen: int, seed: int, sampling: str, cache: bool = False,
+           bos: int | None = None):
     """Return (input_ids [nsamples, seqlen], CalibSpec); ``cache``: through the on-disk token cache
-    (``calib.cache``: a hit skips tokenizing, and gives the very same ids)."""
+    (``calib.cache``: a hit skips tokenizing, and gives the very same ids). ``bos``: every window is that token
+    followed by ``seqlen - 1`` text tokens (the text's own leading BOS dropped), as the model always runs."""
     if nsamples < 1:
         raise UserError(f"--nsamples {nsamples}: must be at least 1")
     if seqlen < 2:
@@ -102,13 +106,35 @@ def sample(tokenizer, corpus: Corpus, nsamples: int, seqlen: int, seed: int, sam
     text = corpus.joined()
     if not text.strip():
         raise UserError(f"calibration text {corpus.name} is empty")
-    spec = CalibSpec(corpus.name, nsamples, seqlen, seed, sampling, hashlib.sha256(text.encode()).hexdigest())
+    spec = CalibSpec(corpus.name, nsamples, seqlen, seed, sampling, hashlib.sha256(text.encode()).hexdigest(), bos)
     if not cache:
-        return _windows(tokenizer, corpus, text, spec), spec
+        return _with_bos(tokenizer, corpus, text, spec), spec
     documents = len(corpus.docs) if corpus.docs is not None else None  # documents are sampled differently
     key = {"tokenizer": tokenizer_fingerprint(tokenizer), "text_sha256": spec.text_sha256, "documents": documents,
-           "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "sampling": sampling}
-    return cached_ids("calibration", key, lambda: _windows(tokenizer, corpus, text, spec)), spec
+           "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "sampling": sampling, "bos": bos}
+    return cached_ids("calibration", key, lambda: _with_bos(tokenizer, corpus, text, spec)), spec
+
+
+def _with_bos(tokenizer, corpus: Corpus, text: str, spec: CalibSpec) -> torch.Tensor:
+    if spec.bos is None:
+        return _windows(tokenizer, corpus, text, spec)
+    shorter = dataclasses.replace(spec, seqlen=spec.seqlen - 1)
+    body = _windows(_Unprefixed(tokenizer, spec.bos), corpus, text, shorter)
+    return torch.cat([torch.full((len(body), 1), spec.bos, dtype=body.dtype), body], dim=1)
+
+
+class _Unprefixed:
+    """A tokenizer whose texts lose their leading BOS (windows get their own); otherwise the tokenizer itself."""
+
+    def __init__(self, tokenizer, bos: int) -> None:
+        self.tokenizer, self.bos = tokenizer, bos
+
+    def __call__(self, text: str, **kwargs):
+        out = self.tokenizer(text, **kwargs)
+        ids = out.input_ids
+        if ids.shape[-1] and int(ids[0, 0]) == self.bos:
+            out["input_ids"] = ids[:, 1:]
+        return out
 
 
 def _windows(tokenizer, corpus: Corpus, text: str, spec: CalibSpec) -> torch.Tensor:
@@ -124,7 +150,10 @@ def _windows(tokenizer, corpus: Corpus, text: str, spec: CalibSpec) -> torch.Ten
     return ids[: nsamples * seqlen].view(nsamples, seqlen).clone()
 
 
-def tokenize_cached(tokenizer, text: str) -> torch.Tensor:
-    """``tokenize`` through the on-disk token cache (evaluation texts: the same text, tokenizer, ids)."""
-    key = {"tokenizer": tokenizer_fingerprint(tokenizer), "text_sha256": hashlib.sha256(text.encode()).hexdigest()}
-    return cached_ids("text", key, lambda: tokenize(tokenizer, text))
+def tokenize_cached(tokenizer, text: str, bos: int | None = None) -> torch.Tensor:
+    """``tokenize`` through the on-disk token cache (evaluation texts: the same text, tokenizer, ids); ``bos``:
+    the text's own leading BOS is dropped (its windows get one each)."""
+    key = {"tokenizer": tokenizer_fingerprint(tokenizer), "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
+           **({"unprefixed": bos} if bos is not None else {})}
+    chosen = tokenizer if bos is None else _Unprefixed(tokenizer, bos)
+    return cached_ids("text", key, lambda: tokenize(chosen, text))

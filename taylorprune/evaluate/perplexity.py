@@ -22,7 +22,7 @@ from taylorprune.errors import UserError
 from taylorprune.evaluate.spec import EvalContext, Evaluator
 from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.modeling.layout import Layout, find_layout
-from taylorprune.modeling.loading import resolve_seqlen
+from taylorprune.modeling.loading import resolve_seqlen, window_start
 from taylorprune.modeling.placement import logits_bytes
 from taylorprune.modeling.sweep import forward, in_sweeps, next_token_loss
 from taylorprune.options import Options, option
@@ -37,6 +37,7 @@ class EvalResult:
     tokens: int
     model: str
     tokenizer: str = ""  # vocabulary hash: the same windows × seqlen can still mean different tokens
+    bos: int | None = None  # every window started with this token (``modeling.loading.window_start``)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,18 +50,24 @@ def vocabulary_hash(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def windows_of(ids: torch.Tensor, seqlen: int, max_windows: int | None, name: str) -> torch.Tensor:
-    """[windows, seqlen] non-overlapping windows of a 1-D token tensor; remainder dropped."""
+def windows_of(ids: torch.Tensor, seqlen: int, max_windows: int | None, name: str,
+               bos: int | None = None) -> torch.Tensor:
+    """[windows, seqlen] non-overlapping windows of a 1-D token tensor; remainder dropped. ``bos``: each window is
+    that token followed by ``seqlen - 1`` text tokens."""
     if seqlen < 2:
         raise UserError(f"--seqlen {seqlen}: must be at least 2")
-    count = ids.numel() // seqlen
+    span = seqlen - (bos is not None)
+    count = ids.numel() // span
     if max_windows is not None:
         if max_windows < 1:
             raise UserError(f"--max-windows {max_windows}: must be at least 1")
         count = min(count, max_windows)
     if count == 0:
         raise UserError(f"evaluation text {name} has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    return ids[: count * seqlen].view(count, seqlen)
+    windows = ids[: count * span].view(count, span)
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((count, 1), bos, dtype=windows.dtype), windows], dim=1)
 
 
 @torch.no_grad()
@@ -161,17 +168,19 @@ def eval_text(dataset: str, text_file: str | None) -> tuple[str, str]:
     return text.evaluation_text(dataset), dataset
 
 
-def prepare(ctx: EvalContext, options: PerplexityOptions) -> tuple[torch.Tensor, str]:
+def prepare(ctx: EvalContext, options: PerplexityOptions) -> tuple[torch.Tensor, str, int | None]:
     """Tokenize the evaluation text once and cut its windows (a too-short text fails here, before pruning)."""
     seqlen = resolve_seqlen(options.eval_seqlen, ctx.config, "--eval-seqlen")
     body, label = eval_text(options.eval_dataset, options.eval_text_file)
-    return windows_of(sampling.tokenize_cached(ctx.tokenizer, body), seqlen, options.max_windows, label), label
+    bos = window_start(ctx.config, ctx.tokenizer)
+    ids = sampling.tokenize_cached(ctx.tokenizer, body, bos)
+    return windows_of(ids, seqlen, options.max_windows, label, bos), label, bos
 
 
 def run(ctx: EvalContext, options: PerplexityOptions, prepared) -> dict:
     """Perplexity of ``ctx.model``: whole on the device (moved there unless accelerate placed it), or block by
     block when its placement streams it."""
-    windows, label = prepared if prepared is not None else prepare(ctx, options)
+    windows, label, bos = prepared if prepared is not None else prepare(ctx, options)
     if ctx.placement is not None and ctx.placement.stream:
         ctx.events.append("streamed:evaluation")
         result = streamed_perplexity_of_windows(ctx.model, find_layout(ctx.model), windows, label, ctx.name,
@@ -180,7 +189,7 @@ def run(ctx: EvalContext, options: PerplexityOptions, prepared) -> dict:
         if not getattr(ctx.model, "hf_device_map", None):
             ctx.model.to(ctx.device)
         result = perplexity_of_windows(ctx.model, windows, label, ctx.name, ctx.device, ctx.on_window)
-    return replace(result, tokenizer=vocabulary_hash(ctx.tokenizer)).to_dict()
+    return replace(result, tokenizer=vocabulary_hash(ctx.tokenizer), bos=bos).to_dict()
 
 
 def _check(options: PerplexityOptions, config) -> None:
@@ -191,6 +200,7 @@ EVALUATOR = Evaluator("perplexity", "perplexity on held-out text (papers' protoc
                       metrics=lambda record: {"perplexity": record["perplexity"]}, options=PerplexityOptions,
                       switch="eval", prepare=prepare, check=_check,
                       working_bytes=lambda o, config: logits_bytes(config, resolve_seqlen(o.eval_seqlen, config)),
-                      settings=("dataset", "seqlen", "windows", "tokens", "tokenizer"), label="evaluating perplexity",
+                      settings=("dataset", "seqlen", "windows", "tokens", "tokenizer", "bos"),
+                      label="evaluating perplexity",
                       rows=lambda r: [(f"perplexity ({r['dataset']}, {r['windows']}×{r['seqlen']})",
                                        f"{r['perplexity']:.3f}")])

@@ -8,13 +8,19 @@ after loading, before any heavy work; the record is the calibration's descriptio
 from __future__ import annotations
 
 from taylorprune.calib import sampling, text
+from taylorprune.modeling.loading import window_start
 from taylorprune.pipeline.state import Phase, RunState
 
 
-def load_calibration(calib, tokenizer, seqlen: int):
-    """(windows [nsamples, seqlen], CalibSpec) of the calibration options ``calib``."""
-    corpus = text.read_file(calib.calib_file) if calib.calib_file else text.calibration_corpus(calib.calib)
-    return sampling.sample(tokenizer, corpus, calib.nsamples, seqlen, calib.seed, calib.calib_sampling, cache=True)
+def calibration_corpus(calib) -> text.Corpus:
+    return text.read_file(calib.calib_file) if calib.calib_file else text.calibration_corpus(calib.calib)
+
+
+def load_calibration(calib, tokenizer, seqlen: int, bos: int | None = None):
+    """(windows [nsamples, seqlen], CalibSpec) of the calibration options ``calib``; ``bos``: what each window
+    starts with (``modeling.loading.window_start``)."""
+    return sampling.sample(tokenizer, calibration_corpus(calib), calib.nsamples, seqlen, calib.seed,
+                           calib.calib_sampling, cache=True, bos=bos)
 
 
 class Calibration(Phase):
@@ -25,7 +31,9 @@ class Calibration(Phase):
         plan = state.plan
         with state.hooks.timed(state.phases_s, "calibration_data", self.label):
             if plan.calibrated:
-                state.calib_ids, state.spec = load_calibration(plan.opts.calib, state.loaded.tokenizer, plan.seqlen)
+                tokenizer = state.loaded.tokenizer
+                state.calib_ids, state.spec = load_calibration(plan.opts.calib, tokenizer, plan.seqlen,
+                                                               window_start(state.model.config, tokenizer))
             for phase in plan.phases:
                 if phase is not self:
                     phase.prepare(state)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from taylorprune.calib import sampling, text
+from taylorprune.calib import sampling
 from taylorprune.errors import RunError, UserError
 from taylorprune.export import save
 from taylorprune.modeling import loading
@@ -22,6 +22,7 @@ from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.modeling.layout import find_layout
 from taylorprune.modeling.placement import GIB, USABLE, device_budget, model_bytes, training_bytes
 from taylorprune.modeling.sweep import forward
+from taylorprune.pipeline.phases.calibration import calibration_corpus
 from taylorprune.pipeline.state import Phase, RunState
 from taylorprune.recover.distill import Teacher, distill
 from taylorprune.recover.student import finish, prepare
@@ -38,12 +39,11 @@ def teacher_source(plan) -> str:
 
 def recovery_windows(state: RunState, options) -> tuple[torch.Tensor, torch.Tensor]:
     """(training windows, held-out windows) of the calibration source, sequential and non-overlapping."""
-    calib = state.opts.calib
-    corpus = text.read_file(calib.calib_file) if calib.calib_file else text.calibration_corpus(calib.calib)
+    calib, tokenizer = state.opts.calib, state.loaded.tokenizer
     seqlen = options.recover_seqlen or state.plan.seqlen
     try:
-        ids, _ = sampling.sample(state.loaded.tokenizer, corpus, options.recover_windows, seqlen, calib.seed,
-                                 "sequential", cache=True)
+        ids, _ = sampling.sample(tokenizer, calibration_corpus(calib), options.recover_windows, seqlen, calib.seed,
+                                 "sequential", cache=True, bos=loading.window_start(state.model.config, tokenizer))
     except UserError as exc:
         flags = str(exc).replace("--nsamples or --seqlen", "--recover-windows or --recover-seqlen")
         raise UserError(f"recovery: {flags}") from None
