@@ -160,10 +160,15 @@ class Options:
         given = {s.name: s.convert(values[s.name]) for s in cls.specs() if s.name in values}
         made = cls(**given)
         made.check()
+        made.check_given(frozenset(given))
         return made
 
     def check(self) -> None:
         """Cross-field validation; override where options constrain each other."""
+
+    def check_given(self, given: frozenset[str]) -> None:
+        """Validation of what was given (not defaulted); override where an option only applies to some settings
+        of another (an option of another mode is an error, not silently ignored)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {s.name: getattr(self, s.name) for s in self.specs()}

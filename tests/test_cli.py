@@ -85,8 +85,8 @@ def test_eval_json_and_run_eval_agree(runs, tmp_path):
                  "--max-windows", "3", "--json", out)
     assert res.exit_code == 0, res.output
     got = json.loads(out.read_text())
-    assert set(got) == {"perplexity", "dataset", "seqlen", "windows", "tokens", "model", "tokenizer", "evaluation",
-                        "metrics"}
+    assert set(got) == {"perplexity", "dataset", "seqlen", "windows", "tokens", "model", "tokenizer", "bos",
+                        "evaluation", "metrics"}
     assert got["evaluation"]["perplexity"]["perplexity"] == got["metrics"]["perplexity"] == got["perplexity"]
     report = json.loads((runs["s50"] / "taylorprune_report.json").read_text())
     assert got["perplexity"] == pytest.approx(report["metrics"]["perplexity"], rel=1e-9)

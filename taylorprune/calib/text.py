@@ -55,6 +55,8 @@ def read_file(path: str | Path) -> Corpus:
         raw = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text") from None
+    if "\x00" in raw:
+        raise UserError(f"{path} holds NUL bytes: not a text file")
     if p.suffix == ".jsonl":
         docs = []
         for lineno, line in enumerate(raw.splitlines(), 1):

@@ -27,7 +27,8 @@ def check(
     min_sparsity: float = typer.Option(None, help="Minimum sparsity read from the candidate's weights (the "
                                        "report's linears, else 2-D weights in decoder blocks)."),
     allow_mismatch: bool = typer.Option(False, help="Compare even if the evaluation settings differ."),
-    dataset: str = typer.Option("wikitext2", help=f"Models only: test split ({', '.join(EVAL_DATASETS)})."),
+    dataset: str = typer.Option(None, help=f"Models only: test split ({', '.join(EVAL_DATASETS)}; default "
+                                "wikitext2 unless --text-file)."),
     text_file: str = typer.Option(None, help="Models only: evaluate on this text file instead."),
     seqlen: int = typer.Option(None, help="Models only: window length (default: min(2048, max positions))."),
     max_windows: int = typer.Option(None, help="Models only: evaluate at most this many windows."),

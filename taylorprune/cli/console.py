@@ -10,6 +10,7 @@ import contextlib
 import errno
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator
 
 import typer
@@ -77,7 +78,11 @@ def guarded() -> Iterator[Session]:
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             fail(f"disk full while {session.phase}; nothing was written to the output path", 1)
-        raise
+        if os.environ.get("TAYLORPRUNE_DEBUG"):
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        user = isinstance(exc, PermissionError | IsADirectoryError | NotADirectoryError | FileNotFoundError)
+        fail(f"{where}{exc.strerror or exc} while {session.phase}", 2 if user else 1)
     except Exception as exc:
         if type(exc).__name__ == "OutOfMemoryError":
             fail(f"CUDA out of memory while {session.phase}; {session.memory_advice('--stream')}", 1)
@@ -106,7 +111,16 @@ def progress_hooks(bar: Progress) -> Hooks:
 
     def task(name: str, total: int) -> Callable[[int], None]:
         handle = bar.add_task(name, total=total)
-        return lambda i: bar.update(handle, completed=i + 1)
+        if err.is_terminal:
+            return lambda i: bar.update(handle, completed=i + 1)
+        start, every = time.perf_counter(), max(1, total // 10)
+
+        def logged(i: int) -> None:  # no live bar off a terminal (a CI log): a line every tenth of the way
+            bar.update(handle, completed=i + 1)
+            if (i + 1) % every == 0 or i + 1 == total:
+                err.print(f"  {name}: {i + 1}/{total} ({time.perf_counter() - start:.1f} s)", highlight=False)
+
+        return logged
 
     def windows(i: int, total: int) -> None:
         if "eval" not in state:

@@ -16,7 +16,8 @@ from taylorprune.pipeline.run_options import PlacementOptions
 @opt.with_run_options("zeroshot", stages=False)
 def eval_cmd(
     model: opt.Model,
-    dataset: str = typer.Option("wikitext2", help=f"Test split: {', '.join(EVAL_DATASETS)}."),
+    dataset: str = typer.Option(None, help=f"Test split (default wikitext2 unless --text-file): "
+                                f"{', '.join(EVAL_DATASETS)}."),
     text_file: str = typer.Option(None, help="Evaluate on this text file instead of --dataset."),
     seqlen: int = typer.Option(None, help="Window length (default: min(2048, max positions))."),
     max_windows: int = typer.Option(None, help="Evaluate at most this many windows."),

@@ -68,6 +68,10 @@ def structured_rows(table: Table, st: dict) -> None:
                   f"{widths['num_key_value_heads']} KV, intermediate {widths['intermediate_size']}")
     params = st["parameters"]
     table.add_row("parameters", f"{params['before']:,} → {params['after']:,} (−{params['removed_fraction']:.1%})")
+    decoder = st.get("decoder_parameters")
+    if decoder:
+        table.add_row("of which in decoder blocks", f"{decoder['before']:,} → {decoder['after']:,} "
+                      f"(−{decoder['removed_fraction']:.1%})")
     size = st["file_bytes"]
     if size.get("after"):
         table.add_row("weight files", f"{size['before'] / 2**20:.1f} → {size['after'] / 2**20:.1f} MiB")

@@ -36,7 +36,8 @@ def speed_cmd(
             if value < least:
                 raise UserError(f"{flag} {value}: must be at least {least}")
         dev = pipeline.resolve_device(device)
-        configs = [loading.load_config(m, trust_remote_code) for m in (baseline, model)]
+        sides = ((baseline, "--baseline"), (model, "--model"))
+        configs = [_config(loading, m, flag, trust_remote_code) for m, flag in sides]
         for name, config in zip((baseline, model), configs, strict=True):
             check_positions(config, prefill, decode, name)
         loaded = [loading.load(m, dtype, None, None, trust_remote_code, config=c).model
@@ -46,6 +47,14 @@ def speed_cmd(
         out.print(speed_table(result))
         if json_out:
             jsonio.dump(result, json_out)
+
+
+def _config(loading, name: str, flag: str, trust_remote_code: bool):
+    """The model's config; errors name the flag it came in by (loading speaks of --model)."""
+    try:
+        return loading.load_config(name, trust_remote_code)
+    except UserError as exc:
+        raise UserError(str(exc).replace(f"--model {name}", f"{flag} {name}", 1)) from None
 
 
 def speed_table(result: dict) -> Table:

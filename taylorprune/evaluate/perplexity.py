@@ -133,8 +133,8 @@ def _result(nlls: list[float], ids: torch.Tensor, dataset: str, model_name: str)
 @dataclass(frozen=True)
 class PerplexityOptions(Options):
     eval: bool = option(False, "Evaluate the perplexity of the pruned model (papers' protocol).", identity=False)
-    eval_dataset: str = option("wikitext2", f"Eval data set: {', '.join(text.EVAL_DATASETS)} (test splits).",
-                               choices=text.EVAL_DATASETS)
+    eval_dataset: str | None = option(None, f"Eval data set (default wikitext2 unless --eval-text-file): "
+                                      f"{', '.join(text.EVAL_DATASETS)} (test splits).", choices=text.EVAL_DATASETS)
     eval_text_file: str | None = option(None, "Evaluate on this text file instead (.txt, or .jsonl with 'text').")
     eval_seqlen: int | None = option(None, "Eval window length (default: min(2048, max positions)).", minimum=2)
     max_windows: int | None = option(None, "Evaluate at most this many windows.", minimum=1)
@@ -142,13 +142,16 @@ class PerplexityOptions(Options):
     def check(self) -> None:
         if self.eval_text_file and not Path(self.eval_text_file).expanduser().is_file():
             raise UserError(f"--eval-text-file {self.eval_text_file}: file not found")
+        if self.eval_text_file and self.eval_dataset:
+            raise UserError(f"--eval-dataset {self.eval_dataset} and --eval-text-file {self.eval_text_file} both name "
+                            "the evaluation text; keep one")
 
 
 # how ``eval`` and ``check`` spell the options ``run`` calls --eval-*
 SHORT_FLAGS = {"--eval-dataset": "--dataset", "--eval-text-file": "--text-file", "--eval-seqlen": "--seqlen"}
 
 
-def short_options(dataset: str, text_file: str | None, seqlen: int | None, max_windows: int | None
+def short_options(dataset: str | None, text_file: str | None, seqlen: int | None, max_windows: int | None
                   ) -> PerplexityOptions:
     """The evaluator's options from ``eval``'s and ``check``'s own flags; errors name those flags."""
     try:
@@ -161,11 +164,11 @@ def short_options(dataset: str, text_file: str | None, seqlen: int | None, max_w
         raise UserError(message) from None
 
 
-def eval_text(dataset: str, text_file: str | None) -> tuple[str, str]:
-    """(text, name) for evaluation: a local file or a named test split."""
+def eval_text(dataset: str | None, text_file: str | None) -> tuple[str, str]:
+    """(text, name) for evaluation: a local file or a named test split (wikitext2 when none is named)."""
     if text_file:
         return text.read_file(text_file).joined(), str(Path(text_file).name)
-    return text.evaluation_text(dataset), dataset
+    return text.evaluation_text(dataset or "wikitext2"), dataset or "wikitext2"
 
 
 def prepare(ctx: EvalContext, options: PerplexityOptions) -> tuple[torch.Tensor, str, int | None]:

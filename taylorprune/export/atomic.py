@@ -17,11 +17,13 @@ from taylorprune.errors import UserError
 
 
 def check_output(output: Path, inputs: list[Path], overwrite: bool) -> None:
-    """Refuse outputs that are an input, inside one, contain one, or exist without ``--overwrite``."""
+    """Refuse outputs that are an input, inside an input folder, contain one, or exist without ``--overwrite``
+    (an input file, a GGUF, may have an output beside it)."""
     out = output.expanduser().resolve()
     for src in inputs:
         src = src.resolve()
-        if out == src or src in out.parents or out in src.parents:
+        inside = src.is_dir() and src in out.parents
+        if out == src or inside or out in src.parents:
             raise UserError(f"--output {output} overlaps the input {src}; choose a separate folder")
     if out.exists() and not overwrite:
         raise UserError(f"--output {output} already exists; pass --overwrite to replace it")
@@ -48,12 +50,19 @@ def check_free_space(output: Path, needed_bytes: int) -> None:
         )
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(output: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder beside ``output``; on success it replaces ``output`` in one rename."""
     out = output.expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would keep a published checkpoint from other users
     try:
         yield tmp
         if out.exists():

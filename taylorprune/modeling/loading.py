@@ -136,6 +136,11 @@ def load_config(model: str, trust_remote_code: bool = False):
             config = AutoConfig.from_pretrained(source, **common)
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"--model {model}: cannot read its config ({_first_line(exc)})") from None
+    except Exception as exc:  # the gguf reader raises its own errors on a damaged or truncated file
+        if not gguf_file:
+            raise
+        reason = f"{type(exc).__name__}: {_first_line(exc)}"
+        raise UserError(f"--model {model}: not a readable GGUF file ({reason})") from None
     archs = getattr(config, "architectures", None) or []
     # The architecture the checkpoint was saved as decides: a BertModel is not a causal LM even though
     # transformers can build a BertLMHeadModel from its config.

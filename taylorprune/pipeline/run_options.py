@@ -39,7 +39,8 @@ class LoadOptions(Options):
 
 @dataclass(frozen=True)
 class CalibOptions(Options):
-    calib: str = option("c4", f"Calibration data set: {', '.join(text.CALIB_SOURCES)}.", choices=text.CALIB_SOURCES)
+    calib: str | None = option(None, f"Calibration data set (default c4 unless --calib-file): "
+                               f"{', '.join(text.CALIB_SOURCES)}.", choices=text.CALIB_SOURCES)
     calib_file: str | None = option(None, "Calibration text file (.txt, or .jsonl with 'text').")
     nsamples: int = option(128, "Number of calibration windows.", minimum=1)
     seqlen: int | None = option(None, "Calibration tokens per window (default: min(2048, max positions)).",
@@ -52,6 +53,14 @@ class CalibOptions(Options):
     def check(self) -> None:
         if self.calib_file and not Path(self.calib_file).expanduser().is_file():
             raise UserError(f"--calib-file {self.calib_file}: file not found")
+        if self.calib_file and self.calib:
+            raise UserError(f"--calib {self.calib} and --calib-file {self.calib_file} both name the calibration text; "
+                            "keep one")
+
+    @property
+    def source(self) -> str:
+        """The named calibration set (c4 unless a file or another set is given)."""
+        return self.calib or "c4"
 
 
 @dataclass(frozen=True)

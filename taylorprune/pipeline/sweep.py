@@ -114,6 +114,8 @@ def variant_stages(variant: str) -> dict[str, str]:
     values = variant_values()
     out: dict[str, str] = {}
     for token in variant.split("+") if variant else ():
+        if not token:
+            raise UserError(f"--variants {variant}: an empty stage name; join stage values with + (e.g. swap+obs)")
         if token not in values:
             raise UserError(f"--variants {variant}: {token!r} is no stage; use plain or +-joined names of "
                             f"{', '.join(values)}")

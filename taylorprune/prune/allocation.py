@@ -51,15 +51,23 @@ class Allocation:
                             "not --pattern")
 
 
+MAX_SPARSITY = 0.99  # no linear loses more than this (OWL's own clamp), even to make the total exact
+
+
 def exact_counts(numels: list[int], sparsities: list[float], total_sparsity: float) -> list[int]:
-    """Integer prune counts near ``sparsities`` whose sum is exactly round(total_sparsity × Σ numels)."""
+    """Integer prune counts near ``sparsities`` whose sum is exactly round(total_sparsity × Σ numels), none above
+    ``MAX_SPARSITY`` of its linear (a total that cannot be reached so is an error)."""
     want = round(total_sparsity * sum(numels))
-    raw = [min(max(s, 0.0), 1.0) * n for s, n in zip(sparsities, numels, strict=True)]
-    counts = [int(r) for r in raw]
+    caps = [int(MAX_SPARSITY * n) for n in numels]
+    if sum(caps) < want:
+        raise UserError(f"--sparsity {total_sparsity:g} with this allocation would empty whole layers (more than "
+                        f"{MAX_SPARSITY:.0%} of a linear); lower --owl-lambda or --sparsity")
+    raw = [min(max(s, 0.0), MAX_SPARSITY) * n for s, n in zip(sparsities, numels, strict=True)]
+    counts = [min(int(r), c) for r, c in zip(raw, caps, strict=True)]
     by_remainder = sorted(range(len(raw)), key=lambda k: raw[k] - counts[k], reverse=True)
-    while sum(counts) < want:  # largest remainders first get one more
+    while sum(counts) < want:  # largest remainders first get one more, then round-robin up to the caps
         for k in by_remainder:
-            if sum(counts) < want and counts[k] < numels[k]:
+            if sum(counts) < want and counts[k] < caps[k]:
                 counts[k] += 1
     while sum(counts) > want:
         for k in reversed(by_remainder):
@@ -104,7 +112,12 @@ def _owl(layout, stats, pattern: Pattern, options: OwlOptions):
                           pattern.sparsity)
     patterns = {t.path: replace(pattern, sparsity=c / t.module.weight.numel(), count=c)
                 for (_, t), c in zip(targets, counts, strict=True)}
-    info = {"outlier_ratio_pct": ratios, "block_sparsity": [sparsity.get(i) for i in range(len(ratios))]}
+    pruned, total = [0] * len(ratios), [0] * len(ratios)
+    for (i, t), c in zip(targets, counts, strict=True):
+        pruned[i] += c
+        total[i] += t.module.weight.numel()
+    info = {"outlier_ratio_pct": ratios, "owl_block_sparsity": [sparsity.get(i) for i in range(len(ratios))],
+            "block_sparsity": [pruned[i] / total[i] if total[i] else None for i in range(len(ratios))]}
     return patterns, info
 
 

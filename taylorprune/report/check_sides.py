@@ -24,7 +24,7 @@ from taylorprune.report.inspect_folder import read_report
 class EvalSettings:
     """How to evaluate a side given as a model (the options of ``taylorprune eval``)."""
 
-    dataset: str = "wikitext2"
+    dataset: str | None = None
     text_file: str | None = None
     seqlen: int | None = None
     max_windows: int | None = None
@@ -75,7 +75,7 @@ def load_sides(base_path: Path | None, cand_path: Path, settings: EvalSettings, 
     loaded = {flag: read_result(p, flag) for flag, p in sides.items() if p is not None and not is_model(p)}
     models = [flag for flag, p in sides.items() if p is not None and is_model(p)]
     if models and loaded and not allow_mismatch:
-        planned = {"dataset": Path(settings.text_file).name if settings.text_file else settings.dataset}
+        planned = {"dataset": Path(settings.text_file).name if settings.text_file else settings.dataset or "wikitext2"}
         if settings.seqlen is not None:
             planned["seqlen"] = settings.seqlen
         known = next(iter(loaded.values()))

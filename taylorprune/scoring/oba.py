@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from taylorprune.errors import UserError
 from taylorprune.options import Options, option
 from taylorprune.scoring.oba_released import released_prune
 from taylorprune.scoring.oba_structured import RECON, RELEASED
@@ -65,6 +66,19 @@ class ObaOptions(Options):
     oba_step_windows: int = option(0, "released mode: calibration windows per step, taken in turn (0: all of "
                                    "them every step).", minimum=0)
     hvp_dtype: str = dtype_option()
+
+    def check_given(self, given: frozenset[str]) -> None:
+        for name in sorted(given):
+            modes = MODE_OPTIONS.get(name)
+            if modes and self.oba_mode not in modes:
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{flag} applies to --oba-mode {' or '.join(modes)}, not {self.oba_mode}; drop it or "
+                                f"choose --oba-mode {modes[0]}")
+
+
+# the options that only some modes read
+MODE_OPTIONS = {"hvp_scope": ("full",), "oba_first_order": ("full",), "oba_normalize": ("full",),
+                "oba_steps": ("released",), "oba_step_windows": ("released",), "hvp_dtype": ("released", "full")}
 
 
 def _needs(options: ObaOptions) -> frozenset[str]:

@@ -27,10 +27,14 @@ def _index(*methods: Method) -> dict[str, Method]:
 
 
 def _option_samples(m: Method) -> list:
-    """The method's default options and each choice of its choice options (to check every group score)."""
+    """The method's default options and each valid choice of its choice options (to check every group score)."""
     samples = [m.options.build({})]
     for spec in m.options.specs():
-        samples += [m.options.build({spec.name: c}) for c in spec.choices or ()]
+        for choice in spec.choices or ():
+            try:
+                samples.append(m.options.build({spec.name: choice}))
+            except UserError:  # a choice that needs another option set first (a mode's own option)
+                continue
     return samples
 
 

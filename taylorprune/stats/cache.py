@@ -53,14 +53,25 @@ def _write(path: Path, meta: dict[str, str], stats: Stats) -> None:
     write_tensors(path, tensors, meta)
 
 
-def load_matching(path: str | None, identity: dict[str, str]) -> Stats:
+def load_matching(path: str | None, identity: dict[str, str], shapes: dict[str, tuple] | None = None) -> Stats:
     """Statistics of a cache file whose metadata matches ``identity`` ({} when there is no file)."""
     if not path or not Path(path).expanduser().exists():
         return {}
     file = Path(path).expanduser()
     meta, have = _read(file)
     _check_identity(file, meta, identity)
+    _check_shapes(file, have, shapes)
     return have
+
+
+def _check_shapes(file: Path, have: Stats, shapes: dict[str, tuple] | None) -> None:
+    """Every cached per-weight tensor has its target's weight shape (a damaged or foreign file otherwise)."""
+    for target, stats in have.items():
+        want = (shapes or {}).get(target)
+        for name, t in stats.items():
+            if want is not None and tuple(t.shape) != tuple(want):
+                raise UserError(f"cache {file}: {target}.{name} has shape {tuple(t.shape)}, the model's weight "
+                                f"{tuple(want)}; delete it")
 
 
 def store(path: str, identity: dict[str, str], stats: Stats) -> None:
@@ -81,8 +92,10 @@ def cached(
     targets: list[str],
     compute: Callable[[frozenset[str]], Stats],
     on_hit: Callable[[], None] | None = None,
+    shapes: dict[str, tuple] | None = None,
 ) -> Stats:
-    """Return ``needed`` statistics for ``targets``, from the cache at ``path`` when it matches."""
+    """Return ``needed`` statistics for ``targets``, from the cache at ``path`` when it matches (``shapes``: each
+    target's weight shape, which every cached tensor must have)."""
     if not path:
         return compute(needed)
     file = Path(path).expanduser()
@@ -90,6 +103,7 @@ def cached(
     if file.exists():
         meta, have = _read(file)
         _check_identity(file, meta, identity)
+        _check_shapes(file, have, shapes)
     missing = frozenset(s for s in needed if any(s not in have.get(t, {}) for t in targets))
     if not missing:
         if on_hit:

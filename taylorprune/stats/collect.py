@@ -119,8 +119,9 @@ def model_statistics(needs: frozenset[str], ctx: ModelContext, spec: CalibSpec |
                 missing = missing | frozenset(source.cache_together)
             return source.compute(ctx, missing, opts)
 
+        shapes = {t.path: tuple(t.module.weight.shape) for t in ctx.layout.all_targets}
         stats = cache.cached(path, ident, wanted, targets, compute,
-                             on_hit=lambda source=source: ctx.event(f"{source.cache_option}_hit"))
+                             on_hit=lambda source=source: ctx.event(f"{source.cache_option}_hit"), shapes=shapes)
         for t, d in stats.items():
             out.setdefault(t, {}).update(d)
     return out
@@ -146,7 +147,7 @@ class BlockCache:
             if not path:
                 continue
             ident = identity(source, options_of(source), model, layout, spec, recipe)
-            have = cache.load_matching(path, ident)
+            have = cache.load_matching(path, ident, {t.path: tuple(t.module.weight.shape) for t in layout.all_targets})
             for t, d in have.items():
                 self.stats.setdefault(t, {}).update({k: v for k, v in d.items() if k in source.outputs})
             self.files.append(_File(path, ident, source.outputs, {t: set(d) for t, d in have.items()}))

@@ -13,7 +13,7 @@ from taylorprune.pipeline.state import Phase, RunState
 
 
 def calibration_corpus(calib) -> text.Corpus:
-    return text.read_file(calib.calib_file) if calib.calib_file else text.calibration_corpus(calib.calib)
+    return text.read_file(calib.calib_file) if calib.calib_file else text.calibration_corpus(calib.source)
 
 
 def load_calibration(calib, tokenizer, seqlen: int, bos: int | None = None):

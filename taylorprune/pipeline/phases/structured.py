@@ -146,7 +146,7 @@ class Structured(Phase):
     def run(self, state: RunState) -> dict:
         plan, hooks = state.plan, state.hooks
         sp, model = plan.structured, state.model
-        before = {"parameters": count_parameters(model),
+        before = {"parameters": count_parameters(model), "decoder": count_parameters(state.layout.blocks),
                   "bytes": loading.input_bytes(plan.opts.model) or save.estimate_bytes(model)}
         counts = sp.counts or counts_for_target(sp.kinds[0], sp.target_params, model, state.layout,
                                                 head_mode(plan.parts))
@@ -165,6 +165,9 @@ class Structured(Phase):
         after = count_parameters(model)
         record["parameters"] = {"before": before["parameters"], "after": after,
                                 "removed_fraction": 1 - after / before["parameters"]}
+        decoder = count_parameters(state.layout.blocks)  # the share that pruning can touch (not the embeddings)
+        record["decoder_parameters"] = {"before": before["decoder"], "after": decoder,
+                                        "removed_fraction": 1 - decoder / before["decoder"]}
         record["file_bytes"] = {"before": before["bytes"], "after": None}
         state.linears = linear_records(state.layout)
         return record

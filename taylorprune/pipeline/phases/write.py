@@ -7,6 +7,7 @@ config.json) before the rename. The report holds the run-level facts plus every 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -35,6 +36,11 @@ def check_files(plan, inputs: list[Path]) -> None:
         where = Path(value).expanduser()
         if where.is_dir():
             raise UserError(f"{flag} {value}: is a folder; give a .safetensors file path")
+        parent = where.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise UserError(f"{flag} {value}: {parent} is not a writable folder")
         if any(src.resolve() in where.resolve().parents for src in inputs if src.is_dir()):
             raise UserError(f"{flag} {value}: inside the input model folder, which taylorprune never writes to")
 
@@ -70,8 +76,8 @@ class Write(Phase):
 
     def check(self, plan) -> None:
         opts = plan.opts
-        source, _ = loading.resolve_source(opts.model)
-        inputs = [Path(source)] if Path(source).exists() else []
+        source, gguf = loading.resolve_source(opts.model)
+        inputs = [Path(source) / gguf] if gguf else ([Path(source)] if Path(source).exists() else [])
         atomic.check_output(Path(opts.output), inputs, opts.write.overwrite)
         check_files(plan, inputs)
         size = loading.input_bytes(opts.model)
