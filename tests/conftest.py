@@ -26,7 +26,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 def tiny_config(arch: str, tied: bool = False):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
         vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -39,6 +39,10 @@ def tiny_config(arch: str, tied: bool = False):
         return MistralConfig(sliding_window=16, **common)
     if arch == "qwen2":
         return Qwen2Config(**common)
+    if arch == "gemma3":  # 5 sliding-window layers : 1 global, q/k norms, one KV head, tied embeddings
+        gemma = dict(common, num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                     tie_word_embeddings=True)
+        return Gemma3TextConfig(sliding_window=8, **gemma)
     raise ValueError(arch)
 
 
@@ -58,7 +62,7 @@ def make_tiny(folder: Path, arch: str = "llama", tied: bool = False, seed: int =
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("tiny")
     specs = {"llama": ("llama", False), "llama_tied": ("llama", True), "mistral": ("mistral", False),
-             "qwen2": ("qwen2", True)}
+             "qwen2": ("qwen2", True), "gemma3": ("gemma3", True)}
     return {key: make_tiny(base / key, arch, tied) for key, (arch, tied) in specs.items()}
 
 
