@@ -7,6 +7,7 @@ which is what lets a model larger than the GPU prune on it.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from importlib import resources
@@ -203,8 +204,6 @@ def load(
 
     ``config``: the one ``load_config`` returned while validating (not read again).
     """
-    import copy
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = copy.deepcopy(config) if config is not None else load_config(model, trust_remote_code)
@@ -255,18 +254,47 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+_GGUF_METADATA: dict[tuple, dict] = {}
+
+
+def _metadata_once(read):
+    """``load_gguf_checkpoint`` with its metadata-only reads (``return_tensors=False``) made once per file and
+    process: transformers reads a GGUF's metadata for the config and again for the tokenizer's config (about 20 s
+    each for Gemma-3-270m's 262k-token vocabulary); the weights are read once either way."""
+
+    def once(path, return_tensors=False, *args, **kwargs):
+        if return_tensors or args or kwargs:
+            return read(path, return_tensors, *args, **kwargs)
+        stat = Path(path).stat()
+        key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in _GGUF_METADATA:
+            _GGUF_METADATA[key] = read(path, return_tensors=False)
+        return copy.deepcopy(_GGUF_METADATA[key])
+
+    once.wrapped = read
+    return once
+
+
 class _quiet_transformers:
-    """Silence transformers' info/warning chatter (progress bars of its own) while loading."""
+    """Silence transformers' info/warning chatter (progress bars of its own) while loading, and read a GGUF's
+    metadata once (``_metadata_once``)."""
 
     def __enter__(self) -> None:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
         from transformers.utils import logging as hf_logging
 
         self._level = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         logging.getLogger("accelerate").setLevel(logging.ERROR)
+        self._read = getattr(gguf_utils, "load_gguf_checkpoint", None)
+        if self._read is not None and not hasattr(self._read, "wrapped"):
+            gguf_utils.load_gguf_checkpoint = _metadata_once(self._read)
 
     def __exit__(self, *exc: object) -> None:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity(self._level)
+        if self._read is not None and not hasattr(self._read, "wrapped"):
+            gguf_utils.load_gguf_checkpoint = self._read

@@ -13,6 +13,7 @@ are drawn from a generator seeded by ``--seed`` and the block index, so runs rep
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from taylorprune.options import NoOptions, Options, by_name, option
 from taylorprune.prune.fit import FitSettings, masked_fit
 
 TARGETS = ("dense", "same")
+LOSSES = ("mse", "normed")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,10 @@ class ReconOptions(Options):
                                "or on the pruned model's (same).", choices=TARGETS)
     recon_patience: int = option(3, "Held-out evaluations (every 10 steps) without improvement before stopping.",
                                  minimum=1)
+    recon_loss: str = option("mse", "Block error to fit: mse of the block outputs, or normed: mse of what the next "
+                             "reader sees (the next block's input norm, the final norm after the last block), so "
+                             "a residual stream with huge outlier channels (Gemma) is fitted where it matters.",
+                             choices=LOSSES)
 
 
 @dataclass(frozen=True)
@@ -53,9 +59,21 @@ class Recon:
         return self.apply is not None and getattr(options, "recon_target", "") == "dense"
 
 
-def _loss(runner: BlockRunner, i: int, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    out = runner.call(i, inputs)
-    return torch.nn.functional.mse_loss(out.to(torch.float32), targets.to(torch.float32))
+def reader(runner: BlockRunner, i: int, device: torch.device) -> nn.Module | None:
+    """The norm that reads block ``i``'s output (the next block's ``input_layernorm``, else the final norm), as an
+    fp32 copy on ``device``; None when the model has no such module."""
+    blocks = runner.layout.blocks
+    found = getattr(blocks[i + 1], "input_layernorm", None) if i + 1 < len(blocks) else None
+    found = found if found is not None else getattr(runner.model.base_model, "norm", None)
+    return None if found is None else copy.deepcopy(found).to(device, torch.float32).requires_grad_(False)
+
+
+def _loss(runner: BlockRunner, i: int, inputs: torch.Tensor, targets: torch.Tensor,
+          norm: nn.Module | None = None) -> torch.Tensor:
+    out, goal = runner.call(i, inputs).to(torch.float32), targets.to(torch.float32)
+    if norm is not None:
+        out, goal = norm(out), norm(goal.to(out.device))
+    return torch.nn.functional.mse_loss(out, goal)
 
 
 def reconstruct(runner: BlockRunner, i: int, inputs: torch.Tensor, targets: torch.Tensor, linears: list[nn.Linear],
@@ -73,10 +91,12 @@ def reconstruct(runner: BlockRunner, i: int, inputs: torch.Tensor, targets: torc
     held = torch.tensor([n - 1]) if n > 1 else train
     cast = (lambda x: x.to(torch.float32)) if upcast else (lambda x: x)
     settings = FitSettings(options.recon_steps, options.recon_batch, options.recon_patience)
+    norm = reader(runner, i, inputs.device) if options.recon_loss == "normed" else None
     try:
         info = masked_fit([lin.weight for lin in linears],
-                          lambda pick: _loss(runner, i, cast(inputs[train[pick]]), targets[train[pick]]),
-                          lambda: float(_loss(runner, i, cast(inputs[held]), targets[held])), len(train), settings,
+                          lambda pick: _loss(runner, i, cast(inputs[train[pick]]), targets[train[pick]], norm),
+                          lambda: float(_loss(runner, i, cast(inputs[held]), targets[held], norm)), len(train),
+                          settings,
                           lambda weights: (torch.optim.Adam(weights, lr=options.recon_lr), None),
                           torch.Generator().manual_seed(seed * 1_000_003 + i))
     finally:
