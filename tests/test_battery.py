@@ -204,14 +204,14 @@ def test_gguf_rebuild_makes_non_persistent_buffers_for_real():
     """What broke Gemma-3 GGUF files: a rebuild from meta left embed_scale (and inv_freq) unloaded."""
     from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
-    from taylorprune.modeling.loading import _strip_gguf_quantizer
+    from taylorprune.modeling.gguf import strip_quantizer
 
     torch.manual_seed(0)
     config = Gemma3TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                               num_attention_heads=2, num_key_value_heads=1, head_dim=8, sliding_window=4,
                               max_position_embeddings=64)
     model = AutoModelForCausalLM.from_config(config).eval()
-    plain = _strip_gguf_quantizer(model, "auto")
+    plain = strip_quantizer(model, "auto")
     assert not any(b.is_meta for b in plain.buffers())
     ids = torch.randint(0, 64, (1, 12))
     with torch.no_grad():

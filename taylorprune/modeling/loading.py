@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from taylorprune.errors import UserError
+from taylorprune.modeling import gguf
 
 DEMO_NAMES = ("demo", "stories260K")
 MAX_DEFAULT_SEQLEN = 2048
@@ -76,49 +77,6 @@ def _check_weights_present(folder: Path) -> None:
             "unpickling runs code from the file. Convert it first (e.g. save_pretrained in a trusted session)"
         )
     raise UserError(f"{folder} has a config.json but no *.safetensors weights")
-
-
-def _strip_gguf_quantizer(model: nn.Module, dtype: torch.dtype | str) -> nn.Module:
-    """Rebuild a GGUF-loaded model as a plain one: transformers refuses to save a model tagged as gguf."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    target = model.dtype if dtype == "auto" else dtype
-    config.dtype = target
-    # Parameters on the meta device (filled from the GGUF's tensors below), buffers built for real by the modules'
-    # own constructors: non-persistent ones (rotary inv_freq, Gemma's embed_scale) are in no checkpoint.
-    with init_empty_weights(include_buffers=False):
-        plain = AutoModelForCausalLM.from_config(config, dtype=target)
-    plain.load_state_dict({k: v.to(target) for k, v in model.state_dict().items()}, assign=True)
-    plain.tie_weights()
-    _materialize_buffers(plain)
-    plain.generation_config = model.generation_config
-    return plain.eval()
-
-
-def _materialize_buffers(model: nn.Module) -> None:
-    """Recompute buffers left on the meta device (a GGUF load leaves the rotary ``inv_freq`` there).
-
-    Non-persistent buffers are not in any checkpoint; a module that derives them from the config (rotary
-    embeddings) is rebuilt on the CPU and its buffers copied over.
-    """
-    for name, module in model.named_modules():
-        meta = [b for b, t in module.named_buffers(recurse=False) if t.is_meta]
-        if not meta:
-            continue
-        config = getattr(module, "config", None)
-        if config is None:
-            raise UserError(f"{name}: buffers {', '.join(meta)} were not loaded and cannot be recomputed")
-        with torch.device("cpu"):
-            fresh = type(module)(config=config)
-        for b in meta:
-            setattr(module, b, getattr(fresh, b))
-        for attr in ("attention_scaling",):
-            if hasattr(fresh, attr):
-                setattr(module, attr, getattr(fresh, attr))
 
 
 def load_config(model: str, trust_remote_code: bool = False):
@@ -231,7 +189,7 @@ def load(
             raise UserError(f"--model {model}: corrupt or truncated safetensors ({_first_line(exc)})") from None
         raise
     if gguf_file:
-        net = _strip_gguf_quantizer(net, torch_dt)
+        net = gguf.strip_quantizer(net, torch_dt)
     net.eval()
     net.requires_grad_(False)
     return Loaded(net, tokenizer, source, gguf_file)
@@ -254,27 +212,6 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-_GGUF_METADATA: dict[tuple, dict] = {}
-
-
-def _metadata_once(read):
-    """``load_gguf_checkpoint`` with its metadata-only reads (``return_tensors=False``) made once per file and
-    process: transformers reads a GGUF's metadata for the config and again for the tokenizer's config (about 20 s
-    each for Gemma-3-270m's 262k-token vocabulary); the weights are read once either way."""
-
-    def once(path, return_tensors=False, *args, **kwargs):
-        if return_tensors or args or kwargs:
-            return read(path, return_tensors, *args, **kwargs)
-        stat = Path(path).stat()
-        key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-        if key not in _GGUF_METADATA:
-            _GGUF_METADATA[key] = read(path, return_tensors=False)
-        return copy.deepcopy(_GGUF_METADATA[key])
-
-    once.wrapped = read
-    return once
-
-
 class _quiet_transformers:
     """Silence transformers' info/warning chatter (progress bars of its own) while loading, and read a GGUF's
     metadata once (``_metadata_once``)."""
@@ -289,7 +226,7 @@ class _quiet_transformers:
         logging.getLogger("accelerate").setLevel(logging.ERROR)
         self._read = getattr(gguf_utils, "load_gguf_checkpoint", None)
         if self._read is not None and not hasattr(self._read, "wrapped"):
-            gguf_utils.load_gguf_checkpoint = _metadata_once(self._read)
+            gguf_utils.load_gguf_checkpoint = gguf.metadata_once(self._read)
 
     def __exit__(self, *exc: object) -> None:
         from transformers import modeling_gguf_pytorch_utils as gguf_utils
