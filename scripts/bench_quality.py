@@ -26,7 +26,8 @@ CALIB = SHARED / "data" / "wikitext-2" / "valid.txt"
 TEST = SHARED / "data" / "wikitext-2-raw" / "test.txt"
 RESULTS = ROOT / "docs" / "bench_results.json"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
-SECTIONS = [ROOT / "docs" / name for name in ("bench_recover.md", "bench_zeroshot.md", "bench_gemma.md",
+SECTIONS = [ROOT / "docs" / name for name in ("bench_recover.md", "bench_distributed.md", "bench_zeroshot.md",
+                                              "bench_gemma.md",
                                               "bench_stack.md", "bench_recon.md", "bench_structured.md")]
 
 CALIB_ARGS = ["--calib-file", str(CALIB), "--calib-sampling", "sequential", "--seqlen", "512"]

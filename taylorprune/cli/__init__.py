@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from taylorprune.cli import check, evaluate, inspection, methods, recover, run, speed, sweep
+from taylorprune import distributed
+from taylorprune.cli import check, console, evaluate, inspection, methods, recover, run, speed, sweep
 
 app = typer.Typer(
     add_completion=False,
@@ -23,4 +24,11 @@ app.command("recover")(recover.recover)
 
 
 def main() -> None:
-    app()
+    """The command line; under a launcher (torchrun, accelerate launch) each process joins the data-parallel run
+    first, and only rank 0 prints progress and results."""
+    if distributed.launched():
+        console.join_world()
+    try:
+        app()
+    finally:
+        distributed.shutdown()

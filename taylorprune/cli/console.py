@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from taylorprune import distributed
 from taylorprune.errors import RunError, UserError
 from taylorprune.pipeline.hooks import Hooks
 
@@ -26,8 +27,23 @@ err = Console(stderr=True)
 
 
 def fail(message: str, code: int) -> None:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    world = distributed.world()
+    who = escape(f"[rank {world.rank}] ") if world.rank else ""
+    err.quiet = False  # other ranks of a data-parallel run are quiet, but not about their own failure
+    err.print(f"{who}[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def join_world() -> None:
+    """Join the data-parallel run a launcher started (one line and exit 1 when that fails); ranks other than 0
+    print nothing but their own errors."""
+    try:
+        world = distributed.init()
+    except Exception as exc:  # rendezvous refused, unreachable, timed out
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        fail(f"could not join the data-parallel run (WORLD_SIZE={os.environ.get('WORLD_SIZE')}): {detail}", 1)
+    if not world.writer:
+        out.quiet = err.quiet = True
 
 
 def _sigterm(_signum, _frame) -> None:
@@ -84,6 +100,9 @@ def guarded() -> Iterator[Session]:
         user = isinstance(exc, PermissionError | IsADirectoryError | NotADirectoryError | FileNotFoundError)
         fail(f"{where}{exc.strerror or exc} while {session.phase}", 2 if user else 1)
     except Exception as exc:
+        if _peer_failure(exc):
+            fail(f"another process of the data-parallel run failed or stopped while {session.phase}; nothing was "
+                 "written to the output path", 1)
         if type(exc).__name__ == "OutOfMemoryError":
             fail(f"CUDA out of memory while {session.phase}; {session.memory_advice('--stream')}", 1)
         if os.environ.get("TAYLORPRUNE_DEBUG"):
@@ -94,6 +113,16 @@ def guarded() -> Iterator[Session]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out")
+
+
+def _peer_failure(exc: Exception) -> bool:
+    """Whether ``exc`` is a collective of a data-parallel run that failed because another rank is gone."""
+    if not distributed.world().active:
+        return False
+    return type(exc).__name__.startswith("Dist") or any(s in str(exc) for s in PEER_GONE)
 
 
 def progress() -> Progress:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from taylorprune import distributed
 from taylorprune.calib import sampling, text
 from taylorprune.errors import UserError
 from taylorprune.evaluate.spec import EvalContext, Evaluator
@@ -123,10 +124,13 @@ def streamed_perplexity_of_windows(model, layout: Layout, ids: torch.Tensor, dat
 
 
 def _result(nlls: list[float], ids: torch.Tensor, dataset: str, model_name: str) -> EvalResult:
+    """Perplexity of the windows' mean NLL; in a data-parallel run ``nlls`` are this rank's windows and the sum
+    and count are taken over every rank's."""
     nlls = [n if math.isfinite(n) else float("inf") for n in nlls]
-    mean = sum(nlls) / len(nlls)
+    count = round(distributed.all_sum_number(len(nlls)))
+    mean = distributed.all_sum_number(sum(nlls)) / count
     ppl = math.exp(mean) if mean < 709.0 else float("inf")
-    return EvalResult(ppl, dataset, ids.shape[1], len(ids), int(ids.numel()), model_name)
+    return EvalResult(ppl, dataset, ids.shape[1], count, count * ids.shape[1], model_name)
 
 
 # ------------------------------------------------------------------------------------------ the evaluator
@@ -184,6 +188,8 @@ def run(ctx: EvalContext, options: PerplexityOptions, prepared) -> dict:
     """Perplexity of ``ctx.model``: whole on the device (moved there unless accelerate placed it), or block by
     block when its placement streams it."""
     windows, label, bos = prepared if prepared is not None else prepare(ctx, options)
+    share = distributed.world().share(len(windows))  # every window in one process
+    windows = windows[share.start:share.stop]
     if ctx.placement is not None and ctx.placement.stream:
         ctx.events.append("streamed:evaluation")
         result = streamed_perplexity_of_windows(ctx.model, find_layout(ctx.model), windows, label, ctx.name,
@@ -204,6 +210,6 @@ EVALUATOR = Evaluator("perplexity", "perplexity on held-out text (papers' protoc
                       switch="eval", prepare=prepare, check=_check,
                       working_bytes=lambda o, config: logits_bytes(config, resolve_seqlen(o.eval_seqlen, config)),
                       settings=("dataset", "seqlen", "windows", "tokens", "tokenizer", "bos"),
-                      label="evaluating perplexity",
+                      label="evaluating perplexity", sharded=True,
                       rows=lambda r: [(f"perplexity ({r['dataset']}, {r['windows']}×{r['seqlen']})",
                                        f"{r['perplexity']:.3f}")])

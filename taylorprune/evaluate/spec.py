@@ -67,6 +67,9 @@ class Evaluator:
     settings: tuple[str, ...] = ()
     label: str = ""  # what the progress line says while it runs
     rows: Callable[[dict], list[tuple[str, str]]] = lambda record: []  # (what, value) lines of a run's summary
+    # True: ``run`` shards its windows over the ranks of a data-parallel run and sums what they measured; False:
+    # only rank 0 runs it (the others skip it)
+    sharded: bool = False
 
     def enabled(self, options: Options) -> bool:
         return bool(getattr(options, self.switch)) if self.switch else True

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from taylorprune import distributed
 from taylorprune.errors import RunError
 from taylorprune.modeling.attention import eager_attention
 from taylorprune.modeling.blocks import BlockRunner
@@ -146,6 +147,7 @@ def _prune_blocks(runner: BlockRunner, layout: Layout, calib_ids, job: Job, on_b
             info = stage.kind.step(stage, runner, i, inputs, goal, [tg.module for tg in targets], job.seed)
             result.blocks.append({"block": i, **info})
             _tick(result.timings, stage.kind.name, t)
+        distributed.sync_module(layout.blocks[i])  # data-parallel ranks go on from rank 0's identical block
         dense[0] = dense_out
 
     t = time.perf_counter()

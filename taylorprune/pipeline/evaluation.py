@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from taylorprune import distributed
 from taylorprune.evaluate.registry import EVALUATORS
 from taylorprune.evaluate.spec import EvalContext, Evaluator
 from taylorprune.modeling.placement import Placement, choose_placement, memory_cap
@@ -40,6 +41,8 @@ def run_evaluators(ctx: EvalContext, evaluators: Chosen, hooks: Hooks, prepared:
     prepared = prepared if prepared is not None else prepare(ctx, evaluators)
     records = {}
     for evaluator, options in evaluators:
+        if not (evaluator.sharded or distributed.world().writer):
+            continue  # rank 0 alone runs what is not sharded; only its report is written
         with hooks.timed(timings if timings is not None else {}, evaluator.name, evaluator.label or evaluator.name):
             records[evaluator.name] = evaluator.run(ctx, options, prepared.get(evaluator.name))
     return records

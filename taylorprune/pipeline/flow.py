@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from taylorprune import distributed
 from taylorprune.modeling.placement import memory_cap
 from taylorprune.pipeline.hooks import Hooks
 from taylorprune.pipeline.plan import WRITE, Plan, validate
@@ -26,6 +27,7 @@ def execute(plan: Plan, hooks: Hooks, phases: tuple[Phase, ...]) -> RunState:
             record = phase.run(state)
             if record is not None:
                 state.records[phase.name] = record
+    distributed.barrier()  # a data-parallel run ends together: a rank that failed fails the others' barrier
     return state
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from taylorprune import distributed
 from taylorprune.errors import UserError
 from taylorprune.modeling import loading
 from taylorprune.pipeline.components import Components, resolve
@@ -120,4 +121,23 @@ def validate(opts: RunOptions) -> Plan:
                 phases_of(bool(kinds), unstructured, _recovers(opts), evaluators))
     for phase in plan.phases:
         phase.check(plan)
+    _check_data_parallel(plan)
     return plan
+
+
+def _check_data_parallel(plan: Plan) -> None:
+    """What a data-parallel run (several processes) cannot do yet, refused before any weight is loaded."""
+    world = distributed.world()
+    if not world.active:
+        return
+    parts = plan.parts
+    refused = [f"the {p.name} phase" for p in plan.phases if not p.data_parallel]
+    if plan.pattern is not None and plan.whole_model is not None:
+        refused.append(f"--method {parts.method.name} with these options (a whole-model procedure)")
+    if plan.structured is not None and parts.group is not None and parts.group.select is not None:
+        refused.append(f"--method {parts.method.name}'s structure selection (a whole-model procedure)")
+    if refused:
+        raise UserError(f"{'; '.join(refused)}: not data-parallel yet; run it in one process")
+    if plan.calibrated and plan.opts.calib.nsamples < world.size:
+        raise UserError(f"--nsamples {plan.opts.calib.nsamples}: fewer calibration windows than the {world.size} "
+                        "processes; each takes a share of them")

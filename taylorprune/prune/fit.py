@@ -5,6 +5,10 @@ re-applied after it, so unstructured and N:M patterns hold exactly whatever the 
 constraint of the loop, as torchao's parametrizations keep them). Batches are drawn by a seeded generator, so a
 run repeats exactly; a held-out loss is evaluated every ``eval_every`` steps and at the end, the weights with the
 lowest one are kept, and the loop stops after ``patience`` evaluations without improvement.
+
+Data-parallel: every rank draws the same global batch; each computes the loss of the items it holds (its
+``share``), weighted by their part of the batch, and the gradients are summed over the ranks before the step, so
+every rank takes the step one process would take on the whole batch (held-out losses are summed by the caller).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from taylorprune import distributed
 from taylorprune.modeling.sweep import trainable
 
 EVAL_EVERY = 10
@@ -36,12 +41,13 @@ Optimizer = Callable[[list[torch.nn.Parameter]], tuple[torch.optim.Optimizer, ob
 def masked_fit(weights: list[torch.nn.Parameter], train_loss: Callable[[torch.Tensor], torch.Tensor],
                heldout_loss: Callable[[], float], train_size: int, settings: FitSettings, optimizer: Optimizer,
                generator: torch.Generator, masks: list[torch.Tensor | None] | None = None,
-               on_step: Callable[[int], None] | None = None) -> dict:
+               on_step: Callable[[int], None] | None = None, share: range | None = None) -> dict:
     """Fit ``weights`` (their zeros fixed) to ``train_loss(batch indices)``; returns steps and held-out losses.
 
     ``optimizer(weights)`` gives (optimiser, learning-rate scheduler or None); batches are ``settings.batch``
     indices of ``train_size`` training items, without replacement within a step. ``masks`` overrides the masks
-    read from the zeros (None for a weight that is free everywhere: adapters that start at zero).
+    read from the zeros (None for a weight that is free everywhere: adapters that start at zero). ``share``: the
+    training items this rank holds in a data-parallel run; ``train_loss`` then gets positions within the share.
     """
     masks = [w.detach() != 0 for w in weights] if masks is None else masks
     with trainable(weights):
@@ -53,7 +59,7 @@ def masked_fit(weights: list[torch.nn.Parameter], train_loss: Callable[[torch.Te
         for step in range(1, settings.steps + 1):
             pick = torch.randperm(train_size, generator=generator)[: settings.batch]
             opt.zero_grad(set_to_none=True)
-            train_loss(pick).backward()
+            _backward(weights, train_loss, pick, share)
             for w, m in zip(weights, masks, strict=True):
                 if m is not None and w.grad is not None:
                     w.grad.mul_(m)
@@ -83,3 +89,19 @@ def masked_fit(weights: list[torch.nn.Parameter], train_loss: Callable[[torch.Te
             for w, b in zip(weights, best_state, strict=True):
                 w.copy_(b)
     return {"steps": step, "heldout_before": first, "heldout_after": best}
+
+
+def _backward(weights: list[torch.nn.Parameter], train_loss: Callable[[torch.Tensor], torch.Tensor],
+              pick: torch.Tensor, share: range | None) -> None:
+    """Gradients of the batch ``pick``'s mean loss: of the whole batch in one process; of this rank's items,
+    weighted by their part of the batch and summed over the ranks, in a data-parallel run."""
+    if share is None:
+        train_loss(pick).backward()
+        return
+    local = [g - share.start for g in pick.tolist() if g in share]
+    if local:
+        (train_loss(torch.tensor(local)) * (len(local) / len(pick))).backward()
+    for w in weights:
+        if w.grad is None:
+            w.grad = torch.zeros_like(w)
+        distributed.all_sum(w.grad)

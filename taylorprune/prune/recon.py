@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from taylorprune import distributed
 from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.options import NoOptions, Options, by_name, option
 from taylorprune.prune.fit import FitSettings, masked_fit
@@ -86,19 +87,26 @@ def reconstruct(runner: BlockRunner, i: int, inputs: torch.Tensor, targets: torc
     upcast = home in (torch.float16, torch.bfloat16)
     if upcast:
         block.to(torch.float32)
-    n = inputs.shape[0]
-    train = torch.arange(n - 1 if n > 1 else n)
-    held = torch.tensor([n - 1]) if n > 1 else train
+    world = distributed.world()
+    n = round(distributed.all_sum_number(inputs.shape[0]))  # calibration windows of all ranks
+    share = world.share(n)  # the global windows this rank holds (all of them in one process)
+    last = n - 1 if n > 1 else 0  # the held-out window (the training one too when it is the only one)
     cast = (lambda x: x.to(torch.float32)) if upcast else (lambda x: x)
     settings = FitSettings(options.recon_steps, options.recon_batch, options.recon_patience)
     norm = reader(runner, i, inputs.device) if options.recon_loss == "normed" else None
+
+    def heldout() -> float:
+        mine = last in share
+        k = torch.tensor([last - share.start]) if mine else None
+        return distributed.all_sum_number(float(_loss(runner, i, cast(inputs[k]), targets[k], norm)) if mine else 0.0)
+
     try:
         info = masked_fit([lin.weight for lin in linears],
-                          lambda pick: _loss(runner, i, cast(inputs[train[pick]]), targets[train[pick]], norm),
-                          lambda: float(_loss(runner, i, cast(inputs[held]), targets[held], norm)), len(train),
-                          settings,
+                          lambda pick: _loss(runner, i, cast(inputs[pick]), targets[pick], norm), heldout,
+                          n - 1 if n > 1 else n, settings,
                           lambda weights: (torch.optim.Adam(weights, lr=options.recon_lr), None),
-                          torch.Generator().manual_seed(seed * 1_000_003 + i))
+                          torch.Generator().manual_seed(seed * 1_000_003 + i),
+                          share=share if world.active else None)
     finally:
         if upcast:
             block.to(home)

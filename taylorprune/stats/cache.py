@@ -16,6 +16,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 import taylorprune
+from taylorprune import distributed
 from taylorprune.errors import UserError
 from taylorprune.export.save import write_tensors
 from taylorprune.stats.source import Stats
@@ -75,6 +76,8 @@ def _check_shapes(file: Path, have: Stats, shapes: dict[str, tuple] | None) -> N
 
 
 def store(path: str, identity: dict[str, str], stats: Stats) -> None:
+    if not distributed.world().writer:  # rank 0 writes for a data-parallel run (every rank holds the same sums)
+        return
     names = sorted({s for d in stats.values() for s in d})
     _write(Path(path).expanduser(), dict(identity, stats=",".join(names), taylorprune=taylorprune.__version__), stats)
 

@@ -77,6 +77,13 @@ def linear_statistics(run: Callable[[], object], *requests: Request) -> Stats:
     finally:
         for h in handles:
             h.remove()
+    reduced: set[int] = set()
+    for accs in collected:  # every rank reduces the same accumulators in the same order (shared ones once)
+        for d in accs.values():
+            for a in d.values():
+                if id(a) not in reduced:
+                    reduced.add(id(a))
+                    a.reduce()
     stats: Stats = {}
     for accs in collected:
         for path, d in accs.items():

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from taylorprune import distributed
 from taylorprune.errors import RunError
 from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.modeling.layout import Layout
@@ -69,6 +70,12 @@ class _Accumulator:
         """Add another accumulator's sums (made on another device, e.g. during one block's visit)."""
         for name, t in other.sums.items():
             self.sums[name].add_(t.to(self.sums[name].device))
+
+    def reduce(self) -> _Accumulator:
+        """Sum over the ranks of a data-parallel run (before the square root of grad_l2)."""
+        for t in self.sums.values():
+            distributed.all_sum(t)
+        return self
 
     def result(self) -> dict[str, torch.Tensor]:
         out = dict(self.sums)
@@ -135,7 +142,7 @@ def gradient_pass(
         model.train(was_training)
         if device is not None and not getattr(model, "hf_device_map", None):
             model.to(home)
-    return {path: acc.result() for path, acc in accs.items()}
+    return {path: acc.reduce().result() for path, acc in accs.items()}
 
 
 def streamed_gradient_pass(
@@ -171,7 +178,7 @@ def streamed_gradient_pass(
     finally:
         model.train(was_training)
         runner.streamer.close()
-    return {path: acc.result() for path, acc in totals.items()}
+    return {path: acc.reduce().result() for path, acc in totals.items()}
 
 
 def _forward_sweep(runner: BlockRunner, ids: torch.Tensor, first: int) -> tuple[dict[int, torch.Tensor], torch.Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from taylorprune import distributed
 from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.modeling.sweep import forward
 from taylorprune.stats.source import ModelContext, Scope, Source, Stats
@@ -30,6 +31,11 @@ class ActNormSq:
         self.nseq += x.shape[0] if x.dim() == 3 else 1
         self.sumsq += x.reshape(-1, x.shape[-1]).pow(2).sum(dim=0)
 
+    def reduce(self) -> None:
+        """Sum over the ranks of a data-parallel run (each saw its own windows)."""
+        distributed.all_sum(self.sumsq)
+        self.nseq = round(distributed.all_sum_number(self.nseq))
+
     def result(self) -> torch.Tensor:
         return self.sumsq / max(self.nseq, 1)
 
@@ -47,6 +53,11 @@ class Hessian:
         self.nseq += x.shape[0] if x.dim() == 3 else 1
         flat = x.reshape(-1, x.shape[-1])
         self.xxt.addmm_(flat.T, flat)
+
+    def reduce(self) -> None:
+        """Sum over the ranks of a data-parallel run (each saw its own windows)."""
+        distributed.all_sum(self.xxt)
+        self.nseq = round(distributed.all_sum_number(self.nseq))
 
     def result(self) -> torch.Tensor:
         return self.xxt * (2.0 / max(self.nseq, 1))
@@ -75,6 +86,8 @@ def dense_activations(ctx: ModelContext, wanted: frozenset[str], options) -> Sta
         finally:
             for h in handles:
                 h.remove()
+        for acc in accs.values():
+            acc.reduce()
         out.update({path: {"dense_act_norm_sq": acc.result().cpu()} for path, acc in accs.items()})
         return hidden
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.func import jvp, vjp
 
+from taylorprune import distributed
 from taylorprune.errors import RunError
 from taylorprune.modeling.attention import eager_attention
 from taylorprune.modeling.blocks import block_function
@@ -67,8 +68,10 @@ def block_hvp_stats(runner, i: int, hidden: torch.Tensor, targets: list[Target],
 
 
 def checked(stats: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """HVP sums over this rank's windows summed over the ranks of a data-parallel run, then checked finite."""
     for path, d in stats.items():
         for name, t in d.items():
+            distributed.all_sum(t)
             if not torch.isfinite(t).all():
                 raise RunError(f"{path}: non-finite {name} (overflow?); rerun with --dtype float32")
     return stats

@@ -34,7 +34,12 @@ class Scope(str, Enum):
 
 
 class Accumulator(Protocol):
+    """Folds a linear's inputs batch by batch; ``reduce`` sums what it holds over the ranks of a data-parallel
+    run (every rank calls it, in the same order) before ``result``."""
+
     def add(self, x: torch.Tensor) -> None: ...
+
+    def reduce(self) -> None: ...
 
     def result(self) -> torch.Tensor: ...
 

@@ -3,10 +3,13 @@
 
 Both are cheap and both can fail on bad input (a text too short for the windows asked for), so they run right
 after loading, before any heavy work; the record is the calibration's description (source, windows, sha256).
+In a data-parallel run each rank keeps its own contiguous share of the windows (``distributed``), and the record
+says how many each rank took.
 """
 
 from __future__ import annotations
 
+from taylorprune import distributed
 from taylorprune.calib import sampling, text
 from taylorprune.modeling.loading import window_start
 from taylorprune.pipeline.state import Phase, RunState
@@ -32,9 +35,14 @@ class Calibration(Phase):
         with state.hooks.timed(state.phases_s, "calibration_data", self.label):
             if plan.calibrated:
                 tokenizer = state.loaded.tokenizer
-                state.calib_ids, state.spec = load_calibration(plan.opts.calib, tokenizer, plan.seqlen,
-                                                               window_start(state.model.config, tokenizer))
+                ids, state.spec = load_calibration(plan.opts.calib, tokenizer, plan.seqlen,
+                                                   window_start(state.model.config, tokenizer))
+                share = distributed.world().share(len(ids))  # this rank's windows (all of them in one process)
+                state.calib_ids = ids[share.start:share.stop]
             for phase in plan.phases:
                 if phase is not self:
                     phase.prepare(state)
-        return state.spec.describe() if state.spec else None
+        if state.spec is None:
+            return None
+        world = distributed.world()
+        return state.spec.describe() | ({"distributed": world.describe(state.spec.nsamples)} if world.active else {})

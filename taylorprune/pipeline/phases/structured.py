@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from taylorprune import distributed
 from taylorprune.errors import RunError, UserError
 from taylorprune.export import save
 from taylorprune.modeling import loading
@@ -105,6 +106,7 @@ def prune_widths(state: RunState, counts: dict[str, int], model_stats, preset) -
         for stage in stages:
             goal = dense_out if dense_out is not None else same_out
             info[stage.kind.name] = stage.kind.step(stage, runner, i, inputs, goal, linears, plan.opts.calib.seed)
+        distributed.sync_module(layout.blocks[i])  # data-parallel ranks go on from rank 0's identical block
         dense[0] = dense_out
         per_block.append(info)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from taylorprune import distributed
 from taylorprune.export import save
 from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.pipeline.engine import PruneResult, prune_layers
@@ -55,7 +56,7 @@ class Unstructured(Phase):
         with hooks.timed(state.phases_s, "prune", pruning_label(state)):
             scores: dict[str, torch.Tensor] | None = {} if opts.write.save_scores else None
             result = _prune(state, ctx, dense_stats, scores)
-            if scores is not None:
+            if scores is not None and distributed.world().writer:
                 save.write_tensors(Path(opts.write.save_scores), scores,
                                    {"method": plan.parts.method.name, "pattern": plan.pattern.describe()})
         state.phases_s.update({f"prune.{k}": v for k, v in result.timings.items()})

@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+from taylorprune import distributed
 from taylorprune.errors import UserError
 from taylorprune.export import atomic, save
 from taylorprune.export.plots import plot_layer_sparsity
@@ -68,6 +69,7 @@ def build_report(state: RunState) -> dict:
         "streamed_passes": [e.split(":", 1)[1] for e in state.events if e.startswith("streamed:")],
         "peak_memory_mib": save.peak_memory(),
         "versions": versions(),
+        "world_size": distributed.world().size,  # processes of a data-parallel run (shares: calibration record)
     }
 
 
@@ -90,6 +92,9 @@ class Write(Phase):
         hooks.current = "writing the output"
         hooks.phase(f"writing {opts.output}")
         report = build_report(state)
+        if not distributed.world().writer:  # rank 0 writes the folder of a data-parallel run
+            state.report = report
+            return
         widths = (state.records.get("structured") or {}).get("config")
         with atomic.atomic_dir(Path(opts.output), opts.write.overwrite) as tmp:
             save.save_model(state.model, state.loaded.tokenizer, tmp)

@@ -3,7 +3,8 @@
 Scores (``--block-score``), both computed on the calibration windows:
 
 - ``influence``: Block Influence of ShortGPT (Men et al., "ShortGPT: Layers in Large Language Models are More
-  Redundant Than You Expect", 2024): 1 − mean over tokens of cos(block input, block output). A block that barely
+  Redundant Than You Expect", 2024): 1 − mean over tokens of cos(block input, block output) (a sum and a count,
+  so a data-parallel run sums both over its ranks). A block that barely
   turns its input is the cheapest to drop. One forward per block.
 - ``loss``: the exact increase of the calibration loss (mean next-token cross-entropy) when the block alone is
   skipped (its output replaced by its input), everything else dense. Blocks before it run once; the blocks after
@@ -20,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from taylorprune import distributed
 from taylorprune.errors import RunError
 from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.modeling.sweep import forward, next_token_loss
@@ -30,16 +32,17 @@ from taylorprune.prune.structures.spec import BlockOptions
 @torch.no_grad()
 def block_influence(runner: BlockRunner, hidden: torch.Tensor, tick: Callable[[int], None]) -> torch.Tensor:
     """1 − mean cos(input, output) per block, blocks run one after another (dense)."""
-    scores = []
+    sums = []
 
     def visit(i: int, inputs: torch.Tensor) -> torch.Tensor:
         out = runner.run(i, inputs)
         cos = torch.nn.functional.cosine_similarity(inputs.to(torch.float32), out.to(torch.float32), dim=-1)
-        scores.append(1.0 - cos.mean().item())
+        sums.append(cos.to(torch.float64).sum().item())
         return out
 
     forward(runner, hidden, visit=visit, on_block=tick)
-    return torch.tensor(scores, dtype=torch.float64)
+    tokens = distributed.all_sum_number(hidden.shape[0] * hidden.shape[1])  # every rank's tokens
+    return 1.0 - distributed.all_sum(torch.tensor(sums, dtype=torch.float64)) / tokens
 
 
 def _loss_from(runner: BlockRunner, start: int, hidden: torch.Tensor, ids: torch.Tensor) -> float:
@@ -49,7 +52,8 @@ def _loss_from(runner: BlockRunner, start: int, hidden: torch.Tensor, ids: torch
     with runner.outside_on_device(head=True):
         for h, chunk in zip(hidden.split(runner.batch_size), ids.split(runner.batch_size), strict=True):
             losses.append(next_token_loss(runner.head(chunk, h).logits, chunk, "sum").item())
-    return sum(losses) / (ids.shape[0] * (ids.shape[1] - 1))
+    tokens = distributed.all_sum_number(ids.shape[0] * (ids.shape[1] - 1))  # every rank's predicted tokens
+    return distributed.all_sum_number(sum(losses)) / tokens
 
 
 @torch.no_grad()
