@@ -5,7 +5,7 @@ under ``torchrun --nproc-per-node 2`` on stories260K: the same masks, weights eq
 tensor's norm and projections within 1e-5 of its norm) and perplexity within 1e-5 relative. One configuration is
 left out and replaced: SparseGPT followed by ``--recon block`` is chaotic at this tiny scale (two runs whose Adam
 fits differ in round-off flip two of SparseGPT's near-tie mask choices in the last block), so reconstruction is
-checked on Wanda's masks against a one-process run made here.
+checked on Wanda's masks against a one-process run made here, and so is recovery by distillation.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def _equivalence():
 
 
 EQUIV = _equivalence()
-EXTRA = {"wanda recon 50%": ["--method", "wanda", "--sparsity", "0.5", "--recon", "block"]}
+EXTRA = {"wanda recon 50%": ["--method", "wanda", "--sparsity", "0.5", "--recon", "block"],
+         "wanda recover 50%": ["--method", "wanda", "--sparsity", "0.5", "--recover", "distill", "--recover-windows",
+                               "24", "--recover-steps", "8", "--recover-heldout", "4", "--recover-eval-every", "4"]}
 
 
 def _slug(name: str) -> str:
@@ -105,10 +107,11 @@ def test_torchrun_of_the_cli_writes_once_and_refuses_what_is_not_data_parallel(t
     assert res.stdout.count("achieved sparsity") == 1  # rank 0 alone prints the summary
     want = one_process("wanda 50%", args, tmp_path / "one")
     assert _compare("wanda 50%", EQUIV.fingerprint(tmp_path / "dp"), want) == []
-    res = torchrun("-m", "taylorprune", "run", *args, "--recover", "distill", "--output", str(tmp_path / "r"))
+    res = torchrun("-m", "taylorprune", "run", *EQUIV.COMMON, "--method", "oba", "--oba-mode", "released",
+                   "--sparsity", "0.5", "--output", str(tmp_path / "r"))
     assert res.returncode != 0
-    assert "error: the recover phase: not data-parallel yet" in res.stderr
-    assert "[rank 1] error: the recover phase" in res.stderr
+    assert "error: --method oba with these options (a whole-model procedure): not data-parallel yet" in res.stderr
+    assert "[rank 1] error: --method oba" in res.stderr
     assert "taylorprune/" not in res.stderr.split("Traceback", 1)[-1]  # torchrun's own traceback names no frame of ours
     assert not (tmp_path / "r").exists()
 

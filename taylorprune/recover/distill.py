@@ -7,7 +7,9 @@ last hidden states (normalised by the teacher's). The targets are the teacher's 
 labels, so what is learnt is the dense model's behaviour, not the calibration domain. Masks stay exact and compact
 shapes stay compact: the loop is ``prune.fit`` (a pruned weight's gradient is zeroed, the mask re-applied after
 every step). AdamW with linear warm-up and cosine decay to a tenth, gradient clipping, seeded batches, held-out
-windows (the last ``--recover-heldout``) for early stopping and for the reported KL before and after.
+windows (the last ``--recover-heldout``) for early stopping and for the reported KL before and after. In a
+data-parallel run every rank draws the same global batches, computes the windows of its share and the gradients
+are summed over the ranks (``prune.fit``); the held-out windows are shared out and their losses summed.
 ``--recover-weights all`` trains every parameter of the decoder blocks (embeddings and head stay, tied or not);
 ``lora`` trains peft LoRA adapters on the blocks' linears and merges them at the end, re-applying each masked
 linear's mask to the merged weight (the held-out KL after is measured on the merged, masked model).
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from taylorprune import distributed
 from taylorprune.options import Options, option
 from taylorprune.prune.fit import FitSettings, masked_fit
 
@@ -113,8 +116,11 @@ def distill(student: Student, teacher: Teacher, train: torch.Tensor, held: torch
     model, hidden = student.model, options.recover_hidden > 0
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
+    world = distributed.world()
+    share = world.share(len(train)) if world.active else None  # the training windows this rank computes
+    mine = world.share(len(held))  # the held-out windows this rank measures (all of them in one process)
     with torch.no_grad():
-        held_targets = [teacher(h[None].to(device)) for h in held]
+        held_targets = [teacher(held[k][None].to(device)) for k in mine]
 
     def loss(ids: torch.Tensor, target) -> torch.Tensor:
         with autocast:
@@ -125,13 +131,14 @@ def distill(student: Student, teacher: Teacher, train: torch.Tensor, held: torch
         return value
 
     def train_loss(pick: torch.Tensor) -> torch.Tensor:
-        ids = train[pick].to(device)
+        ids = train[pick if share is None else pick + share.start].to(device)
         with torch.no_grad():
             target = teacher(ids)
         return loss(ids, target)
 
     def heldout() -> float:
-        return sum(float(loss(h[None].to(device), t)) for h, t in zip(held, held_targets, strict=True)) / len(held)
+        total = sum(float(loss(held[k][None].to(device), t)) for k, t in zip(mine, held_targets, strict=True))
+        return distributed.all_sum_number(total) / len(held)
 
     def optimizer(params):
         opt = torch.optim.AdamW(params, lr=options.recover_lr, weight_decay=0.0)
@@ -141,7 +148,9 @@ def distill(student: Student, teacher: Teacher, train: torch.Tensor, held: torch
                            options.recover_eval_every, options.recover_clip or None)
     t0 = time.perf_counter()
     info = masked_fit(student.params, train_loss, heldout, len(train), settings, optimizer,
-                      torch.Generator().manual_seed(seed * 1_000_003 + 7), student.masks, on_step)
+                      torch.Generator().manual_seed(seed * 1_000_003 + 7), student.masks, on_step, share)
+    for p in student.params:  # data-parallel ranks keep rank 0's weights (they took identical steps)
+        distributed.sync(p.data)
     seconds = time.perf_counter() - t0
     tokens = info["steps"] * min(options.recover_batch, len(train)) * train.shape[1]
     record = {"steps": info["steps"], "tokens_seen": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,

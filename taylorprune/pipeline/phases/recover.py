@@ -111,7 +111,6 @@ def _check_masks(state: RunState, before: dict[str, int]) -> None:
 
 class Recover(Phase):
     name = "recover"
-    data_parallel = False  # its training loop does not sum gradients over ranks yet
 
     def check(self, plan) -> None:
         source = teacher_source(plan)
