@@ -12,7 +12,10 @@ calibrated on 128 × 2048 sequential windows of the bundled WikiText-2 validatio
       (target ≤ 1.3×), in memory, block by block on the resident model, and streamed from CPU memory;
   (c) peak GPU memory of gblm and oba (block scope) with --max-gpu-memory below the model's size (streamed);
   (d) 32 decoder blocks (6.7B parameters) through wanda, gblm and sparsegpt with times and peak memory, beside
-      the A100 anchors of the Wanda++ paper (Wanda 55 s, SparseGPT 322 s, GBLM 5801 s / 26 GB).
+      the A100 anchors of the Wanda++ paper (Wanda 55 s, SparseGPT 322 s, GBLM 5801 s / 26 GB);
+  (e) with N > 1 GPUs visible: SparseGPT and GBLM on the small model under torchrun with N ranks against one
+      process; (f) recovery by distillation with LoRA on the full model (s per 1k tokens, peak memory)
+      (scripts/gpu_ranks.py).
 
 The official code is taken from --official DIR (a checkout of github.com/locuslab/wanda), else $WANDA_REPO,
 else cloned into a scratch folder outside the repository; without network its rows are skipped with a note.
@@ -44,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules,
 
 from gpu_common import DEMO, ROOT, VALID, Bench, _short, cleanup, make_model, peak_gib, sync, windows  # noqa: E402
 from gpu_official import agreement, official, official_repo  # noqa: E402
+from gpu_ranks import render as render_more  # noqa: E402
+from gpu_ranks import rows as more_rows  # noqa: E402
 from gpu_render import merge_previous, render  # noqa: E402
 
 
@@ -129,7 +134,7 @@ def run(args: argparse.Namespace) -> Path:
     small, full = bench.work / "small", bench.work / "full"
     bench.row("warm-up", ours, bench, DEMO, "wanda", nsamples=4, seqlen=64, dtype="float32", always=True)
     made_small = None
-    if any(bench.wanted(x) for x in ("a", "b")):
+    if any(bench.wanted(x) for x in ("a", "b", "e")):
         made_small = bench.row("make-small", make_model, small, s, s.small_blocks, bench.device, always=True)
     ok_small = made_small is not None and "error" not in made_small and "skipped" not in made_small
     masks_file = bench.work / "official_wanda_masks.safetensors"
@@ -150,7 +155,7 @@ def run(args: argparse.Namespace) -> Path:
             bench.row("a-official-sparsegpt", official, bench, repo, small, "sparsegpt", None)
         bench.row("b", gradient_ratio, bench, small)
     made_full = None
-    if any(bench.wanted(x) for x in ("c", "d", "c-gblm", "c-oba-block", "d-wanda", "d-gblm", "d-sparsegpt")):
+    if any(bench.wanted(x) for x in ("c", "d", "f", "c-gblm", "c-oba-block", "d-wanda", "d-gblm", "d-sparsegpt")):
         made_full = bench.row("make-full", make_model, full, s, s.full_blocks, bench.device, always=True)
     if made_full is not None and "error" not in made_full and "skipped" not in made_full:
         cap = round(made_full["size_gib"] * s.cap_fraction, 4)
@@ -162,13 +167,16 @@ def run(args: argparse.Namespace) -> Path:
                 row.update(cap_gib=cap, model_gib=made_full["size_gib"])
         for method in ("wanda", "gblm", "sparsegpt"):
             bench.row(f"d-{method}", ours, bench, full, method)
+    ok_full = made_full is not None and "error" not in made_full and "skipped" not in made_full
+    if any(bench.wanted(x) for x in ("e", "f")):
+        more_rows(bench, small if ok_small else None, full if ok_full else None)
     if ok_small and bench.device == "cuda" and torch.cuda.device_count() > 1:
         bench.row("multi-gpu", ours, bench, small, "gblm", device_map="balanced")
     elif bench.device == "cuda":
         bench.notes.append("one GPU: the backward across several GPUs (--device-map balanced) was not measured")
     out = Path(args.out) if args.out else ROOT / "docs" / "GPU.md"
     merge_previous(bench, out.with_suffix(".json"), card)
-    text = render(bench, card)
+    text = render(bench, card, render_more(bench))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     rows = {k: _short(v) for k, v in bench.results.items()}

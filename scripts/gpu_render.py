@@ -44,7 +44,7 @@ def _ratio(a: dict | None, b: dict | None, key: str = "prune_s") -> str:
     return f"{a[key] / b[key]:.2f}×"
 
 
-def render(bench: Bench, card: str) -> str:
+def render(bench: Bench, card: str, more: list[str] | None = None) -> str:
     r, s = bench.results, bench.shapes
     made_small, made_full = r.get("make-small"), r.get("make-full")
     lines = [f"# GPU benchmark: {card}", "",
@@ -115,6 +115,7 @@ def render(bench: Bench, card: str) -> str:
             continue
         lines.append(f"| {method} | {row.get('placement', '–')} | {_num(row, 'stats_s')} | {_num(row, 'prune_s')} | "
                      f"{_num(row, 'peak_gpu_gib')} | {ANCHORS[method]} |")
+    lines += more or []
     problems = [f"- {k}: {v.get('error') or v.get('skipped')}" for k, v in r.items() if "error" in v or "skipped" in v]
     if problems or bench.notes:
         lines += ["", "## Notes", ""] + problems + [f"- {n}" for n in bench.notes]

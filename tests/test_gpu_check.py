@@ -29,3 +29,7 @@ def test_gpu_benchmark_smoke_mode_fills_every_part(tmp_path):
     assert {"d-wanda", "d-gblm", "d-sparsegpt"} <= rows.keys()
     assert all(rows[f"d-{m}"]["sparsity"] == pytest.approx(0.5, abs=0.01) for m in ("wanda", "gblm", "sparsegpt"))
     assert "official code: not used" in text  # no checkout given: its rows are skipped with a note
+    assert "## (e)" in text and "## (f)" in text
+    assert rows["e-sparsegpt"]["world_size"] == 2 and rows["e-gblm-1"]["world_size"] == 1
+    assert rows["e-gblm"]["sparsity"] == pytest.approx(rows["e-gblm-1"]["sparsity"])
+    assert rows["f-recover-lora"]["kl_after"] <= rows["f-recover-lora"]["kl_before"]
