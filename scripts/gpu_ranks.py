@@ -34,8 +34,9 @@ def ranked(bench: Bench, model_dir: Path, method: str, count: int) -> dict:
     s, out = bench.shapes, bench.work / f"ranked-{method}"
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(count)] if count > 1 else []
     cmd = [sys.executable, *launch, "-m", "taylorprune", "run", "--model", str(model_dir), "--method", method,
-           "--sparsity", "0.5", "--calib-file", str(VALID), "--calib-sampling", "sequential", "--nsamples", str(s.nsamples), "--seqlen", str(s.seqlen),
-           "--dtype", s.dtype, "--device", bench.device, "--output", str(out), "--overwrite"]
+           "--sparsity", "0.5", "--calib-file", str(VALID), "--calib-sampling", "sequential", "--nsamples",
+           str(s.nsamples), "--seqlen", str(s.seqlen), "--dtype", s.dtype, "--device", bench.device, "--output",
+           str(out), "--overwrite"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if bench.args.smoke else dict(os.environ)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
