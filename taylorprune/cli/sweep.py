@@ -9,8 +9,10 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from taylorprune import distributed
 from taylorprune.cli import options as opt
 from taylorprune.cli.console import err, guarded, out, progress, progress_hooks
+from taylorprune.errors import UserError
 from taylorprune.scoring.registry import BASELINES
 
 DEFAULT_SPARSITIES = "0.3,0.5,0.6,0.7"
@@ -45,6 +47,9 @@ def sweep(
     from taylorprune.report import sweep as results_files
 
     with guarded() as session:
+        if distributed.world().active:
+            raise UserError("sweep: not data-parallel yet (its results files would be written by every process); "
+                            "run it in one process, or launch each point as its own `run`")
         points = sw.grid(sw.parse_methods(methods), sw.parse_sparsities(sparsities), sw.parse_patterns(patterns),
                          sw.parse_variants(variants))
         base = pipeline.RunOptions(**run_values, output=str(out_dir), overwrite=overwrite, eval=True,
