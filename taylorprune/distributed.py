@@ -4,10 +4,10 @@ calibration windows it takes, and the collectives every sum over windows goes th
 A launcher sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` and the rendezvous address; ``init`` then joins the
 process group (NCCL when CUDA is there, gloo on CPUs). Each rank takes one contiguous share of the calibration
 windows (``World.share``); every statistic that is a sum over windows is summed over the ranks (``all_sum``)
-before anything reads it, so the solves that follow see what one process would see and run identically on every
-rank; ``sync`` then copies rank 0's result everywhere, which keeps the ranks bit-identical whatever the kernels
-do. Only rank 0 writes (``World.writer``). In one process every function here is the identity, so the
-single-process paths are unchanged.
+before anything reads it, so the solves that follow see what one process would see; each linear's solve runs on
+one owner rank (``owners``: the costliest first, to the least loaded rank) and its result is copied to the others
+(``sync``, ``share_object``). Only rank 0 writes (``World.writer``). In one process every function here is the
+identity, so the single-process paths are unchanged.
 
 Why contiguous shares: window ``k`` of rank ``r`` is global window ``share.start + k``, so a loop that picks
 global windows (reconstruction's batches, its held-out window) finds the ones it holds by subtraction.
@@ -123,6 +123,26 @@ def sync(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     if moved is not t:
         t.detach().copy_(moved)
     return t
+
+
+def share_object(obj, src: int):
+    """Rank ``src``'s picklable ``obj`` on every rank (a linear's record, its score)."""
+    if not _WORLD.active:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def owners(costs: list[float]) -> list[int]:
+    """The rank that works on each of the items of ``costs``: longest first to the least loaded rank, the same
+    on every rank (all rank 0 in one process)."""
+    load = [0.0] * _WORLD.size
+    out = [0] * len(costs)
+    for k in sorted(range(len(costs)), key=lambda k: (-costs[k], k)):
+        out[k] = min(range(_WORLD.size), key=lambda r: (load[r], r))
+        load[out[k]] += costs[k]
+    return out
 
 
 def sync_module(module: torch.nn.Module) -> None:

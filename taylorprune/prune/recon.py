@@ -26,23 +26,29 @@ from taylorprune.options import NoOptions, Options, by_name, option
 from taylorprune.prune.fit import FitSettings, masked_fit
 
 TARGETS = ("dense", "same")
-LOSSES = ("mse", "normed")
+LOSSES = ("auto", "mse", "normed")
+# Defaults by block kind, measured: pre-norm blocks (LLaMA, SmolLM2-135M: mse, 3e-3, docs/BENCHMARKS.md) and blocks
+# whose sublayer outputs are normalised before the residual add (Gemma-3-270m, SparseGPT 50% + recon: normed with
+# 5e-4 62.74 against SparseGPT alone 70.08; mse with 5e-4 74.59, normed with 3e-3 83.44, mse with 3e-3 689.60).
+DEFAULTS = {False: ("mse", 3e-3), True: ("normed", 5e-4)}
 
 
 @dataclass(frozen=True)
 class ReconOptions(Options):
     recon_steps: int = option(25, "Adam steps per block at most (25 keeps SparseGPT+recon within 2× SparseGPT's "
                               "prune time on SmolLM2, docs/BENCHMARKS.md).", minimum=1, maximum=100_000)
-    recon_lr: float = option(3e-3, "Adam learning rate of the block reconstruction (SmolLM2 2:4 SparseGPT+recon: "
-                             "1e-4 73.29, 3e-4 68.68, 1e-3 61.24, 3e-3 58.98; SparseGPT alone 86.20).", above=0)
+    recon_lr: float | None = option(None, "Adam learning rate of the block reconstruction (default: 3e-3, or 5e-4 for "
+                                    "blocks with post-sublayer norms such as Gemma's; SmolLM2 2:4 SparseGPT+recon: "
+                                    "1e-4 73.29, 3e-4 68.68, 1e-3 61.24, 3e-3 58.98; SparseGPT alone 86.20).",
+                                    above=0)
     recon_batch: int = option(4, "Calibration windows per reconstruction step.", minimum=1)
     recon_target: str = option("dense", "Fit to the dense block's outputs on the dense model's activations (dense) "
                                "or on the pruned model's (same).", choices=TARGETS)
     recon_patience: int = option(3, "Held-out evaluations (every 10 steps) without improvement before stopping.",
                                  minimum=1)
-    recon_loss: str = option("mse", "Block error to fit: mse of the block outputs, or normed: mse of what the next "
-                             "reader sees (the next block's input norm, the final norm after the last block), so "
-                             "a residual stream with huge outlier channels (Gemma) is fitted where it matters.",
+    recon_loss: str = option("auto", "Block error to fit: mse of the block outputs, normed: mse of what the next "
+                             "reader sees (the next block's input norm, the final norm after the last block), or "
+                             "auto: normed for blocks with post-sublayer norms (Gemma), mse otherwise.",
                              choices=LOSSES)
 
 
@@ -93,7 +99,8 @@ def reconstruct(runner: BlockRunner, i: int, inputs: torch.Tensor, targets: torc
     last = n - 1 if n > 1 else 0  # the held-out window (the training one too when it is the only one)
     cast = (lambda x: x.to(torch.float32)) if upcast else (lambda x: x)
     settings = FitSettings(options.recon_steps, options.recon_batch, options.recon_patience)
-    norm = reader(runner, i, inputs.device) if options.recon_loss == "normed" else None
+    loss, lr = settled(options, block)
+    norm = reader(runner, i, inputs.device) if loss == "normed" else None
 
     def heldout() -> float:
         mine = last in share
@@ -104,14 +111,30 @@ def reconstruct(runner: BlockRunner, i: int, inputs: torch.Tensor, targets: torc
         info = masked_fit([lin.weight for lin in linears],
                           lambda pick: _loss(runner, i, cast(inputs[pick]), targets[pick], norm), heldout,
                           n - 1 if n > 1 else n, settings,
-                          lambda weights: (torch.optim.Adam(weights, lr=options.recon_lr), None),
+                          lambda weights: (torch.optim.Adam(weights, lr=lr), None),
                           torch.Generator().manual_seed(seed * 1_000_003 + i),
                           share=share if world.active else None)
     finally:
         if upcast:
             block.to(home)
     return {"steps": info["steps"], "heldout_mse_before": info["heldout_before"],
-            "heldout_mse_after": info["heldout_after"]}
+            "heldout_mse_after": info["heldout_after"], "loss": loss, "lr": lr}
+
+
+def post_norms(block: nn.Module) -> bool:
+    """Whether ``block`` normalises its sublayers' outputs before adding them to the residual stream (Gemma 2/3's
+    ``post_feedforward_layernorm``). Such a residual stream grows huge (Gemma-3-270m: the first token's RMS
+    reaches ~10⁵ against a median of 10³–10⁴, up to 42% of a window's squared norm in one position), so a plain
+    MSE fits little but that one token; and its weights are small (RMS 0.02–0.04 against SmolLM2's median 0.19),
+    so a step that suits SmolLM2 moves them by ~10% at once."""
+    return getattr(block, "post_feedforward_layernorm", None) is not None
+
+
+def settled(options: ReconOptions, block: nn.Module) -> tuple[str, float]:
+    """(loss, learning rate) of ``block``'s reconstruction: the options, or the defaults of its kind of block."""
+    loss, lr = DEFAULTS[post_norms(block)]
+    return (loss if options.recon_loss == "auto" else options.recon_loss,
+            lr if options.recon_lr is None else options.recon_lr)
 
 
 NONE = Recon("none", "no block reconstruction", None)
