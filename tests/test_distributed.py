@@ -31,6 +31,7 @@ REFERENCE = ROOT / "tests" / "data" / "equivalence_4b83646.json"
 WORKER = ROOT / "tests" / "dist_worker.py"
 PPL_RTOL = 1e-5
 CHAOTIC = "sparsegpt recon 50%"
+STREAMED = "gblm 50% streamed"
 
 
 def _equivalence():
@@ -84,6 +85,7 @@ def test_shares_are_contiguous_disjoint_and_cover_every_window():
 @pytest.mark.slow
 def test_two_processes_give_what_one_gives_for_every_method_and_stage(tmp_path):
     runs = {_slug(n): [*EQUIV.COMMON, *a] for n, a in {**EQUIV.RUNS, **EXTRA}.items() if n != CHAOTIC}
+    runs[_slug(STREAMED)] = [*EQUIV.COMMON, *EQUIV.RUNS["gblm 50%"], "--stream"]  # block by block, every pass
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps(runs))
     res = torchrun(str(WORKER), str(spec), str(tmp_path / "dp"))
@@ -91,6 +93,7 @@ def test_two_processes_give_what_one_gives_for_every_method_and_stage(tmp_path):
     want = json.loads(REFERENCE.read_text())
     for name, args in EXTRA.items():
         want[name] = one_process(name, [*EQUIV.COMMON, *args], tmp_path / "one")
+    want[STREAMED] = want["gblm 50%"]  # streaming equals the in-memory passes to round-off (test_streamed_passes)
     bad = [line for name in want if name != CHAOTIC for line in
            _compare(name, EQUIV.fingerprint(tmp_path / "dp" / _slug(name)), want[name])]
     assert bad == []
@@ -113,6 +116,12 @@ def test_torchrun_of_the_cli_writes_once_and_refuses_what_is_not_data_parallel(t
     assert "error: --method oba with these options (a whole-model procedure): not data-parallel yet" in res.stderr
     assert "[rank 1] error: --method oba" in res.stderr
     assert "taylorprune/" not in res.stderr.split("Traceback", 1)[-1]  # torchrun's own traceback names no frame of ours
+    assert not (tmp_path / "r").exists()
+    few = [*EQUIV.COMMON[:EQUIV.COMMON.index("--nsamples")], "--nsamples", "1", "--seqlen", "128", "--method", "wanda",
+           "--sparsity", "0.5"]
+    res = torchrun("-m", "taylorprune", "run", *few, "--output", str(tmp_path / "r"))
+    assert res.returncode != 0
+    assert "--nsamples 1: fewer calibration windows than the 2 processes" in res.stderr
     assert not (tmp_path / "r").exists()
 
 

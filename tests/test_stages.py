@@ -15,7 +15,7 @@ from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.modeling.layout import find_layout
 from taylorprune.prune.allocation import block_sparsities, exact_counts
 from taylorprune.prune.masks import Pattern, build_mask
-from taylorprune.prune.recon import ReconOptions, reconstruct
+from taylorprune.prune.recon import ReconOptions, reconstruct, settled
 
 from .conftest import VALID
 
@@ -123,3 +123,13 @@ def test_sweep_grids_over_stage_variants_and_skips_what_a_method_excludes(tmp_pa
     assert [r["name"] for r in rows] == ["wanda_s0.5", "wanda+swap+obs_s0.5", "sparsegpt_s0.5"]
     bad = runner.invoke(app, ["sweep", "--model", "demo", "--variants", "plain,turbo", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "'turbo' is no stage" in bad.output
+
+
+@pytest.mark.parametrize("family, want", [("gemma3", ("normed", 5e-4)), ("llama", ("mse", 3e-3)),
+                                          ("qwen2", ("mse", 3e-3))])
+def test_recon_loss_and_rate_follow_the_kind_of_block_unless_given(tiny_dirs, family, want):
+    """Gemma's blocks normalise their sublayers' outputs before the residual add: its defaults are the normed loss
+    and 5e-4 (docs/BENCHMARKS.md, Gemma-3-270m); pre-norm blocks keep mse and 3e-3; given options always win."""
+    block = find_layout(loading.load(str(tiny_dirs[family])).model).blocks[0]
+    assert settled(ReconOptions(), block) == want
+    assert settled(ReconOptions(recon_loss="mse", recon_lr=1e-3), block) == ("mse", 1e-3)
