@@ -10,7 +10,6 @@ checked on Wanda's masks against a one-process run made here, and so is recovery
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -26,22 +25,15 @@ from typer.testing import CliRunner
 from taylorprune.cli import app
 from taylorprune.distributed import World
 
+from .test_equivalence import EQUIV, REFERENCE
+
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT / "tests" / "data" / "equivalence_4b83646.json"
 WORKER = ROOT / "tests" / "dist_worker.py"
 PPL_RTOL = 1e-5
 CHAOTIC = "sparsegpt recon 50%"
 STREAMED = "gblm 50% streamed"
 
 
-def _equivalence():
-    spec = importlib.util.spec_from_file_location("equivalence", ROOT / "scripts" / "equivalence.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-EQUIV = _equivalence()
 EXTRA = {"wanda recon 50%": ["--method", "wanda", "--sparsity", "0.5", "--recon", "block"],
          "wanda recover 50%": ["--method", "wanda", "--sparsity", "0.5", "--recover", "distill", "--recover-windows",
                                "24", "--recover-steps", "8", "--recover-heldout", "4", "--recover-eval-every", "4"]}
