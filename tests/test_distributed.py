@@ -151,3 +151,16 @@ def test_a_killed_rank_makes_the_others_fail_and_nothing_is_written(tmp_path):
     assert "Traceback" not in rest
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name != "out"]  # no temporary folder left beside it
+
+
+@pytest.mark.slow
+def test_a_run_whose_other_ranks_never_come_fails_in_one_line(tmp_path):
+    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2", RANK="0", LOCAL_RANK="0",
+               TAYLORPRUNE_DIST_TIMEOUT="3")
+    res = subprocess.run([sys.executable, "-m", "taylorprune", "run", "--model", "demo", "--method", "magnitude",
+                          "--sparsity", "0.5", "--output", str(tmp_path / "out")], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert res.returncode == 1
+    assert "error: could not join the data-parallel run (WORLD_SIZE=2)" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()

@@ -39,9 +39,12 @@ def join_world() -> None:
     print nothing but their own errors."""
     try:
         world = distributed.init()
-    except Exception as exc:  # rendezvous refused, unreachable, timed out
+    except Exception as exc:  # rendezvous refused, unreachable, timed out; before any command runs: plain exit
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        fail(f"could not join the data-parallel run (WORLD_SIZE={os.environ.get('WORLD_SIZE')}): {detail}", 1)
+        try:
+            fail(f"could not join the data-parallel run (WORLD_SIZE={os.environ.get('WORLD_SIZE')}): {detail}", 1)
+        except typer.Exit as done:
+            raise SystemExit(done.exit_code) from None
     if not world.writer:
         out.quiet = err.quiet = True
 
