@@ -16,6 +16,10 @@ docs/bench_recover.json (``--resume``); the table goes to docs/bench_recover.md 
     python scripts/bench_recover.py                  # every row (hours on 2 CPU cores)
     python scripts/bench_recover.py --only neurons-20
     python scripts/bench_recover.py --render
+
+With ``--resume`` a row also reuses every stage it finished before in ``--work`` (the pruned and the recovered
+folders, each evaluation): a row costs about 85 minutes on 2 CPU cores (68 of them recovering), so it may span
+two sessions when the machine keeps ``--work``.
 """
 
 from __future__ import annotations
@@ -62,15 +66,19 @@ def second_domain(work: Path) -> tuple[Path, dict]:
                   "chars": len(body)}
 
 
-def evaluate(model: Path, text: Path, work: Path, tasks: bool) -> dict:
+def evaluate(model: Path, text: Path, work: Path, tasks: bool, resume: bool = False) -> dict:
     out = work / f"eval-{model.name}-{text.stem}.json"
+    if resume and out.is_file():
+        got = json.loads(out.read_text())["metrics"]
+        if not tasks or "zeroshot.wikitext_lastword" in got:
+            return got
     taylorprune("eval", "--model", str(model), "--text-file", str(text), "--seqlen", "512", "--max-windows", "40",
                 *(TASKS if tasks else []), "--json", str(out), "--device", "cpu")
     return json.loads(out.read_text())["metrics"]
 
 
-def measured(model: Path, work: Path, other: Path) -> dict:
-    wiki, second = evaluate(model, TEST, work, True), evaluate(model, other, work, False)
+def measured(model: Path, work: Path, other: Path, resume: bool = False) -> dict:
+    wiki, second = evaluate(model, TEST, work, True, resume), evaluate(model, other, work, False, resume)
     return {"ppl": wiki["perplexity"], "lastword": wiki["zeroshot.wikitext_lastword"],
             "ppl_second": second["perplexity"]}
 
@@ -92,20 +100,31 @@ def forward_tokens_per_s(model: Path) -> float:
     return ids.numel() / best
 
 
-def measure(name: str, model: Path, work: Path, other: Path) -> dict:
+def _written(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished output (written atomically: a report means the weights are complete)."""
+    return (folder / "taylorprune_report.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def measure(name: str, model: Path, work: Path, other: Path, resume: bool = False) -> dict:
+    """One row; with ``resume`` every stage already finished in ``work`` (pruned folder, recovered folder, each
+    evaluation) is reused, so a row of ~85 minutes can span two sessions on a machine that keeps ``work``."""
     what, args = ROWS[name]
     pruned, recovered = work / f"recover-bench-{name}", work / f"recover-bench-{name}-recovered"
-    taylorprune("run", "--model", str(model), *args, *CALIB_ARGS, "--device", "cpu", "--output", str(pruned),
-                "--overwrite")
-    t0 = time.perf_counter()
-    taylorprune("recover", "--model", str(pruned), "--teacher", str(model), "--calib-file", str(CALIB), "--seqlen",
-                "512", *RECOVER, "--device", "cpu", "--output", str(recovered), "--overwrite")
-    wall = time.perf_counter() - t0
+    wall_file = work / f"recover-bench-{name}-wall.json"
+    if not (resume and _written(pruned)):
+        taylorprune("run", "--model", str(model), *args, *CALIB_ARGS, "--device", "cpu", "--output", str(pruned),
+                    "--overwrite")
+    if not (resume and _written(recovered) and wall_file.is_file()):
+        t0 = time.perf_counter()
+        taylorprune("recover", "--model", str(pruned), "--teacher", str(model), "--calib-file", str(CALIB),
+                    "--seqlen", "512", *RECOVER, "--device", "cpu", "--output", str(recovered), "--overwrite")
+        wall_file.write_text(json.dumps({"recover_wall_s": time.perf_counter() - t0}))
+    wall = json.loads(wall_file.read_text())["recover_wall_s"]
     report = json.loads((recovered / "taylorprune_report.json").read_text())
     pruned_report = json.loads((pruned / "taylorprune_report.json").read_text())
-    row = {"what": what, "args": args, "pruned": measured(pruned, work, other),
-           "recovered": measured(recovered, work, other), "recover": report["recover"], "recover_wall_s": wall,
-           "prune_s": pruned_report["phases_s"].get("prune", 0.0),
+    row = {"what": what, "args": args, "pruned": measured(pruned, work, other, resume),
+           "recovered": measured(recovered, work, other, resume), "recover": report["recover"],
+           "recover_wall_s": wall, "prune_s": pruned_report["phases_s"].get("prune", 0.0),
            "removed_params": (pruned_report.get("structured") or {}).get("parameters", {}).get("removed_fraction"),
            "sparsity": pruned_report.get("achieved_sparsity")}
     for folder in (pruned, recovered):
@@ -170,7 +189,7 @@ def main() -> None:
         for name in (n for n in wanted if n in ROWS):
             if args.resume and name in results:
                 continue
-            results[name] = measure(name, model, work, other)
+            results[name] = measure(name, model, work, other, args.resume)
             JSON.write_text(json.dumps(results, indent=2) + "\n")
             MD.write_text(table(results))
         JSON.write_text(json.dumps(results, indent=2) + "\n")
