@@ -131,7 +131,7 @@ def _check_data_parallel(plan: Plan) -> None:
     if not world.active:
         return
     parts = plan.parts
-    refused = [f"the {p.name} phase" for p in plan.phases if not p.data_parallel]
+    refused = []
     if plan.pattern is not None and plan.whole_model is not None:
         refused.append(f"--method {parts.method.name} with these options (a whole-model procedure)")
     if plan.structured is not None and parts.group is not None and parts.group.select is not None:

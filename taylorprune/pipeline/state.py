@@ -91,7 +91,6 @@ class Phase:
 
     name = ""
     label = ""
-    data_parallel = True  # whether it runs in a data-parallel run (torchrun); False: such a run is refused
 
     def check(self, plan: Plan) -> None:
         """Everything that can be refused before any weight is loaded."""
