@@ -122,6 +122,8 @@ def table(results: dict) -> str:
                    if r.get("params_removed") is not None else (f"sparsity {r['sparsity']:.2f}" if r.get("sparsity")
                                                                  else "-"))
         lines.append(f"| {r['what']} | {r['ppl']:.2f} | {ratio} | {r['prune_s']:.0f} | {removed} |")
+    lines += ["", "Prune times come from a 2-core machine that sometimes ran other work beside a row: compare PPL, "
+              "not times."]
     if any(r.get("by_hand") for r in results.values()):
         lines += ["", "† run by hand with the row's arguments and the protocol's options (`taylorprune run --model "
                   "FILE.gguf ARGS …`), beside another run on the 2 cores: compare its PPL, not its time."]

@@ -145,7 +145,8 @@ def _prune_blocks(runner: BlockRunner, layout: Layout, calib_ids, job: Job, on_b
             info = stage.kind.step(stage, runner, i, inputs, goal, [tg.module for tg in targets], job.seed)
             result.blocks.append({"block": i, **info})
             _tick(result.timings, stage.kind.name, t)
-        distributed.sync_module(layout.blocks[i])  # data-parallel ranks go on from rank 0's identical block
+        if job.block_stages and targets:  # the linears are already synced; a block fit may differ in round-off
+            distributed.sync_module(layout.blocks[i])
         dense[0] = dense_out
 
     t = time.perf_counter()
