@@ -184,7 +184,7 @@ def main() -> None:
         other, results["second_domain"] = second_domain(work)
         wanted = args.only.split(",") if args.only else ["dense", *ROWS]
         if "dense" in wanted and not (args.resume and "dense" in results):
-            results["dense"] = measured(model, work, other)
+            results["dense"] = measured(model, work, other, args.resume)
             results["forward_tokens_per_s"] = forward_tokens_per_s(model)
         for name in (n for n in wanted if n in ROWS):
             if args.resume and name in results:
