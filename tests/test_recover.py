@@ -60,6 +60,9 @@ def test_masks_and_patterns_are_kept_exactly(stories_dir, tmp_path, kw):
         assert all(check_nm(state.model.get_submodule(k).weight, 2, 4) for k in after)
     record = state.records["recover"]
     assert record["kl_after"] < record["kl_before"] and record["steps"] >= 4
+    curve = record["kl_curve"]  # every held-out evaluation, from step 0 to the last step run
+    assert curve[0] == [0, round(record["kl_before"], 6)] and curve[-1][0] == record["steps"]
+    assert min(kl for _, kl in curve) == round(record["kl_after"], 6)
     assert record["tokens_seen"] == record["steps"] * 2 * 64 and record["teacher_placement"] == "resident"
     if "structure" in kw:
         assert state.model.config.intermediate_size < without.model.config.intermediate_size + 1  # still compact

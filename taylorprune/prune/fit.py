@@ -42,7 +42,8 @@ def masked_fit(weights: list[torch.nn.Parameter], train_loss: Callable[[torch.Te
                heldout_loss: Callable[[], float], train_size: int, settings: FitSettings, optimizer: Optimizer,
                generator: torch.Generator, masks: list[torch.Tensor | None] | None = None,
                on_step: Callable[[int], None] | None = None, share: range | None = None) -> dict:
-    """Fit ``weights`` (their zeros fixed) to ``train_loss(batch indices)``; returns steps and held-out losses.
+    """Fit ``weights`` (their zeros fixed) to ``train_loss(batch indices)``; returns steps and held-out losses
+    (before, best, and the (step, loss) curve of every evaluation, which shows whether training had settled).
 
     ``optimizer(weights)`` gives (optimiser, learning-rate scheduler or None); batches are ``settings.batch``
     indices of ``train_size`` training items, without replacement within a step. ``masks`` overrides the masks
@@ -55,7 +56,7 @@ def masked_fit(weights: list[torch.nn.Parameter], train_loss: Callable[[torch.Te
         with torch.no_grad():
             first = best = heldout_loss()
         best_state = [w.detach().clone() for w in weights]
-        bad, step = 0, 0
+        bad, step, curve = 0, 0, [(0, first)]
         for step in range(1, settings.steps + 1):
             pick = torch.randperm(train_size, generator=generator)[: settings.batch]
             opt.zero_grad(set_to_none=True)
@@ -78,6 +79,7 @@ def masked_fit(weights: list[torch.nn.Parameter], train_loss: Callable[[torch.Te
                 continue
             with torch.no_grad():
                 now = heldout_loss()
+            curve.append((step, now))
             if now < best:
                 best, bad = now, 0
                 best_state = [w.detach().clone() for w in weights]
@@ -88,7 +90,7 @@ def masked_fit(weights: list[torch.nn.Parameter], train_loss: Callable[[torch.Te
         with torch.no_grad():
             for w, b in zip(weights, best_state, strict=True):
                 w.copy_(b)
-    return {"steps": step, "heldout_before": first, "heldout_after": best}
+    return {"steps": step, "heldout_before": first, "heldout_after": best, "heldout_curve": curve}
 
 
 def _backward(weights: list[torch.nn.Parameter], train_loss: Callable[[torch.Tensor], torch.Tensor],

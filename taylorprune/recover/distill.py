@@ -162,7 +162,8 @@ def distill(student: Student, teacher: Teacher, train: torch.Tensor, held: torch
     tokens = info["steps"] * min(options.recover_batch, len(train)) * train.shape[1]
     record = {"steps": info["steps"], "tokens_seen": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
               "kl_before": info["heldout_before"], "kl_after": info["heldout_after"], "heldout_windows": len(held),
-              "train_windows": len(train), "seqlen": train.shape[1]}
+              "train_windows": len(train), "seqlen": train.shape[1],
+              "kl_curve": [[step, round(kl, 6)] for step, kl in info["heldout_curve"]]}
     return record, lambda: heldout_now(heldout)
 
 
