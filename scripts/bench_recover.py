@@ -186,6 +186,9 @@ def table(results: dict) -> str:
             f"{p['lastword']:.4f} → {q['lastword']:.4f} | {rec['kl_before']:.3f} → {rec['kl_after']:.3f} | "
             f"{rec['tokens_per_s']:.0f} ({rec['tokens_per_s'] / fwd:.2f}) | {rec['seconds']:.0f} "
             f"({r['recover_wall_s']:.0f}) |")
+    notes = [f"- {results[n]['what']}: {results[n]['note']}" for n in ROWS if results.get(n, {}).get("note")]
+    if notes:
+        lines += ["", "Notes on single rows:", "", *notes]
     pending = [ROWS[n][0] for n in ROWS if n not in results]
     if pending:
         lines += ["", "Not measured yet (about 70 minutes a row on 2 CPU cores): " + "; ".join(pending) + "."]
