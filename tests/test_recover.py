@@ -15,6 +15,7 @@ from taylorprune.cli import app
 from taylorprune.errors import UserError
 from taylorprune.prune.masks import check_nm
 from taylorprune.recover.distill import kl_loss, schedule
+from taylorprune.recover.teacher import TargetCache, resident
 
 from .conftest import VALID
 
@@ -64,6 +65,8 @@ def test_masks_and_patterns_are_kept_exactly(stories_dir, tmp_path, kw):
     assert curve[0] == [0, round(record["kl_before"], 6)] and curve[-1][0] == record["steps"]
     assert min(kl for _, kl in curve) == round(record["kl_after"], 6)
     assert record["tokens_seen"] == record["steps"] * 2 * 64 and record["teacher_placement"] == "resident"
+    cache = record["teacher_cache"]  # 10 training windows, 2 a step: later steps revisit them
+    assert cache["windows"] <= 10 and cache["hits"] == record["steps"] * 2 - cache["windows"] > 0
     if "structure" in kw:
         assert state.model.config.intermediate_size < without.model.config.intermediate_size + 1  # still compact
     if kw.get("method_options", {}).get("recover_weights") == "lora":
@@ -147,3 +150,34 @@ def test_a_training_set_that_cannot_fit_the_device_says_what_lowers_it(stories_d
     monkeypatch.setattr(recover, "device_budget", lambda device, cap=None: 2**20)  # 1 MiB of "device"
     with pytest.raises(UserError, match="--recover-weights lora"):
         recovered(stories_dir, tmp_path, method="wanda", sparsity=0.5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_cached_teacher_targets_are_the_teachers_logits(tiny_dirs, arch):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[arch]).eval()
+    teacher = resident(model, hidden=False)
+    ids = torch.randint(3, 500, (3, 16), generator=torch.Generator().manual_seed(0))
+    cache = TargetCache(teacher, windows=3, window_bytes=16 * 32 * 4, hidden=False)
+    with torch.no_grad():
+        whole = model(input_ids=ids).logits
+        first = cache(ids[:2], [0, 1])[0]
+        again = cache(ids[[1, 2]], [1, 2])[0]  # window 1 from its kept states, window 2 new
+    assert cache.record() == {"windows": 3, "hits": 1}
+    assert torch.allclose(first, whole[:2], atol=1e-5) and torch.allclose(again, whole[1:], atol=1e-5)
+
+
+def test_a_cache_whose_head_is_not_the_models_switches_itself_off(tiny_dirs):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval()
+    teacher = resident(model, hidden=False)
+    teacher.head = lambda states: 30 * torch.tanh(model.lm_head(states) / 30) * 2  # an architecture it cannot see
+    ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    cache = TargetCache(teacher, windows=2, window_bytes=16 * 32 * 4, hidden=False)
+    with torch.no_grad():
+        assert torch.equal(cache(ids, [0, 1])[0], model(input_ids=ids).logits)
+    assert cache.record() is None and not cache.store
+    too_big = TargetCache(resident(model, hidden=False), windows=2, window_bytes=2**40, hidden=False)
+    assert too_big.record() is None

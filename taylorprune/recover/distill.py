@@ -7,7 +7,9 @@ last hidden states (normalised by the teacher's). The targets are the teacher's 
 labels, so what is learnt is the dense model's behaviour, not the calibration domain. Masks stay exact and compact
 shapes stay compact: the loop is ``prune.fit`` (a pruned weight's gradient is zeroed, the mask re-applied after
 every step). AdamW with linear warm-up and cosine decay to a tenth, gradient clipping, seeded batches, held-out
-windows (the last ``--recover-heldout``) for early stopping and for the reported KL before and after. In a
+windows (the last ``--recover-heldout``) for early stopping and for the reported KL before and after. The
+teacher's targets of a training window seen before come from its cached final hidden states (``recover.teacher``).
+In a
 data-parallel run every rank draws the same global batches, computes the windows of its share and the gradients
 are summed over the ranks (``prune.fit``); the held-out windows are shared out and their losses summed.
 ``--recover-weights all`` trains every parameter of the decoder blocks (embeddings and head stay, tied or not);
@@ -33,9 +35,9 @@ from torch import nn
 from taylorprune import distributed
 from taylorprune.options import Options, option
 from taylorprune.prune.fit import FitSettings, masked_fit
+from taylorprune.recover.teacher import TargetCache, Teacher
 
 WEIGHTS = ("all", "lora")
-Teacher = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]  # ids -> (logits, last hidden or None)
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,9 @@ def distill(student: Student, teacher: Teacher, train: torch.Tensor, held: torch
     share = world.share(len(train)) if world.active else None  # the training windows this rank computes
     mine = world.share(len(held))  # the held-out windows this rank measures (all of them in one process)
     with torch.no_grad():
-        held_targets = [teacher(held[k][None].to(device)) for k in mine]
+        held_targets = [teacher.outputs(held[k][None].to(device)) for k in mine]
+    cache = TargetCache(teacher, len(train) if share is None else len(share),
+                        train.shape[1] * model.config.hidden_size * next(model.parameters()).element_size(), hidden)
 
     def loss(ids: torch.Tensor, target) -> torch.Tensor:
         with autocast:
@@ -138,9 +142,10 @@ def distill(student: Student, teacher: Teacher, train: torch.Tensor, held: torch
         return value
 
     def train_loss(pick: torch.Tensor) -> torch.Tensor:
-        ids = train[pick if share is None else pick + share.start].to(device)
+        index = pick if share is None else pick + share.start
+        ids = train[index].to(device)
         with torch.no_grad():
-            target = teacher(ids)
+            target = cache(ids, index.tolist())
         return loss(ids, target)
 
     def heldout() -> float:
@@ -163,7 +168,8 @@ def distill(student: Student, teacher: Teacher, train: torch.Tensor, held: torch
     record = {"steps": info["steps"], "tokens_seen": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
               "kl_before": info["heldout_before"], "kl_after": info["heldout_after"], "heldout_windows": len(held),
               "train_windows": len(train), "seqlen": train.shape[1],
-              "kl_curve": [[step, round(kl, 6)] for step, kl in info["heldout_curve"]]}
+              "kl_curve": [[step, round(kl, 6)] for step, kl in info["heldout_curve"]],
+              "teacher_cache": cache.record()}
     return record, lambda: heldout_now(heldout)
 
 

@@ -24,8 +24,9 @@ from taylorprune.modeling.placement import GIB, USABLE, device_budget, model_byt
 from taylorprune.modeling.sweep import forward
 from taylorprune.pipeline.phases.calibration import calibration_corpus
 from taylorprune.pipeline.state import Phase, RunState
-from taylorprune.recover.distill import Teacher, distill
+from taylorprune.recover.distill import distill
 from taylorprune.recover.student import finish, prepare
+from taylorprune.recover.teacher import Teacher, resident
 
 
 def _stage(plan):
@@ -73,8 +74,8 @@ def _check_memory(state: RunState, options, teacher_bytes: int) -> dict:
 
 
 def _teacher(state: RunState, options) -> tuple[Teacher, str, nn.Module]:
-    """The teacher's (logits, last hidden) for a batch of windows: resident beside the student when both fit,
-    streamed block by block otherwise."""
+    """The teacher: resident beside the student when both fit (its final hidden states then cached for a
+    window's second visit, ``recover.teacher``), streamed block by block otherwise."""
     plan, lo = state.plan, state.opts.load
     source = teacher_source(plan)
     model = loading.load(source, lo.dtype, None, None, lo.trust_remote_code,
@@ -82,15 +83,10 @@ def _teacher(state: RunState, options) -> tuple[Teacher, str, nn.Module]:
     hidden = options.recover_hidden > 0
     student = model_bytes(state.model) * 4 // next(state.model.parameters()).element_size()
     budget = device_budget(plan.device, state.opts.placement.max_gpu_memory)
-    resident = budget is None or student + model_bytes(model) <= USABLE * budget
-    if resident:
+    fits = budget is None or student + model_bytes(model) <= USABLE * budget
+    if fits:
         model.to(plan.device)
-
-        def logits(ids: torch.Tensor):
-            out = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-            return out.logits, (out.hidden_states[-1] if hidden else None)
-
-        return logits, "resident", model
+        return resident(model, hidden), "resident", model
     runner = BlockRunner(model, find_layout(model), plan.device, state.opts.calib.batch_size, stream=True)
 
     def streamed(ids: torch.Tensor):
@@ -99,7 +95,7 @@ def _teacher(state: RunState, options) -> tuple[Teacher, str, nn.Module]:
             out = runner.head(ids, last, output_hidden_states=hidden)
         return out.logits, (out.hidden_states[-1] if hidden else None)
 
-    return streamed, "stream", model
+    return Teacher(streamed), "stream", model
 
 
 def _check_masks(state: RunState, before: dict[str, int]) -> None:
