@@ -7,12 +7,15 @@ import json
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from taylorprune import pipeline
 from taylorprune.cli import app
 from taylorprune.errors import UserError
+from taylorprune.prune.fit import batches
 from taylorprune.prune.masks import check_nm
 from taylorprune.recover.distill import kl_loss, schedule
 from taylorprune.recover.teacher import TargetCache, resident
@@ -181,3 +184,14 @@ def test_a_cache_whose_head_is_not_the_models_switches_itself_off(tiny_dirs):
     assert cache.record() is None and not cache.store
     too_big = TargetCache(resident(model, hidden=False), windows=2, window_bytes=2**40, hidden=False)
     assert too_big.record() is None
+
+
+@given(st.integers(1, 40), st.integers(1, 12), st.integers(1, 5), st.integers(0, 2**16))
+def test_epoch_batches_see_every_window_once_a_pass(size, batch, passes, seed):
+    draws = batches(size, batch, torch.Generator().manual_seed(seed), epochs=True)
+    drawn = [next(draws) for _ in range(-(-size * passes // batch))]
+    assert all(len(b) == batch for b in drawn)
+    seen = torch.cat(drawn)
+    for k in range(passes):  # each pass, in order, is a permutation of the windows
+        assert sorted(seen[k * size:(k + 1) * size].tolist()) == list(range(size))
+    assert torch.equal(next(batches(size, batch, torch.Generator().manual_seed(seed), epochs=True)), drawn[0])

@@ -13,7 +13,7 @@ every rank takes the step one process would take on the whole batch (held-out lo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,22 @@ class FitSettings:
     patience: int
     eval_every: int = EVAL_EVERY
     clip: float | None = None  # gradient-norm clipping (None: off)
+    epochs: bool = False  # batches walk seeded permutations (each item once a pass) instead of independent draws
+
+
+def batches(train_size: int, batch: int, generator: torch.Generator, epochs: bool) -> Iterator[torch.Tensor]:
+    """Seeded batches of indices: independent draws without replacement within a batch, or, with ``epochs``,
+    consecutive slices of one permutation after another, so every item is seen once before any is seen twice
+    (a batch may straddle two passes)."""
+    order = torch.empty(0, dtype=torch.long)
+    while True:
+        if not epochs:
+            yield torch.randperm(train_size, generator=generator)[:batch]
+            continue
+        while len(order) < batch:
+            order = torch.cat([order, torch.randperm(train_size, generator=generator)])
+        yield order[:batch]
+        order = order[batch:]
 
 
 Optimizer = Callable[[list[torch.nn.Parameter]], tuple[torch.optim.Optimizer, object | None]]
@@ -46,7 +62,7 @@ def masked_fit(weights: list[torch.nn.Parameter], train_loss: Callable[[torch.Te
     (before, best, and the (step, loss) curve of every evaluation, which shows whether training had settled).
 
     ``optimizer(weights)`` gives (optimiser, learning-rate scheduler or None); batches are ``settings.batch``
-    indices of ``train_size`` training items, without replacement within a step. ``masks`` overrides the masks
+    indices of ``train_size`` training items (``batches``). ``masks`` overrides the masks
     read from the zeros (None for a weight that is free everywhere: adapters that start at zero). ``share``: the
     training items this rank holds in a data-parallel run; ``train_loss`` then gets positions within the share.
     """
@@ -57,8 +73,9 @@ def masked_fit(weights: list[torch.nn.Parameter], train_loss: Callable[[torch.Te
             first = best = heldout_loss()
         best_state = [w.detach().clone() for w in weights]
         bad, step, curve = 0, 0, [(0, first)]
+        draws = batches(train_size, settings.batch, generator, settings.epochs)
         for step in range(1, settings.steps + 1):
-            pick = torch.randperm(train_size, generator=generator)[: settings.batch]
+            pick = next(draws)
             opt.zero_grad(set_to_none=True)
             _backward(weights, train_loss, pick, share)
             for w, m in zip(weights, masks, strict=True):

@@ -1,20 +1,21 @@
 """Recovery by distillation from the dense model (``--recover distill``), after any pruning, before writing.
 
-The pruned model (student) is trained toward the dense model (teacher) on text from the calibration source: the
-loss is the forward KL(teacher ‖ student) of the next-token distributions at temperature T (× T², so gradients
-keep their scale), over every position of every window, plus optionally ``--recover-hidden`` × the MSE of the
-last hidden states (normalised by the teacher's). The targets are the teacher's distributions, never the text's
-labels, so what is learnt is the dense model's behaviour, not the calibration domain. Masks stay exact and compact
-shapes stay compact: the loop is ``prune.fit`` (a pruned weight's gradient is zeroed, the mask re-applied after
-every step). AdamW with linear warm-up and cosine decay to a tenth, gradient clipping, seeded batches, held-out
-windows (the last ``--recover-heldout``) for early stopping and for the reported KL before and after. The
-teacher's targets of a training window seen before come from its cached final hidden states (``recover.teacher``).
-In a
-data-parallel run every rank draws the same global batches, computes the windows of its share and the gradients
-are summed over the ranks (``prune.fit``); the held-out windows are shared out and their losses summed.
-``--recover-weights all`` trains every parameter of the decoder blocks (embeddings and head stay, tied or not);
-``lora`` trains peft LoRA adapters on the blocks' linears and merges them at the end, re-applying each masked
-linear's mask to the merged weight (the held-out KL after is measured on the merged, masked model).
+The pruned model (student) is trained toward the dense model (teacher) on text from the calibration source: the loss
+is the forward KL(teacher ‖ student) of the next-token distributions at temperature T (× T², so gradients keep their
+scale), over every position of every window, plus optionally ``--recover-hidden`` × the MSE of the last hidden
+states (normalised by the teacher's). The targets are the teacher's distributions, never the text's labels, so what
+is learnt is the dense model's behaviour, not the calibration domain. Masks stay exact and compact shapes stay
+compact: the loop is ``prune.fit`` (a pruned weight's gradient is zeroed, the mask re-applied after every step).
+Batches walk seeded shuffles of the training windows (``--recover-sampling epoch``: with a budget of two passes
+every window is seen twice, where independent draws would leave ~14% of them unseen). AdamW with linear warm-up and
+cosine decay to a tenth, gradient clipping, seeded batches, held-out windows (the last ``--recover-heldout``) for
+early stopping and for the reported KL before and after. The teacher's targets of a training window seen before come
+from its cached final hidden states (``recover.teacher``). In a data-parallel run every rank draws the same global
+batches, computes the windows of its share and the gradients are summed over the ranks (``prune.fit``); the held-out
+windows are shared out and their losses summed. ``--recover-weights all`` trains every parameter of the decoder
+blocks (embeddings and head stay, tied or not); ``lora`` trains peft LoRA adapters on the blocks' linears and merges
+them at the end, re-applying each masked linear's mask to the merged weight (the held-out KL after is measured on
+the merged, masked model).
 
 Precision: a half-precision student trains in fp32 (master weights; cast back once at the end), under bf16
 autocast on a GPU.
@@ -38,6 +39,7 @@ from taylorprune.prune.fit import FitSettings, masked_fit
 from taylorprune.recover.teacher import TargetCache, Teacher
 
 WEIGHTS = ("all", "lora")
+SAMPLING = ("epoch", "random")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class RecoverOptions(Options):
     recover_lora_rank: int = option(16, "Recovery: LoRA rank (alpha = 2 × rank).", minimum=1)
     recover_warmup: float = option(0.05, "Recovery: fraction of the steps spent warming the learning rate up.",
                                    minimum=0, below=1)
+    recover_sampling: str = option("epoch", "Recovery: epoch (every training window once before any twice, seeded "
+                                   "shuffles) or random (each step's windows drawn afresh).", choices=SAMPLING)
     recover_eval_every: int = option(25, "Recovery: steps between held-out evaluations.", minimum=1)
     recover_patience: int = option(4, "Recovery: held-out evaluations without improvement before stopping.",
                                    minimum=1)
@@ -157,7 +161,8 @@ def distill(student: Student, teacher: Teacher, train: torch.Tensor, held: torch
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule(options.recover_steps, options.recover_warmup))
 
     settings = FitSettings(options.recover_steps, options.recover_batch, options.recover_patience,
-                           options.recover_eval_every, options.recover_clip or None)
+                           options.recover_eval_every, options.recover_clip or None,
+                           epochs=options.recover_sampling == "epoch")
     t0 = time.perf_counter()
     info = masked_fit(student.params, train_loss, heldout, len(train), settings, optimizer,
                       torch.Generator().manual_seed(seed * 1_000_003 + 7), student.masks, on_step, share)
