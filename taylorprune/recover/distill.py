@@ -157,7 +157,9 @@ def distill(student: Student, teacher: Teacher, train: torch.Tensor, held: torch
         return distributed.all_sum_number(total) / len(held)
 
     def optimizer(params):
-        opt = torch.optim.AdamW(params, lr=options.recover_lr, weight_decay=0.0)
+        # the fused kernel: the default per-tensor loop cost ~40× as long on the CPU (80M fp32 weights: ~4 s a step)
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        opt = torch.optim.AdamW(params, lr=options.recover_lr, weight_decay=0.0, fused=fused)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule(options.recover_steps, options.recover_warmup))
 
     settings = FitSettings(options.recover_steps, options.recover_batch, options.recover_patience,
