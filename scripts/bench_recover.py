@@ -40,7 +40,7 @@ DOCS = ROOT / "docs"
 JSON, MD = DOCS / "bench_recover.json", DOCS / "bench_recover.md"
 CALIB_ARGS = ["--calib-file", str(CALIB), "--calib-sampling", "sequential", "--seqlen", "512", "--nsamples", "128"]
 RECOVER = ["--recover-windows", "534", "--recover-heldout", "8", "--recover-steps", "260", "--recover-batch", "4",
-           "--recover-lr", "1e-4"]
+           "--recover-lr", "3e-4"]
 TASKS = ["--tasks", "wikitext_lastword", "--tasks-batch-size", "4"]
 ROWS: dict[str, tuple[str, list[str]]] = {
     "neurons-20": ("neurons 20% of parameters (oba-recon + compensation) + recon block",
@@ -120,6 +120,8 @@ def measure(name: str, model: Path, work: Path, other: Path, resume: bool = Fals
         taylorprune("recover", "--model", str(pruned), "--teacher", str(model), "--calib-file", str(CALIB),
                     "--seqlen", "512", *RECOVER, "--device", "cpu", "--output", str(recovered), "--overwrite")
         wall_file.write_text(json.dumps({"recover_wall_s": time.perf_counter() - t0}))
+        for stale in work.glob(f"eval-{recovered.name}-*.json"):  # evaluations of an earlier recovery
+            stale.unlink()
     wall = json.loads(wall_file.read_text())["recover_wall_s"]
     report = json.loads((recovered / "taylorprune_report.json").read_text())
     pruned_report = json.loads((pruned / "taylorprune_report.json").read_text())
@@ -155,6 +157,26 @@ def _verdicts(name: str, results: dict, dense: float, fwd: float | None) -> str:
     return f"- {ROWS[name][0]}: " + "; ".join(parts)
 
 
+def _settings(record: dict) -> str:
+    """How a row's recovery ran, from its report: peak lr and sampling (absent: the draws of earlier versions)."""
+    return f"lr {record['recover_lr']:.0e}, {record.get('recover_sampling', 'random')}".replace("e-0", "e-")
+
+
+def _superseded(rows: list[dict], dense: dict, fwd: float | None) -> list[str]:
+    """Rows measured before under other recovery settings, one line each (the table above holds the latest)."""
+    if not rows:
+        return []
+    out = ["", "Measured before under other recovery settings (same pruned models):", ""]
+    for r in rows:
+        q, rec = r["recovered"], r["recover"]
+        out.append(f"- {r['what']} ({_settings(rec)}): recovered WikiText {q['ppl']:.2f} "
+                   f"({_ratio(q['ppl'], dense['ppl'])}×), Python reference "
+                   f"{_ratio(q['ppl_second'], dense['ppl_second'])}×, held-out KL {rec['kl_after']:.3f}, "
+                   f"{rec['tokens_per_s']:.0f} tok/s"
+                   + (f" ({rec['tokens_per_s'] / fwd:.2f})" if fwd else ""))
+    return out
+
+
 def table(results: dict) -> str:
     dense, second = results.get("dense"), results.get("second_domain", {})
     if dense is None:
@@ -164,7 +186,9 @@ def table(results: dict) -> str:
              "SmolLM2-135M-Instruct. Each configuration pruned (calibration 128 × 512 WikiText-2 validation windows), "
              "then recovered by `taylorprune recover --teacher DENSE` on WikiText-2 validation (534 windows × 512, "
              "8 held out, 260 steps × 4 windows = 532,480 tokens = 1.98 passes over the 526 training windows, "
-             "AdamW lr 1e-4, KL at T = 1, every decoder-block parameter trained, masks kept). "
+             "AdamW at the peak lr each row names, KL at T = 1, every decoder-block parameter trained, masks kept; "
+             "batches either walk shuffles of the windows (epoch: each seen twice) or are drawn afresh each step "
+             "(random, the rows measured before `--recover-sampling` existed)). "
              "PPL on 40 × 512 windows of WikiText-2 test and, as "
              "a second domain neither calibration nor recovery saw, of Python's language reference (`pydoc_data."
              f"topics` of CPython {second.get('python', '?')}, sha256 {second.get('sha256', '?')[:12]}…). "
@@ -180,12 +204,14 @@ def table(results: dict) -> str:
             continue
         p, q, rec = r["pruned"], r["recovered"], r["recover"]
         lines.append(
-            f"| {r['what']} | {p['ppl']:.2f} → **{q['ppl']:.2f}** ({_ratio(p['ppl'], dense['ppl'])} → "
+            f"| {r['what']} ({_settings(rec)}) | {p['ppl']:.2f} → **{q['ppl']:.2f}** "
+            f"({_ratio(p['ppl'], dense['ppl'])} → "
             f"{_ratio(q['ppl'], dense['ppl'])}) | {p['ppl_second']:.2f} → {q['ppl_second']:.2f} "
             f"({_ratio(p['ppl_second'], dense['ppl_second'])} → {_ratio(q['ppl_second'], dense['ppl_second'])}) | "
             f"{p['lastword']:.4f} → {q['lastword']:.4f} | {rec['kl_before']:.3f} → {rec['kl_after']:.3f} | "
             f"{rec['tokens_per_s']:.0f} ({rec['tokens_per_s'] / fwd:.2f}) | {rec['seconds']:.0f} "
             f"({r['recover_wall_s']:.0f}) |")
+    lines += _superseded(results.get("superseded", []), dense, fwd)
     notes = [f"- {results[n]['what']}: {results[n]['note']}" for n in ROWS if results.get(n, {}).get("note")]
     if notes:
         lines += ["", "Notes on single rows:", "", *notes]
@@ -195,6 +221,13 @@ def table(results: dict) -> str:
     lines += ["", "Targets (× dense WikiText-2 PPL, recovery tokens/s ÷ plain forward ≥ 0.20):", ""]
     lines += [_verdicts(name, results, dense["ppl"], fwd) for name in ROWS if name in TARGETS]
     return "\n".join(lines) + "\n"
+
+
+def _same_settings(row: dict) -> bool:
+    """Whether a measured row's recovery ran with this script's RECOVER settings (lr and sampling)."""
+    rec = row["recover"]
+    lr = float(RECOVER[RECOVER.index("--recover-lr") + 1])
+    return rec["recover_lr"] == lr and rec.get("recover_sampling", "random") == "epoch"
 
 
 def main() -> None:
@@ -213,8 +246,10 @@ def main() -> None:
             results["dense"] = measured(model, work, other, args.resume)
             results["forward_tokens_per_s"] = forward_tokens_per_s(model)
         for name in (n for n in wanted if n in ROWS):
-            if args.resume and name in results:
+            if args.resume and name in results and _same_settings(results[name]):
                 continue
+            if name in results and not _same_settings(results[name]):
+                results.setdefault("superseded", []).append(results.pop(name))
             results[name] = measure(name, model, work, other, args.resume)
             JSON.write_text(json.dumps(results, indent=2) + "\n")
             MD.write_text(table(results))
