@@ -19,8 +19,9 @@ docs/bench_recover.json (``--resume``); the table goes to docs/bench_recover.md 
     python scripts/bench_recover.py --render
 
 With ``--resume`` a row also reuses every stage it finished before in ``--work`` (the pruned and the recovered
-folders, each evaluation): a row costs about 85 minutes on 2 CPU cores (68 of them recovering), so it may span
-two sessions when the machine keeps ``--work``.
+folders, each evaluation): a row costs about 55 minutes on 2 CPU cores (45 of them recovering), so it may span
+two sessions when the machine keeps ``--work``. A row measured before under other recovery settings (lr, sampling)
+is measured again and the earlier figures kept as a superseded line.
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ def table(results: dict) -> str:
         lines += ["", "Notes on single rows:", "", *notes]
     pending = [ROWS[n][0] for n in ROWS if n not in results]
     if pending:
-        lines += ["", "Not measured yet (about 70 minutes a row on 2 CPU cores): " + "; ".join(pending) + "."]
+        lines += ["", "Not measured yet (about 55 minutes a row on 2 CPU cores): " + "; ".join(pending) + "."]
     lines += ["", "Targets (× dense WikiText-2 PPL, recovery tokens/s ÷ plain forward ≥ 0.20):", ""]
     lines += [_verdicts(name, results, dense["ppl"], fwd) for name in ROWS if name in TARGETS]
     return "\n".join(lines) + "\n"
