@@ -195,3 +195,5 @@ def test_epoch_batches_see_every_window_once_a_pass(size, batch, passes, seed):
     for k in range(passes):  # each pass, in order, is a permutation of the windows
         assert sorted(seen[k * size:(k + 1) * size].tolist()) == list(range(size))
     assert torch.equal(next(batches(size, batch, torch.Generator().manual_seed(seed), epochs=True)), drawn[0])
+    fresh = next(batches(size, batch, torch.Generator().manual_seed(seed), epochs=False))  # random: one draw
+    assert len(set(fresh.tolist())) == len(fresh) == min(batch, size)

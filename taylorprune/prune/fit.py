@@ -40,11 +40,10 @@ def batches(train_size: int, batch: int, generator: torch.Generator, epochs: boo
     """Seeded batches of indices: independent draws without replacement within a batch, or, with ``epochs``,
     consecutive slices of one permutation after another, so every item is seen once before any is seen twice
     (a batch may straddle two passes)."""
+    while not epochs:
+        yield torch.randperm(train_size, generator=generator)[:batch]
     order = torch.empty(0, dtype=torch.long)
     while True:
-        if not epochs:
-            yield torch.randperm(train_size, generator=generator)[:batch]
-            continue
         while len(order) < batch:
             order = torch.cat([order, torch.randperm(train_size, generator=generator)])
         yield order[:batch]

@@ -36,7 +36,7 @@ from torch import nn
 from taylorprune import distributed
 from taylorprune.options import Options, option
 from taylorprune.prune.fit import FitSettings, masked_fit
-from taylorprune.recover.teacher import TargetCache, Teacher
+from taylorprune.recover.teacher import TargetCache, Teacher, model_outputs
 
 WEIGHTS = ("all", "lora")
 SAMPLING = ("epoch", "random")
@@ -116,11 +116,6 @@ class Student:
     masks: list[torch.Tensor | None]
 
 
-def _outputs(model: nn.Module, ids: torch.Tensor, hidden: bool):
-    out = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-    return out.logits, (out.hidden_states[-1] if hidden else None)
-
-
 def distill(student: Student, teacher: Teacher, train: torch.Tensor, held: torch.Tensor, options: RecoverOptions,
             device: torch.device, seed: int, on_step: Callable[[int], None] | None = None
             ) -> tuple[dict, Callable[[], float]]:
@@ -135,11 +130,11 @@ def distill(student: Student, teacher: Teacher, train: torch.Tensor, held: torch
     with torch.no_grad():
         held_targets = [teacher.outputs(held[k][None].to(device)) for k in mine]
     cache = TargetCache(teacher, len(train) if share is None else len(share),
-                        train.shape[1] * model.config.hidden_size * next(model.parameters()).element_size(), hidden)
+                        train.shape[1] * model.config.hidden_size * 4, hidden)  # fp32 states: an upper bound
 
     def loss(ids: torch.Tensor, target) -> torch.Tensor:
         with autocast:
-            logits, last = _outputs(model, ids, hidden)
+            logits, last = model_outputs(model, ids, hidden)
         value = kl_loss(logits, target[0], options.recover_temperature)
         if hidden:
             value = value + options.recover_hidden * hidden_loss(last, target[1])
@@ -157,7 +152,7 @@ def distill(student: Student, teacher: Teacher, train: torch.Tensor, held: torch
         return distributed.all_sum_number(total) / len(held)
 
     def optimizer(params):
-        # the fused kernel: the default per-tensor loop cost ~40× as long on the CPU (80M fp32 weights: ~4 s a step)
+        # the fused kernel: the default per-tensor loop took 4.13 s a step on 80M fp32 weights, fused 0.10 s (CPU)
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
         opt = torch.optim.AdamW(params, lr=options.recover_lr, weight_decay=0.0, fused=fused)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule(options.recover_steps, options.recover_warmup))

@@ -34,13 +34,22 @@ class Teacher:
     head: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
+def pair(out, hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits, last hidden states or None) of a causal LM's output: what the KL and the hidden term compare."""
+    return out.logits, (out.hidden_states[-1] if hidden else None)
+
+
+def model_outputs(model: nn.Module, ids: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward of a whole model (teacher or student) as ``pair``."""
+    return pair(model(input_ids=ids, use_cache=False, output_hidden_states=hidden), hidden)
+
+
 def resident(model: nn.Module, hidden: bool) -> Teacher:
     """A teacher held whole on the device: one forward for the outputs; the decoder and the head apart for the
     cache."""
 
     def outputs(ids: torch.Tensor):
-        out = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-        return out.logits, (out.hidden_states[-1] if hidden else None)
+        return model_outputs(model, ids, hidden)
 
     def last(ids: torch.Tensor) -> torch.Tensor:
         return model.base_model(input_ids=ids, use_cache=False).last_hidden_state
@@ -57,7 +66,7 @@ class TargetCache:
     """The teacher's logits for training windows, by window index; see the module docstring."""
 
     def __init__(self, teacher: Teacher, windows: int, window_bytes: int, hidden: bool) -> None:
-        self.teacher, self.hidden = teacher, hidden
+        self.teacher = teacher
         self.on = (not hidden and teacher.last is not None and teacher.head is not None
                    and windows * window_bytes <= CACHE_BYTES)
         self.store: dict[int, torch.Tensor] = {}

@@ -26,7 +26,7 @@ from taylorprune.pipeline.phases.calibration import calibration_corpus
 from taylorprune.pipeline.state import Phase, RunState
 from taylorprune.recover.distill import distill
 from taylorprune.recover.student import finish, prepare
-from taylorprune.recover.teacher import Teacher, resident
+from taylorprune.recover.teacher import Teacher, pair, resident
 
 
 def _stage(plan):
@@ -93,7 +93,7 @@ def _teacher(state: RunState, options) -> tuple[Teacher, str, nn.Module]:
         last = forward(runner, runner.capture(ids), write=False)
         with runner.outside_on_device(head=True):
             out = runner.head(ids, last, output_hidden_states=hidden)
-        return out.logits, (out.hidden_states[-1] if hidden else None)
+        return pair(out, hidden)
 
     return Teacher(streamed), "stream", model
 
