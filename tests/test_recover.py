@@ -17,7 +17,9 @@ from taylorprune.cli import app
 from taylorprune.errors import UserError
 from taylorprune.prune.fit import batches
 from taylorprune.prune.masks import check_nm
+from taylorprune.recover import head_kl as chunks
 from taylorprune.recover.distill import kl_loss, schedule
+from taylorprune.recover.head_kl import Targets, head_kl, head_matches, lm_head
 from taylorprune.recover.teacher import TargetCache, resident
 
 from .conftest import VALID
@@ -70,6 +72,7 @@ def test_masks_and_patterns_are_kept_exactly(stories_dir, tmp_path, kw):
     assert record["tokens_seen"] == record["steps"] * 2 * 64 and record["teacher_placement"] == "resident"
     cache = record["teacher_cache"]  # 10 training windows, 2 a step: later steps revisit them
     assert cache["windows"] <= 10 and cache["hits"] == record["steps"] * 2 - cache["windows"] > 0
+    assert record["loss"] == "chunked"  # from the final hidden states, LoRA-wrapped too (head_kl)
     if "structure" in kw:
         assert state.model.config.intermediate_size < without.model.config.intermediate_size + 1  # still compact
     if kw.get("method_options", {}).get("recover_weights") == "lora":
@@ -100,6 +103,13 @@ def test_recover_command_on_a_run_output_equals_run_recover(stories_dir, tmp_pat
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     report = json.loads((tmp_path / "b" / "taylorprune_report.json").read_text())
     assert report["recover"]["teacher"] == str(stories_dir) and report["achieved_sparsity"] is None
+
+
+def test_the_hidden_state_term_trains_toward_the_teacher_too(stories_dir, tmp_path):
+    record = recovered(stories_dir, tmp_path, method="wanda", sparsity=0.5,
+                       method_options={"recover_hidden": 1.0}).records["recover"]
+    assert record["kl_after"] < record["kl_before"]  # KL + MSE of the last hidden states, both held out
+    assert record["teacher_cache"] is None and record["loss"] == "chunked"  # the whole teacher runs each batch
 
 
 def test_kl_and_schedule():
@@ -165,8 +175,8 @@ def test_cached_teacher_targets_are_the_teachers_logits(tiny_dirs, arch):
     cache = TargetCache(teacher, windows=3, window_bytes=16 * 32 * 4, hidden=False)
     with torch.no_grad():
         whole = model(input_ids=ids).logits
-        first = cache(ids[:2], [0, 1])[0]
-        again = cache(ids[[1, 2]], [1, 2])[0]  # window 1 from its kept states, window 2 new
+        first = cache(ids[:2], [0, 1])[0].logits()
+        again = cache(ids[[1, 2]], [1, 2])[0].logits()  # window 1 from its kept states, window 2 new
     assert cache.record() == {"windows": 3, "hits": 1}
     assert torch.allclose(first, whole[:2], atol=1e-5) and torch.allclose(again, whole[1:], atol=1e-5)
 
@@ -180,10 +190,41 @@ def test_a_cache_whose_head_is_not_the_models_switches_itself_off(tiny_dirs):
     ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(0))
     cache = TargetCache(teacher, windows=2, window_bytes=16 * 32 * 4, hidden=False)
     with torch.no_grad():
-        assert torch.equal(cache(ids, [0, 1])[0], model(input_ids=ids).logits)
+        assert torch.equal(cache(ids, [0, 1])[0].logits(), model(input_ids=ids).logits)
     assert cache.record() is None and not cache.store
     too_big = TargetCache(resident(model, hidden=False), windows=2, window_bytes=2**40, hidden=False)
     assert too_big.record() is None
+
+
+@pytest.mark.parametrize("arch,cap,temperature", [("llama", None, 1.0), ("gemma3", 3.0, 2.0)])
+def test_the_chunked_loss_equals_the_plain_one_in_value_and_gradient(tiny_dirs, monkeypatch, arch, cap,
+                                                                     temperature):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[arch]).eval()
+    model.config.final_logit_softcapping = cap
+    monkeypatch.setattr(chunks, "CHUNK", 7)  # chunks that straddle windows, and a short last one
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 500, (2, 16), generator=gen)
+    assert head_matches(model, ids)
+    targets = Targets(torch.randn(2, 16, 32, generator=gen), lm_head(model))  # a teacher's final states
+    states = model.get_decoder()(input_ids=ids).last_hidden_state.detach().requires_grad_()
+    plain = kl_loss(lm_head(model)(states), targets.logits(), temperature)
+    (want,) = torch.autograd.grad(3 * plain, states)
+    got = head_kl(states, lm_head(model), targets, temperature)
+    (grad,) = torch.autograd.grad(3 * got, states)
+    assert plain > 0.01 and torch.allclose(got, plain, rtol=1e-5)
+    assert torch.allclose(grad, want, rtol=1e-4, atol=1e-7)
+
+
+def test_a_head_that_is_not_the_models_is_seen(tiny_dirs):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval()
+    ids = torch.randint(3, 500, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert head_matches(model, ids)
+    model.config.final_logit_softcapping = 1.0  # lm_head would cap; LLaMA's forward does not
+    assert not head_matches(model, ids)
 
 
 @given(st.integers(1, 40), st.integers(1, 12), st.integers(1, 5), st.integers(0, 2**16))

@@ -170,13 +170,15 @@ def hvp_bytes(config, target_numel: int, sums: int, seqlen: int, upcast_bytes: i
 
 
 def training_bytes(config, model_bytes_fp32: int, trained_numel: int, batch: int, seqlen: int,
-                   checkpointing: bool, teacher_bytes: int = 0) -> int:
+                   checkpointing: bool, teacher_bytes: int = 0, loss_chunk: int = 128) -> int:
     """Recovery on the device: the student in fp32, a gradient and two AdamW moments per trained parameter, the
-    autograd activations of one batch (with checkpointing: block inputs plus one block's), the student's and the
-    teacher's fp32 logits and their gradient, and the teacher when it sits on the device too."""
+    autograd activations of one batch (with checkpointing: block inputs plus one block's), the teacher's fp32
+    logits of one batch and a few chunks' worth of the student's (the loss is made ``loss_chunk`` positions at a
+    time, ``recover.head_kl``; the whole-logits fallback, for a head it cannot reproduce, needs two batches'
+    more), and the teacher when it sits on the device too. The held-out targets wait in CPU memory."""
     activations = activation_bytes(config, seqlen, 4, batch)
     if checkpointing:
         layers = max(1, config.num_hidden_layers)
         activations = activations // layers + batch * layers * seqlen * config.hidden_size * 4
-    logits = 3 * batch * seqlen * config.vocab_size * 4
+    logits = (batch * seqlen + 4 * loss_chunk) * config.vocab_size * 4
     return model_bytes_fp32 + 12 * trained_numel + activations + logits + teacher_bytes

@@ -2,7 +2,8 @@
 
 The pruned model (student) is trained toward the dense model (teacher) on text from the calibration source: the loss
 is the forward KL(teacher ‖ student) of the next-token distributions at temperature T (× T², so gradients keep their
-scale), over every position of every window, plus optionally ``--recover-hidden`` × the MSE of the last hidden
+scale), over every position of every window (made a chunk of positions at a time from the final hidden states,
+``recover.head_kl``, where the head allows it), plus optionally ``--recover-hidden`` × the MSE of the last hidden
 states (normalised by the teacher's). The targets are the teacher's distributions, never the text's labels, so what
 is learnt is the dense model's behaviour, not the calibration domain. Masks stay exact and compact shapes stay
 compact: the loop is ``prune.fit`` (a pruned weight's gradient is zeroed, the mask re-applied after every step).
@@ -36,6 +37,7 @@ from torch import nn
 from taylorprune import distributed
 from taylorprune.options import Options, option
 from taylorprune.prune.fit import FitSettings, masked_fit
+from taylorprune.recover.head_kl import Targets, head_kl, head_matches, lm_head
 from taylorprune.recover.teacher import TargetCache, Teacher, model_outputs
 
 WEIGHTS = ("all", "lora")
@@ -90,7 +92,7 @@ def kl_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
 
 def hidden_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """MSE of the last hidden states, relative to the teacher's mean square (scale-free)."""
-    t = teacher.float()
+    t = teacher.to(student.device).float()
     return F.mse_loss(student.float(), t) / t.pow(2).mean().clamp_min(1e-12)
 
 
@@ -116,6 +118,20 @@ class Student:
     masks: list[torch.Tensor | None]
 
 
+def _held(outputs: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[Targets, torch.Tensor | None]:
+    """A held-out window's targets, kept in CPU memory (on a 128k vocabulary, 8 windows of 2k tokens are 8 GiB of
+    logits); the loss moves what it reads to the device."""
+    logits, last = outputs
+    return Targets(logits.cpu()), None if last is None else last.cpu()
+
+
+def _chunked(student: Student, ids: torch.Tensor) -> bool:
+    """Whether the loss can be made from the final hidden states in chunks (``head_kl``): the head is not trained
+    and gives the model's own logits."""
+    head = student.model.get_output_embeddings().weight
+    return all(p is not head for p in student.params) and head_matches(student.model, ids)
+
+
 def distill(student: Student, teacher: Teacher, train: torch.Tensor, held: torch.Tensor, options: RecoverOptions,
             device: torch.device, seed: int, on_step: Callable[[int], None] | None = None
             ) -> tuple[dict, Callable[[], float]]:
@@ -128,14 +144,21 @@ def distill(student: Student, teacher: Teacher, train: torch.Tensor, held: torch
     share = world.share(len(train)) if world.active else None  # the training windows this rank computes
     mine = world.share(len(held))  # the held-out windows this rank measures (all of them in one process)
     with torch.no_grad():
-        held_targets = [teacher.outputs(held[k][None].to(device)) for k in mine]
+        held_targets = [_held(teacher.outputs(held[k][None].to(device))) for k in mine]
     cache = TargetCache(teacher, len(train) if share is None else len(share),
                         train.shape[1] * model.config.hidden_size * 4, hidden)  # fp32 states: an upper bound
 
-    def loss(ids: torch.Tensor, target) -> torch.Tensor:
+    chunked = _chunked(student, train[:1].to(device))
+    head = lm_head(model)
+
+    def loss(ids: torch.Tensor, target: tuple[Targets, torch.Tensor | None]) -> torch.Tensor:
         with autocast:
-            logits, last = model_outputs(model, ids, hidden)
-        value = kl_loss(logits, target[0], options.recover_temperature)
+            if chunked:
+                last = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+                value = head_kl(last, head, target[0], options.recover_temperature)
+            else:
+                logits, last = model_outputs(model, ids, hidden)
+                value = kl_loss(logits, target[0].logits().to(logits.device), options.recover_temperature)
         if hidden:
             value = value + options.recover_hidden * hidden_loss(last, target[1])
         return value
@@ -171,7 +194,7 @@ def distill(student: Student, teacher: Teacher, train: torch.Tensor, held: torch
               "kl_before": info["heldout_before"], "kl_after": info["heldout_after"], "heldout_windows": len(held),
               "train_windows": len(train), "seqlen": train.shape[1],
               "kl_curve": [[step, round(kl, 6)] for step, kl in info["heldout_curve"]],
-              "teacher_cache": cache.record()}
+              "teacher_cache": cache.record(), "loss": "chunked" if chunked else "whole"}
     return record, lambda: heldout_now(heldout)
 
 

@@ -4,7 +4,8 @@ training windows kept, so that a window's second visit costs the teacher only it
 Recovery passes over its windows up to twice (the issue's cap), and on a window's second visit the teacher's
 decoder would compute what it computed on the first. ``TargetCache`` keeps each training window's final hidden
 states (after the final norm) in CPU memory, in the teacher's dtype, while they fit in ``CACHE_BYTES``, and makes
-the logits again from them through the teacher's head (the LM head, then any final soft-capping): on SmolLM2-135M
+the logits again from them through the teacher's head (the LM head, then any final soft-capping), a chunk of
+positions at a time as the loss asks for them (``head_kl.Targets``): on SmolLM2-135M
 the decoder is ~80% of the teacher's forward. The cache checks itself on its first batch: if the head applied to
 the final hidden states does not give the model's own logits (an architecture that scales or caps them in a way
 ``head`` does not know), it switches itself off and every batch runs the whole teacher. Only a resident teacher
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from taylorprune.recover.head_kl import Targets, lm_head
 
 CACHE_BYTES = 4 * 2**30
 Outputs = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]  # ids -> (logits, last hidden or None)
@@ -54,16 +57,11 @@ def resident(model: nn.Module, hidden: bool) -> Teacher:
     def last(ids: torch.Tensor) -> torch.Tensor:
         return model.base_model(input_ids=ids, use_cache=False).last_hidden_state
 
-    def head(states: torch.Tensor) -> torch.Tensor:
-        logits = model.get_output_embeddings()(states)
-        cap = getattr(model.config, "final_logit_softcapping", None)
-        return torch.tanh(logits / cap) * cap if cap else logits
-
-    return Teacher(outputs, last, head)
+    return Teacher(outputs, last, lm_head(model))
 
 
 class TargetCache:
-    """The teacher's logits for training windows, by window index; see the module docstring."""
+    """The teacher's targets for training windows, by window index; see the module docstring."""
 
     def __init__(self, teacher: Teacher, windows: int, window_bytes: int, hidden: bool) -> None:
         self.teacher = teacher
@@ -72,23 +70,24 @@ class TargetCache:
         self.store: dict[int, torch.Tensor] = {}
         self.hits, self.checked = 0, False
 
-    def __call__(self, ids: torch.Tensor, keys: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, ids: torch.Tensor, keys: list[int]) -> tuple[Targets, torch.Tensor | None]:
         if not self.on:
-            return self.teacher.outputs(ids)
+            logits, last = self.teacher.outputs(ids)
+            return Targets(logits), last
         missing = [i for i, k in enumerate(keys) if k not in self.store]
         if missing:
             states = self.teacher.last(ids[missing])
             for i, row in zip(missing, states, strict=True):
                 self.store[keys[i]] = row.to("cpu", copy=True)
         self.hits += len(keys) - len(missing)
-        logits = self.teacher.head(torch.stack([self.store[k] for k in keys]).to(ids.device))
+        targets = Targets(torch.stack([self.store[k] for k in keys]).to(ids.device), self.teacher.head)
         if not self.checked:
             self.checked = True
             whole = self.teacher.outputs(ids)[0]
-            if (whole - logits).abs().max() > 0.01 * whole.abs().max():
+            if (whole - targets.logits()).abs().max() > 0.01 * whole.abs().max():
                 self.on, self.store = False, {}
-                return whole, None
-        return logits, None
+                return Targets(whole), None
+        return targets, None
 
     def record(self) -> dict | None:
         """What the report says: windows kept and batches' windows served from them (None: the cache was off)."""

@@ -25,6 +25,7 @@ from taylorprune.modeling.sweep import forward
 from taylorprune.pipeline.phases.calibration import calibration_corpus
 from taylorprune.pipeline.state import Phase, RunState
 from taylorprune.recover.distill import distill
+from taylorprune.recover.head_kl import CHUNK
 from taylorprune.recover.student import finish, prepare
 from taylorprune.recover.teacher import Teacher, pair, resident
 
@@ -64,7 +65,7 @@ def _check_memory(state: RunState, options, teacher_bytes: int) -> dict:
     plan, model = state.plan, state.model
     fp32 = model_bytes(model) * 4 // next(model.parameters()).element_size()
     need = training_bytes(model.config, fp32, _trained_numel(model, state.layout, options), options.recover_batch,
-                          options.recover_seqlen or plan.seqlen, options.recover_checkpoint, teacher_bytes)
+                          options.recover_seqlen or plan.seqlen, options.recover_checkpoint, teacher_bytes, CHUNK)
     budget = device_budget(plan.device, state.opts.placement.max_gpu_memory)
     if budget is not None and need > USABLE * budget:
         raise UserError(f"recovery needs about {need / GIB:.2f} GiB on {plan.device} ({USABLE:.0%} of "
