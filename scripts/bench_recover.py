@@ -159,8 +159,11 @@ def _verdicts(name: str, results: dict, dense: float, fwd: float | None) -> str:
 
 
 def _settings(record: dict) -> str:
-    """How a row's recovery ran, from its report: peak lr and sampling (absent: the draws of earlier versions)."""
-    return f"lr {record['recover_lr']:.0e}, {record.get('recover_sampling', 'random')}".replace("e-0", "e-")
+    """How a row's recovery ran, from its report: peak lr, sampling (absent: the draws of earlier versions) and
+    whether the loss was made in chunks from the final hidden states (absent: from whole logits, before
+    ``recover.head_kl``; the same loss, slower)."""
+    chunked = ", chunked loss" if record.get("loss") == "chunked" else ""
+    return f"lr {record['recover_lr']:.0e}, {record.get('recover_sampling', 'random')}{chunked}".replace("e-0", "e-")
 
 
 def _superseded(rows: list[dict], dense: dict, fwd: float | None) -> list[str]:
@@ -174,7 +177,8 @@ def _superseded(rows: list[dict], dense: dict, fwd: float | None) -> list[str]:
                    f"({_ratio(q['ppl'], dense['ppl'])}×), Python reference "
                    f"{_ratio(q['ppl_second'], dense['ppl_second'])}×, held-out KL {rec['kl_after']:.3f}, "
                    f"{rec['tokens_per_s']:.0f} tok/s"
-                   + (f" ({rec['tokens_per_s'] / fwd:.2f})" if fwd else ""))
+                   + (f" ({rec['tokens_per_s'] / fwd:.2f})" if fwd else "")
+                   + (f"; {r['note']}" if r.get("note") else ""))
     return out
 
 
