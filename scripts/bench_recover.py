@@ -41,7 +41,7 @@ DOCS = ROOT / "docs"
 JSON, MD = DOCS / "bench_recover.json", DOCS / "bench_recover.md"
 CALIB_ARGS = ["--calib-file", str(CALIB), "--calib-sampling", "sequential", "--seqlen", "512", "--nsamples", "128"]
 RECOVER = ["--recover-windows", "534", "--recover-heldout", "8", "--recover-steps", "260", "--recover-batch", "4",
-           "--recover-lr", "3e-4"]
+           "--recover-lr", "5e-4"]
 TASKS = ["--tasks", "wikitext_lastword", "--tasks-batch-size", "4"]
 ROWS: dict[str, tuple[str, list[str]]] = {
     "neurons-20": ("neurons 20% of parameters (oba-recon + compensation) + recon block",
