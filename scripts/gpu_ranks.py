@@ -99,10 +99,11 @@ def render(bench: Bench) -> list[str]:
                          f"{'–' if base is None else f'{base / mine:.2f}×'} |")
     f = r.get("f-recover-lora") or {}
     if "seconds" in f:
+        peak = "–" if f["peak_gpu_gib"] is None else f"{f['peak_gpu_gib']:.2f}"
         lines += ["", f"## (f) Recovery with LoRA ({s.full_blocks} blocks, {s.seqlen}-token windows)", "",
                   "| steps | tokens | s per 1k tokens | held-out KL before → after | peak GPU (GiB) |",
                   "| ---: | ---: | ---: | --- | ---: |",
                   f"| {f['steps']} | {f['tokens_seen']} | {f['s_per_1k_tokens']:.2f} | {f['kl_before']:.4f} → "
-                  f"{f['kl_after']:.4f} | {f['peak_gpu_gib'] if f['peak_gpu_gib'] is not None else '–'} |"]
+                  f"{f['kl_after']:.4f} | {peak} |"]
     return lines
 
