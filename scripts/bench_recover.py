@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_quality import CALIB, DOC, RESULTS, TEST, dense_folder, render, row_parser, taylorprune  # noqa: E402
+from recover_table import Plan, table  # noqa: E402
 
 DOCS = ROOT / "docs"
 JSON, MD = DOCS / "bench_recover.json", DOCS / "bench_recover.md"
@@ -43,6 +44,7 @@ CALIB_ARGS = ["--calib-file", str(CALIB), "--calib-sampling", "sequential", "--s
 RECOVER = ["--recover-windows", "534", "--recover-heldout", "8", "--recover-steps", "260", "--recover-batch", "4"]
 LR = 5e-4  # peak recovery lr of every row but those in ROW_LR
 ROW_LR = {"sparsegpt-2of4": 3e-4}  # measured at 3e-4 (1.476×); not re-run at 5e-4
+SPAN_LR = 1e-3  # block reconstruction lr of the recon-only row
 TASKS = ["--tasks", "wikitext_lastword", "--tasks-batch-size", "4"]
 ROWS: dict[str, tuple[str, list[str]]] = {
     "neurons-20": ("neurons 20% of parameters (oba-recon + compensation) + recon block",
@@ -54,7 +56,17 @@ ROWS: dict[str, tuple[str, list[str]]] = {
                         ["--structure", "neurons", "--target-params", "0.2", "--method", "oba", "--pattern", "2:4",
                          "--recon", "block"]),
 }
-TARGETS = {"neurons-20": (1.50, 1.30), "sparsegpt-50": (None, 1.20), "sparsegpt-2of4": (None, 1.50)}
+# Pruned with block reconstruction only, not recovered (the issue's recon-only target).
+RECON_ROWS: dict[str, tuple[str, list[str]]] = {
+    "neurons-20-span3": (f"neurons 20% of parameters (oba + compensation) + recon block, span 3, 100 steps at "
+                         f"{SPAN_LR:.0e}, patience 10".replace("e-0", "e-"),
+                         ["--structure", "neurons", "--target-params", "0.2", "--method", "oba", "--recon", "block",
+                          "--recon-span", "3", "--recon-steps", "100", "--recon-lr", str(SPAN_LR),
+                          "--recon-patience", "10"]),
+}
+TARGETS = {"neurons-20": (1.50, 1.30), "sparsegpt-50": (None, 1.20), "sparsegpt-2of4": (None, 1.50),
+           "neurons-20-span3": (1.50, None)}
+PLAN = Plan(ROWS, RECON_ROWS, TARGETS)
 
 
 def second_domain(work: Path) -> tuple[Path, dict]:
@@ -139,95 +151,20 @@ def measure(name: str, model: Path, work: Path, other: Path, resume: bool = Fals
     return row
 
 
-def _ratio(value: float, dense: float) -> str:
-    return f"{value / dense:.3f}"
-
-
-def _verdict(label: str, value: float | None, limit: float, below: bool = True) -> str:
-    if value is None:
-        return f"{label} ≤ {limit:.2f}: not measured yet" if below else f"{label} ≥ {limit:.2f}: not measured yet"
-    met = value <= limit if below else value >= limit
-    return f"{label} {value:.3f} ({'met' if met else 'missed'}: {'≤' if below else '≥'} {limit:.2f})"
-
-
-def _verdicts(name: str, results: dict, dense: float, fwd: float | None) -> str:
-    """One bullet: each target of a row beside its measured figure."""
-    recon, recovered = TARGETS[name]
-    r = results.get(name)
-    parts = [_verdict("recon", r and r["pruned"]["ppl"] / dense, recon)] if recon else []
-    parts.append(_verdict("recovered", r and r["recovered"]["ppl"] / dense, recovered))
-    parts.append(_verdict("cost", r and fwd and r["recover"]["tokens_per_s"] / fwd, 0.20, below=False))
-    return f"- {ROWS[name][0]}: " + "; ".join(parts)
-
-
-def _settings(record: dict) -> str:
-    """How a row's recovery ran, from its report: peak lr, sampling (absent: the draws of earlier versions) and
-    whether the loss was made in chunks from the final hidden states (absent: from whole logits, before
-    ``recover.head_kl``; the same loss, slower)."""
-    chunked = ", chunked loss" if record.get("loss") == "chunked" else ""
-    return f"lr {record['recover_lr']:.0e}, {record.get('recover_sampling', 'random')}{chunked}".replace("e-0", "e-")
-
-
-def _superseded(rows: list[dict], dense: dict, fwd: float | None) -> list[str]:
-    """Rows measured before under other recovery settings, one line each (the table above holds the latest)."""
-    if not rows:
-        return []
-    out = ["", "Measured before under other recovery settings (same pruned models):", ""]
-    for r in rows:
-        q, rec = r["recovered"], r["recover"]
-        out.append(f"- {r['what']} ({_settings(rec)}): recovered WikiText {q['ppl']:.2f} "
-                   f"({_ratio(q['ppl'], dense['ppl'])}×), Python reference "
-                   f"{_ratio(q['ppl_second'], dense['ppl_second'])}×, held-out KL {rec['kl_after']:.3f}, "
-                   f"{rec['tokens_per_s']:.0f} tok/s"
-                   + (f" ({rec['tokens_per_s'] / fwd:.2f})" if fwd else "")
-                   + (f"; {r['note']}" if r.get("note") else ""))
-    return out
-
-
-def table(results: dict) -> str:
-    dense, second = results.get("dense"), results.get("second_domain", {})
-    if dense is None:
-        return ""
-    fwd = results.get("forward_tokens_per_s")
-    lines = ["## Recovery by distillation (issue #23)", "",
-             "SmolLM2-135M-Instruct. Each configuration pruned (calibration 128 × 512 WikiText-2 validation windows), "
-             "then recovered by `taylorprune recover --teacher DENSE` on WikiText-2 validation (534 windows × 512, "
-             "8 held out, 260 steps × 4 windows = 532,480 tokens = 1.98 passes over the 526 training windows, "
-             "AdamW at the peak lr each row names, KL at T = 1, every decoder-block parameter trained, masks kept; "
-             "batches either walk shuffles of the windows (epoch: each seen twice) or are drawn afresh each step "
-             "(random, the rows measured before `--recover-sampling` existed)). "
-             "PPL on 40 × 512 windows of WikiText-2 test and, as "
-             "a second domain neither calibration nor recovery saw, of Python's language reference (`pydoc_data."
-             f"topics` of CPython {second.get('python', '?')}, sha256 {second.get('sha256', '?')[:12]}…). "
-             "Made by `python scripts/bench_recover.py` (raw numbers in `docs/bench_recover.json`).", "",
-             f"Dense: WikiText-2 PPL {dense['ppl']:.2f}, Python-reference PPL {dense['ppl_second']:.2f}, last-word "
-             f"acc {dense['lastword']:.4f}; plain forward {fwd:.0f} tokens/s (batch 4 × 512)." if fwd else "", "",
-             "| configuration | WikiText PPL pruned → recovered (× dense) | Python-reference PPL pruned → recovered "
-             "(× dense) | last-word acc | held-out KL | recovery tok/s (÷ forward) | recovery s (process wall s) |",
-             "| --- | --- | --- | --- | --- | --- | ---: |"]
-    for name in ROWS:
-        r = results.get(name)
-        if r is None:
-            continue
-        p, q, rec = r["pruned"], r["recovered"], r["recover"]
-        lines.append(
-            f"| {r['what']} ({_settings(rec)}) | {p['ppl']:.2f} → **{q['ppl']:.2f}** "
-            f"({_ratio(p['ppl'], dense['ppl'])} → "
-            f"{_ratio(q['ppl'], dense['ppl'])}) | {p['ppl_second']:.2f} → {q['ppl_second']:.2f} "
-            f"({_ratio(p['ppl_second'], dense['ppl_second'])} → {_ratio(q['ppl_second'], dense['ppl_second'])}) | "
-            f"{p['lastword']:.4f} → {q['lastword']:.4f} | {rec['kl_before']:.3f} → {rec['kl_after']:.3f} | "
-            f"{rec['tokens_per_s']:.0f} ({rec['tokens_per_s'] / fwd:.2f}) | {rec['seconds']:.0f} "
-            f"({r['recover_wall_s']:.0f}) |")
-    lines += _superseded(results.get("superseded", []), dense, fwd)
-    notes = [f"- {results[n]['what']}: {results[n]['note']}" for n in ROWS if results.get(n, {}).get("note")]
-    if notes:
-        lines += ["", "Notes on single rows:", "", *notes]
-    pending = [ROWS[n][0] for n in ROWS if n not in results]
-    if pending:
-        lines += ["", "Not measured yet (about 55 minutes a row on 2 CPU cores): " + "; ".join(pending) + "."]
-    lines += ["", "Targets (× dense WikiText-2 PPL, recovery tokens/s ÷ plain forward ≥ 0.20):", ""]
-    lines += [_verdicts(name, results, dense["ppl"], fwd) for name in ROWS if name in TARGETS]
-    return "\n".join(lines) + "\n"
+def measure_recon(name: str, model: Path, work: Path, other: Path, resume: bool = False) -> dict:
+    """A row pruned with block reconstruction and evaluated, not recovered."""
+    what, args = RECON_ROWS[name]
+    pruned = work / f"recover-bench-{name}"
+    if not (resume and _written(pruned)):
+        taylorprune("run", "--model", str(model), *args, *CALIB_ARGS, "--device", "cpu", "--output", str(pruned),
+                    "--overwrite")
+    report = json.loads((pruned / "taylorprune_report.json").read_text())
+    row = {"what": what, "args": args, "pruned": measured(pruned, work, other, resume),
+           "prune_s": report["phases_s"].get("prune", 0.0),
+           "removed_params": report["structured"]["parameters"]["removed_fraction"]}
+    for weights in pruned.glob("*.safetensors"):
+        weights.unlink()
+    return row
 
 
 def lr_of(name: str) -> float:
@@ -245,17 +182,20 @@ def main() -> None:
     args = row_parser(__doc__, "comma-separated row names (and dense)").parse_args()
     results = json.loads(JSON.read_text()) if JSON.is_file() else {}
     if args.list:
-        print("\n".join(f"{'✓' if n in results else '?'} {n}: {w}" for n, (w, _) in ROWS.items()))
+        print("\n".join(f"{'✓' if n in results else '?'} {n}: {w}" for n, (w, _) in {**ROWS, **RECON_ROWS}.items()))
         return
     if not args.render:
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
         model = dense_folder(work)
         other, results["second_domain"] = second_domain(work)
-        wanted = args.only.split(",") if args.only else ["dense", *ROWS]
+        wanted = args.only.split(",") if args.only else ["dense", *ROWS, *RECON_ROWS]
         if "dense" in wanted and not (args.resume and "dense" in results):
             results["dense"] = measured(model, work, other, args.resume)
             results["forward_tokens_per_s"] = forward_tokens_per_s(model)
+        for name in (n for n in wanted if n in RECON_ROWS and not (args.resume and n in results)):
+            results[name] = measure_recon(name, model, work, other, args.resume)
+            JSON.write_text(json.dumps(results, indent=2) + "\n")
         for name in (n for n in wanted if n in ROWS):
             if args.resume and name in results and _same_settings(name, results[name]):
                 continue
@@ -263,9 +203,9 @@ def main() -> None:
                 results.setdefault("superseded", []).append(results.pop(name))
             results[name] = measure(name, model, work, other, args.resume)
             JSON.write_text(json.dumps(results, indent=2) + "\n")
-            MD.write_text(table(results))
+            MD.write_text(table(PLAN, results))
         JSON.write_text(json.dumps(results, indent=2) + "\n")
-    MD.write_text(table(results))
+    MD.write_text(table(PLAN, results))
     DOC.write_text(render(json.loads(RESULTS.read_text())))
     print(MD.read_text())
 

@@ -65,6 +65,8 @@ def test_gemma_windows_start_with_bos_and_llama_windows_keep_the_papers_protocol
     ["--structure", "heads", "--head-mode", "query-heads", "--structure-ratio", "0.5", "--method", "oba"],
     ["--structure", "neurons", "--structure-ratio", "0.25", "--method", "taylor", "--recon", "block",
      "--recon-steps", "5"],
+    ["--structure", "neurons", "--structure-ratio", "0.25", "--method", "wanda", "--recon", "block",
+     "--recon-steps", "5", "--recon-span", "2"],
     ["--structure", "blocks", "--structure-ratio", "0.34", "--method", "wanda"],
     ["--structure", "neurons", "--structure-ratio", "0.25", "--method", "wanda", "--pattern", "2:4"],
 ], ids=lambda a: " ".join(a[:4]))
@@ -77,6 +79,8 @@ def test_every_method_and_stage_on_gemma3(tiny_dirs, tmp_path, extra):
     assert report["metrics"]["perplexity"] > 1
     model = loading.load(str(out)).model  # plain transformers loads it back, and generates
     assert model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
+    if "--recon-span" in extra:  # block i's fit covers block i - 1 too
+        assert [b["recon"].get("blocks") for b in report["structured"]["per_block"]][:2] == [None, [0, 1]]
     if "2:4" in extra:
         assert all(check_nm(model.get_submodule(lin["name"]).weight, 2, 4) for lin in report["linears"])
 

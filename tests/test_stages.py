@@ -16,7 +16,7 @@ from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.modeling.layout import find_layout
 from taylorprune.prune.allocation import MAX_SPARSITY, block_sparsities, exact_counts
 from taylorprune.prune.masks import Pattern, build_mask
-from taylorprune.prune.recon import ReconOptions, reconstruct, settled
+from taylorprune.prune.recon import ReconOptions, Trail, reconstruct, settled
 
 from .conftest import VALID
 
@@ -110,6 +110,43 @@ def test_recon_through_the_engine_is_deterministic_and_keeps_sparsity(tmp_path, 
             assert torch.equal(wa != 0, plain.loaded.model.get_submodule(lin["name"]).weight != 0)
     blocks = a.records["unstructured"]["blocks"]
     assert [blk["steps"] for blk in blocks] and "prune.recon" in a.phases_s
+    assert sum(b["heldout_mse_after"] for b in blocks) < sum(b["heldout_mse_before"] for b in blocks)
+
+
+def test_a_spanning_fit_reruns_the_stream_through_every_block_it_changed(stories_dir):
+    model = loading.load(str(stories_dir)).model
+    layout = find_layout(model)
+    ids = torch.randint(3, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    run = BlockRunner(model, layout, torch.device("cpu"), batch_size=2)
+    hidden = start = run.capture(ids)
+    trail, seen = Trail(run, 2), []
+
+    def apply(first: int, inputs: torch.Tensor, linears: list) -> dict:
+        seen.append((first, len(linears)))
+        with torch.no_grad():
+            linears[0].weight.mul_(0.5)  # a change in the first block of the span
+        return {}
+
+    per_block = len(layout.targets[0])
+    for i in range(len(layout.blocks)):
+        trail.add(i, hidden)
+        _, out = trail.fit(i, hidden, apply, lambda j: [t.module for t in layout.targets[j]])
+        assert (out is None) == (i == 0)
+        hidden = run.run(i, hidden) if out is None else out
+    assert seen == [(0, per_block)] + [(i - 1, 2 * per_block) for i in range(1, len(layout.blocks))]
+    for i in range(len(layout.blocks)):  # the carried stream is the changed model's own
+        start = run.run(i, start)
+    assert torch.equal(hidden, start)
+
+
+def test_recon_span_fits_pairs_of_blocks_and_keeps_sparsity(tmp_path, stories_dir):
+    kw = dict(recon="block", method_options={"recon_steps": 20, "recon_lr": 1e-3, "recon_span": 2})
+    pruned = pipeline.prune(opts(tmp_path, stories_dir, **kw))
+    assert pruned.achieved_sparsity == pytest.approx(0.5)
+    for lin in pruned.linears:
+        assert int((pruned.loaded.model.get_submodule(lin["name"]).weight == 0).sum()) == lin["zeros"]
+    blocks = pruned.records["unstructured"]["blocks"]
+    assert "blocks" not in blocks[0] and [b["blocks"] for b in blocks[1:]] == [[i - 1, i] for i in range(1, 5)]
     assert sum(b["heldout_mse_after"] for b in blocks) < sum(b["heldout_mse_before"] for b in blocks)
 
 

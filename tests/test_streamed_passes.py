@@ -154,6 +154,18 @@ def test_stream_flag_takes_every_pass_block_by_block_with_the_same_result(tmp_pa
     assert report["wall_s"] >= report["phases_s"]["startup"] > 0
 
 
+def test_a_block_fit_spanning_two_blocks_streams_them_with_the_same_result(tmp_path, tiny_dirs):
+    kw = dict(method="wanda", sparsity=0.5, recon="block",
+              method_options={"recon_steps": 10, "recon_lr": 1e-3, "recon_span": 2})
+    plain = pipeline.prune(run_options(tmp_path, tiny_dirs["llama"], "a", **kw))
+    streamed = pipeline.prune(run_options(tmp_path, tiny_dirs["llama"], "b", stream=True, **kw))
+    assert streamed.placement.mode == "stream"
+    pairs = zip(find_layout(plain.loaded.model).all_targets, find_layout(streamed.loaded.model).all_targets,
+                strict=True)
+    assert all(torch.allclose(x.module.weight, y.module.weight, atol=1e-5) for x, y in pairs)
+    assert streamed.records["unstructured"]["blocks"][1]["blocks"] == [0, 1]
+
+
 def test_a_memory_cap_below_the_model_triggers_streaming(tmp_path, tiny_dirs):
     model = tiny_dirs["llama"]
     size = model_bytes(loading.load(str(model)).model)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from taylorprune import distributed
 from taylorprune.errors import RunError
@@ -25,6 +26,7 @@ from taylorprune.modeling.sweep import forward
 from taylorprune.pipeline.components import Components
 from taylorprune.pipeline.state import linear_record
 from taylorprune.prune.masks import Fallback, Pattern, build_mask
+from taylorprune.prune.recon import Trail
 from taylorprune.stats.collect import linear_statistics
 from taylorprune.stats.registry import of_scope, sources_for
 from taylorprune.stats.source import Scope, Stats
@@ -130,7 +132,12 @@ def _prune_blocks(runner: BlockRunner, layout: Layout, calib_ids, job: Job, on_b
     dense = [hidden if job.dense_stream else None]  # the dense model's activations, for dense block targets
     t = _tick(result.timings, "capture", t)
 
-    def visit(i: int, inputs: torch.Tensor | None) -> None:
+    trail = Trail(runner, max((s.choice.span(s.options) for s in job.block_stages), default=1))
+
+    def targets_of(j: int) -> list[nn.Linear]:
+        return [tg.module for tg in layout.targets[j]]
+
+    def visit(i: int, inputs: torch.Tensor | None) -> torch.Tensor | None:
         targets = layout.targets[i]
         dense_out = runner.run(i, dense[0]) if dense[0] is not None else None  # before block i is pruned
         same = job.block_stages and not job.dense_stream and targets
@@ -139,15 +146,19 @@ def _prune_blocks(runner: BlockRunner, layout: Layout, calib_ids, job: Job, on_b
         stats = _block_statistics(runner, i, inputs, targets, job) if targets else {}
         _tick(result.timings, "statistics", t)
         _prune_targets(targets, stats, job, result, i)
+        trail.add(i, inputs)
+        out = None
         for stage in job.block_stages if targets else ():
             t = time.perf_counter()
             goal = dense_out if dense_out is not None else same_out
-            info = stage.kind.step(stage, runner, i, inputs, goal, [tg.module for tg in targets], job.seed)
+            info, out = trail.fit(i, inputs, lambda first, x, lins, stage=stage, goal=goal: stage.kind.step(
+                stage, runner, i, x, goal, lins, job.seed, first=first), targets_of)
             result.blocks.append({"block": i, **info})
             _tick(result.timings, stage.kind.name, t)
         if job.block_stages and targets:  # the linears are already synced; a block fit may differ in round-off
             distributed.sync_module(layout.blocks[i])
         dense[0] = dense_out
+        return out
 
     t = time.perf_counter()
     forward(runner, hidden, visit=visit, last=False, on_block=on_block)

@@ -117,9 +117,10 @@ def _update_step(stage: Stage, work) -> None:
     work.new = stage.choice.apply(work.weight, work.keep, work.pattern, work.stats, stage.options, work.path)
 
 
-# block: step(stage, runner, block index, inputs, goal outputs, linears, seed) -> what the report records
-def _recon_step(stage: Stage, runner, i: int, inputs, goal, linears, seed: int) -> dict:
-    return stage.choice.apply(runner, i, inputs, goal, linears, stage.options, seed)
+# block: step(stage, runner, block index, inputs, goal outputs, linears, seed, first block of the fit) -> what the
+# report records
+def _recon_step(stage: Stage, runner, i: int, inputs, goal, linears, seed: int, first: int | None = None) -> dict:
+    return stage.choice.apply(runner, i, inputs, goal, linears, stage.options, seed, first=first)
 
 
 # model (unstructured): step(stage, layout, dense statistics, pattern) -> ({target path: pattern}, report info)

@@ -13,8 +13,9 @@ are drawn from a generator seeded by ``--seed`` and the block index, so runs rep
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,10 @@ class ReconOptions(Options):
                                "or on the pruned model's (same).", choices=TARGETS)
     recon_patience: int = option(3, "Held-out evaluations (every 10 steps) without improvement before stopping.",
                                  minimum=1)
+    recon_span: int = option(1, "Blocks fitted together: the block just pruned and the span − 1 blocks before it, "
+                             "from the first one's inputs to the last one's goal outputs; each block is fitted up to "
+                             "span times and a step costs about span block passes (SmolLM2, 20% of parameters as "
+                             "neurons, 100 steps at 1e-3: span 1 45.22, span 2 44.28 PPL).", minimum=1, maximum=8)
     recon_loss: str = option("auto", "Block error to fit: mse of the block outputs, normed: mse of what the next "
                              "reader sees (the next block's input norm, the final norm after the last block), or "
                              "auto: normed for blocks with post-sublayer norms (Gemma), mse otherwise.",
@@ -61,6 +66,10 @@ class Recon:
     apply: Callable[..., dict] | None
     options: type[Options] = NoOptions
 
+    def span(self, options: Options) -> int:
+        """How many blocks one fit covers (``--recon-span``; 1 without a fit)."""
+        return getattr(options, "recon_span", 1) if self.apply is not None else 1
+
     def dense_stream(self, options: Options) -> bool:
         """Whether the engine must carry the dense model's activations along (targets on dense inputs)."""
         return self.apply is not None and getattr(options, "recon_target", "") == "dense"
@@ -75,24 +84,34 @@ def reader(runner: BlockRunner, i: int, device: torch.device) -> nn.Module | Non
     return None if found is None else copy.deepcopy(found).to(device, torch.float32).requires_grad_(False)
 
 
-def _loss(runner: BlockRunner, i: int, inputs: torch.Tensor, targets: torch.Tensor,
+def chained(runner: BlockRunner, first: int, last: int, hidden: torch.Tensor) -> torch.Tensor:
+    """Blocks ``first`` .. ``last`` applied to ``hidden`` (autograd follows the caller's mode)."""
+    for j in range(first, last + 1):
+        hidden = runner.call(j, hidden)
+    return hidden
+
+
+def _loss(runner: BlockRunner, span: tuple[int, int], inputs: torch.Tensor, targets: torch.Tensor,
           norm: nn.Module | None = None) -> torch.Tensor:
-    out, goal = runner.call(i, inputs).to(torch.float32), targets.to(torch.float32)
+    out, goal = chained(runner, *span, inputs).to(torch.float32), targets.to(torch.float32)
     if norm is not None:
         out, goal = norm(out), norm(goal.to(out.device))
     return torch.nn.functional.mse_loss(out, goal)
 
 
 def reconstruct(runner: BlockRunner, i: int, inputs: torch.Tensor, targets: torch.Tensor, linears: list[nn.Linear],
-                options: ReconOptions, seed: int = 0) -> dict:
-    """Fit the kept weights of ``linears`` (in block ``i``) so the block maps ``inputs`` to ``targets``."""
+                options: ReconOptions, seed: int = 0, first: int | None = None) -> dict:
+    """Fit the kept weights of ``linears`` (in blocks ``first`` .. ``i``, default block ``i`` alone) so those
+    blocks map ``inputs`` (block ``first``'s) to ``targets`` (block ``i``'s goal outputs)."""
     if not linears:
         return {}
+    first = i if first is None else first
     block = runner.layout.blocks[i]
     home = next(block.parameters()).dtype
     upcast = home in (torch.float16, torch.bfloat16)
     if upcast:
-        block.to(torch.float32)
+        for j in range(first, i + 1):
+            runner.layout.blocks[j].to(torch.float32)
     world = distributed.world()
     n = round(distributed.all_sum_number(inputs.shape[0]))  # calibration windows of all ranks
     share = world.share(n)  # the global windows this rank holds (all of them in one process)
@@ -105,20 +124,67 @@ def reconstruct(runner: BlockRunner, i: int, inputs: torch.Tensor, targets: torc
     def heldout() -> float:
         mine = last in share
         k = torch.tensor([last - share.start]) if mine else None
-        return distributed.all_sum_number(float(_loss(runner, i, cast(inputs[k]), targets[k], norm)) if mine else 0.0)
+        return distributed.all_sum_number(float(_loss(runner, (first, i), cast(inputs[k]), targets[k], norm))
+                                          if mine else 0.0)
 
     try:
         info = masked_fit([lin.weight for lin in linears],
-                          lambda pick: _loss(runner, i, cast(inputs[pick]), targets[pick], norm), heldout,
+                          lambda pick: _loss(runner, (first, i), cast(inputs[pick]), targets[pick], norm), heldout,
                           n - 1 if n > 1 else n, settings,
                           lambda weights: (torch.optim.Adam(weights, lr=lr), None),
                           torch.Generator().manual_seed(seed * 1_000_003 + i),
                           share=share if world.active else None)
     finally:
         if upcast:
-            block.to(home)
+            for j in range(first, i + 1):
+                runner.layout.blocks[j].to(home)
+    spanned = {"blocks": [first, i]} if first != i else {}
     return {"steps": info["steps"], "heldout_mse_before": info["heldout_before"],
-            "heldout_mse_after": info["heldout_after"], "loss": loss, "lr": lr}
+            "heldout_mse_after": info["heldout_after"], "loss": loss, "lr": lr, **spanned}
+
+
+class Trail:
+    """The pruned stream's inputs of the last blocks visited, for fits that span several blocks (``--recon-span``).
+
+    A fit over blocks ``first`` .. ``i`` starts from block ``first``'s inputs and changes all of those blocks, so
+    the stream is re-run from there afterwards: the inputs kept for the next fit and block ``i``'s output (what
+    the sweep carries on) are then those of the changed blocks. Span 1 keeps nothing and re-runs nothing.
+    """
+
+    def __init__(self, runner: BlockRunner, span: int) -> None:
+        self.runner, self.span, self.inputs = runner, span, {}
+
+    def first(self, i: int) -> int:
+        return max(0, i - self.span + 1)
+
+    def add(self, i: int, inputs: torch.Tensor) -> None:
+        if self.span > 1:
+            self.inputs = {j: h for j, h in self.inputs.items() if j >= self.first(i)} | {i: inputs}
+
+    @contextlib.contextmanager
+    def held(self, i: int) -> Iterator[None]:
+        """Blocks ``first`` .. ``i - 1`` on the compute device too (block ``i`` is there already), written back."""
+        with contextlib.ExitStack() as stack:
+            for j in range(self.first(i), i):
+                stack.enter_context(self.runner.on_device(j, write=True, prefetch=None))
+            yield
+
+    def fit(self, i: int, inputs: torch.Tensor, apply: Callable[[int, torch.Tensor, list[nn.Linear]], dict],
+            linears_of: Callable[[int], list[nn.Linear]]) -> tuple[dict, torch.Tensor | None]:
+        """``apply(first, first's inputs, linears of blocks first..i)``, then the stream re-run; returns the
+        report and block ``i``'s new output (None when only block ``i`` was fitted: the sweep runs it)."""
+        if self.span == 1:
+            return apply(i, inputs, linears_of(i)), None
+        first = self.first(i)
+        with self.held(i):
+            info = apply(first, self.inputs[first], [lin for j in range(first, i + 1) for lin in linears_of(j)])
+            for j in range(first, i + 1):
+                distributed.sync_module(self.runner.layout.blocks[j])
+            hidden = self.inputs[first]
+            for j in range(first, i):
+                hidden = self.runner.run(j, hidden)
+                self.inputs[j + 1] = hidden
+            return info, (self.runner.run(i, hidden) if first < i else None)
 
 
 def post_norms(block: nn.Module) -> bool:

@@ -25,6 +25,7 @@ from taylorprune.pipeline.components import Components
 from taylorprune.pipeline.phases.unstructured import model_context
 from taylorprune.pipeline.stages import STRUCTURED
 from taylorprune.pipeline.state import Phase, RunState, linear_records
+from taylorprune.prune.recon import Trail
 from taylorprune.prune.structures import (
     CONSUMER_STATS,
     WIDTH_KINDS,
@@ -95,20 +96,27 @@ def prune_widths(state: RunState, counts: dict[str, int], model_stats, preset) -
     dense_stream = any(s.choice.dense_stream(s.options) for s in stages)
     dense = [hidden if dense_stream else None]  # the dense model's activations, for dense block targets
     per_block = []
+    trail = Trail(runner, max((s.choice.span(s.options) for s in stages), default=1))
 
-    def visit(i: int, inputs) -> None:
+    def compact(j: int) -> list[nn.Linear]:
+        return [m for m in layout.blocks[j].modules() if isinstance(m, nn.Linear)]
+
+    def visit(i: int, inputs):
         dense_out = runner.run(i, dense[0]) if dense[0] is not None else None  # before block i is pruned
         same_out = runner.run(i, inputs) if stages and not dense_stream else None
         info: dict = {"block": i}
         for kind in kinds:
             info[kind] = _prune_kind(runner, i, inputs, kind, plan.parts, counts[kind], model_stats, preset)
-        linears = [m for m in layout.blocks[i].modules() if isinstance(m, nn.Linear)]  # the compact ones
+        trail.add(i, inputs)
+        out = None
         for stage in stages:
             goal = dense_out if dense_out is not None else same_out
-            info[stage.kind.name] = stage.kind.step(stage, runner, i, inputs, goal, linears, plan.opts.calib.seed)
+            info[stage.kind.name], out = trail.fit(i, inputs, lambda first, x, lins, stage=stage, goal=goal: (
+                stage.kind.step(stage, runner, i, x, goal, lins, plan.opts.calib.seed, first=first)), compact)
         distributed.sync_module(layout.blocks[i])  # data-parallel ranks go on from rank 0's identical block
         dense[0] = dense_out
         per_block.append(info)
+        return out
 
     forward(runner, hidden, visit=visit, last=False,
             on_block=state.hooks.task("pruning blocks (structured)", len(layout.blocks)))
