@@ -35,6 +35,7 @@ STREAMED = "gblm 50% streamed"
 
 
 EXTRA = {"wanda recon 50%": ["--method", "wanda", "--sparsity", "0.5", "--recon", "block"],
+         "wanda recon span 2 50%": ["--method", "wanda", "--sparsity", "0.5", "--recon", "block", "--recon-span", "2"],
          "wanda recover 50%": ["--method", "wanda", "--sparsity", "0.5", "--recover", "distill", "--recover-windows",
                                "24", "--recover-steps", "8", "--recover-heldout", "4", "--recover-eval-every", "4"]}
 

@@ -9,6 +9,12 @@ fixed (``prune.fit``, the loop shared with recovery). The weights are optimised 
 is upcast and cast back once at the end); the last calibration window is held out and the weights with the
 lowest held-out error are kept (early stop after ``--recon-patience`` evaluations without improvement). Batches
 are drawn from a generator seeded by ``--seed`` and the block index, so runs repeat exactly.
+
+``--recon-span N`` (our extension; 1 is the plain block fit above) fits the block just pruned together with the
+N − 1 blocks before it, from the first one's calibration inputs to the last one's goal outputs (``Trail`` keeps
+those inputs and re-runs the stream through the changed blocks). A block alone can only partly undo the error
+its inputs carry; a span lets the earlier blocks change what they pass on. On compact (neuron-pruned) SmolLM2
+blocks a single block's held-out error falls only 1–6% while span 2 lowers PPL further (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -50,7 +56,8 @@ class ReconOptions(Options):
     recon_span: int = option(1, "Blocks fitted together: the block just pruned and the span − 1 blocks before it, "
                              "from the first one's inputs to the last one's goal outputs; each block is fitted up to "
                              "span times and a step costs about span block passes (SmolLM2, 20% of parameters as "
-                             "neurons, 100 steps at 1e-3: span 1 45.22, span 2 44.28 PPL).", minimum=1, maximum=8)
+                             "neurons, 100 steps at 1e-3: span 1 45.22, span 2 44.28 PPL; docs/BENCHMARKS.md).",
+                             minimum=1, maximum=8)
     recon_loss: str = option("auto", "Block error to fit: mse of the block outputs, normed: mse of what the next "
                              "reader sees (the next block's input norm, the final norm after the last block), or "
                              "auto: normed for blocks with post-sublayer norms (Gemma), mse otherwise.",
