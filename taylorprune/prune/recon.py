@@ -56,7 +56,8 @@ class ReconOptions(Options):
     recon_span: int = option(1, "Blocks fitted together: the block just pruned and the span − 1 blocks before it, "
                              "from the first one's inputs to the last one's goal outputs; each block is fitted up to "
                              "span times and a step costs about span block passes (SmolLM2, 20% of parameters as "
-                             "neurons, 100 steps at 1e-3: span 1 45.22, span 2 44.28 PPL; docs/BENCHMARKS.md).",
+                             "neurons, 100 steps at 1e-3: span 1 45.22, span 2 44.28, span 3 with --recon-patience 10 "
+                             "43.72 PPL against 29.19 dense; docs/BENCHMARKS.md).",
                              minimum=1, maximum=8)
     recon_loss: str = option("auto", "Block error to fit: mse of the block outputs, normed: mse of what the next "
                              "reader sees (the next block's input norm, the final norm after the last block), or "
