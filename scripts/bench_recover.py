@@ -64,7 +64,7 @@ RECON_ROWS: dict[str, tuple[str, list[str]]] = {
                           "--recon-span", "3", "--recon-steps", "100", "--recon-lr", str(SPAN_LR),
                           "--recon-patience", "10"]),
 }
-TARGETS = {"neurons-20": (1.50, 1.30), "sparsegpt-50": (None, 1.20), "sparsegpt-2of4": (None, 1.50),
+TARGETS = {"neurons-20": (None, 1.30), "sparsegpt-50": (None, 1.20), "sparsegpt-2of4": (None, 1.50),
            "neurons-20-span3": (1.50, None)}
 PLAN = Plan(ROWS, RECON_ROWS, TARGETS)
 
