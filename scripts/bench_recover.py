@@ -120,15 +120,31 @@ def _written(folder: Path) -> bool:
     return (folder / "taylorprune_report.json").is_file() and any(folder.glob("*.safetensors"))
 
 
-def measure(name: str, model: Path, work: Path, other: Path, resume: bool = False) -> dict:
-    """One row; with ``resume`` every stage already finished in ``work`` (pruned folder, recovered folder, each
-    evaluation) is reused, so a row of ~85 minutes can span two sessions on a machine that keeps ``work``."""
-    what, args = ROWS[name]
-    pruned, recovered = work / f"recover-bench-{name}", work / f"recover-bench-{name}-recovered"
-    wall_file = work / f"recover-bench-{name}-wall.json"
+def pruned_row(what: str, args: list[str], pruned: Path, model: Path, work: Path, other: Path,
+               resume: bool = False) -> dict:
+    """Prune into ``pruned`` (unless ``resume`` finds it written) and evaluate it: the row's pruned half."""
     if not (resume and _written(pruned)):
         taylorprune("run", "--model", str(model), *args, *CALIB_ARGS, "--device", "cpu", "--output", str(pruned),
                     "--overwrite")
+    report = json.loads((pruned / "taylorprune_report.json").read_text())
+    return {"what": what, "args": args, "pruned": measured(pruned, work, other, resume),
+            "prune_s": report["phases_s"].get("prune", 0.0),
+            "removed_params": (report.get("structured") or {}).get("parameters", {}).get("removed_fraction"),
+            "sparsity": report.get("achieved_sparsity")}
+
+
+def _drop_weights(*folders: Path) -> None:
+    for folder in folders:
+        for weights in folder.glob("*.safetensors"):
+            weights.unlink()
+
+
+def measure(name: str, model: Path, work: Path, other: Path, resume: bool = False) -> dict:
+    """One row; with ``resume`` every stage already finished in ``work`` (pruned folder, recovered folder, each
+    evaluation) is reused, so a row of ~85 minutes can span two sessions on a machine that keeps ``work``."""
+    pruned, recovered = work / f"recover-bench-{name}", work / f"recover-bench-{name}-recovered"
+    wall_file = work / f"recover-bench-{name}-wall.json"
+    row = pruned_row(*ROWS[name], pruned, model, work, other, resume)
     if not (resume and _written(recovered) and wall_file.is_file()):
         t0 = time.perf_counter()
         taylorprune("recover", "--model", str(pruned), "--teacher", str(model), "--calib-file", str(CALIB),
@@ -137,33 +153,18 @@ def measure(name: str, model: Path, work: Path, other: Path, resume: bool = Fals
         wall_file.write_text(json.dumps({"recover_wall_s": time.perf_counter() - t0}))
         for stale in work.glob(f"eval-{recovered.name}-*.json"):  # evaluations of an earlier recovery
             stale.unlink()
-    wall = json.loads(wall_file.read_text())["recover_wall_s"]
     report = json.loads((recovered / "taylorprune_report.json").read_text())
-    pruned_report = json.loads((pruned / "taylorprune_report.json").read_text())
-    row = {"what": what, "args": args, "pruned": measured(pruned, work, other, resume),
-           "recovered": measured(recovered, work, other, resume), "recover": report["recover"],
-           "recover_wall_s": wall, "prune_s": pruned_report["phases_s"].get("prune", 0.0),
-           "removed_params": (pruned_report.get("structured") or {}).get("parameters", {}).get("removed_fraction"),
-           "sparsity": pruned_report.get("achieved_sparsity")}
-    for folder in (pruned, recovered):
-        for weights in folder.glob("*.safetensors"):
-            weights.unlink()
+    row |= {"recovered": measured(recovered, work, other, resume), "recover": report["recover"],
+            "recover_wall_s": json.loads(wall_file.read_text())["recover_wall_s"]}
+    _drop_weights(pruned, recovered)
     return row
 
 
 def measure_recon(name: str, model: Path, work: Path, other: Path, resume: bool = False) -> dict:
     """A row pruned with block reconstruction and evaluated, not recovered."""
-    what, args = RECON_ROWS[name]
     pruned = work / f"recover-bench-{name}"
-    if not (resume and _written(pruned)):
-        taylorprune("run", "--model", str(model), *args, *CALIB_ARGS, "--device", "cpu", "--output", str(pruned),
-                    "--overwrite")
-    report = json.loads((pruned / "taylorprune_report.json").read_text())
-    row = {"what": what, "args": args, "pruned": measured(pruned, work, other, resume),
-           "prune_s": report["phases_s"].get("prune", 0.0),
-           "removed_params": report["structured"]["parameters"]["removed_fraction"]}
-    for weights in pruned.glob("*.safetensors"):
-        weights.unlink()
+    row = pruned_row(*RECON_ROWS[name], pruned, model, work, other, resume)
+    _drop_weights(pruned)
     return row
 
 
