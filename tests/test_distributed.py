@@ -1,8 +1,10 @@
 """Data-parallel calibration (torchrun, gloo on the CPU): two processes give what one gives.
 
-Every configuration of scripts/equivalence.py (whose one-process fingerprints tests/test_equivalence.py keeps) runs
-under ``torchrun --nproc-per-node 2`` on stories260K: the same masks, weights equal to float round-off (each
-tensor's norm and projections within 1e-5 of its norm) and perplexity within 1e-5 relative. One configuration is
+Every configuration of scripts/equivalence.py (whose one-process references tests/test_equivalence.py keeps) runs
+under ``torchrun --nproc-per-node 2`` on stories260K and matches its reference as a one-process run must: masks
+equal up to the reference's near-ties, weights and perplexity within round-off (the references may come from another
+CPU, so their tolerance is the one a one-process run gets; see scripts/equivalence.py). The configurations compared
+with a one-process run made here, on the same CPU, must also agree to 1e-5 relative in perplexity. One configuration is
 left out and replaced: SparseGPT followed by ``--recon block`` is chaotic at this tiny scale (two runs whose Adam
 fits differ in round-off flip two of SparseGPT's near-tie mask choices in the last block), so reconstruction is
 checked on Wanda's masks against a one-process run made here, and so is recovery by distillation.
@@ -25,7 +27,7 @@ from typer.testing import CliRunner
 from taylorprune.cli import app
 from taylorprune.distributed import World
 
-from .test_equivalence import EQUIV, REFERENCE
+from .test_equivalence import EQUIV, references
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
@@ -55,6 +57,7 @@ def torchrun(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 def _compare(name: str, got: dict, want: dict) -> list[str]:
+    """Against a one-process run made on this CPU: the reference comparison and perplexity within 1e-5."""
     bad = EQUIV.compare(name, got, want)
     if abs(got["perplexity"] - want["perplexity"]) > PPL_RTOL * abs(want["perplexity"]):
         bad.append(f"{name}: perplexity {got['perplexity']!r} vs {want['perplexity']!r} (beyond {PPL_RTOL:g})")
@@ -83,12 +86,13 @@ def test_two_processes_give_what_one_gives_for_every_method_and_stage(tmp_path):
     spec.write_text(json.dumps(runs))
     res = torchrun(str(WORKER), str(spec), str(tmp_path / "dp"))
     assert res.returncode == 0, res.stderr[-3000:]
-    want = json.loads(REFERENCE.read_text())
-    for name, args in EXTRA.items():
-        want[name] = one_process(name, [*EQUIV.COMMON, *args], tmp_path / "one")
+    want = references()
     want[STREAMED] = want["gblm 50%"]  # streaming equals the in-memory passes to round-off (test_streamed_passes)
     bad = [line for name in want if name != CHAOTIC for line in
-           _compare(name, EQUIV.fingerprint(tmp_path / "dp" / _slug(name)), want[name])]
+           EQUIV.compare(name, EQUIV.fingerprint(tmp_path / "dp" / _slug(name)), want[name])]
+    for name, args in EXTRA.items():
+        here = one_process(name, [*EQUIV.COMMON, *args], tmp_path / "one")
+        bad += _compare(name, EQUIV.fingerprint(tmp_path / "dp" / _slug(name)), here)
     assert bad == []
     report = json.loads((tmp_path / "dp" / _slug("gblm 50%") / "taylorprune_report.json").read_text())
     assert report["world_size"] == 2

@@ -9,9 +9,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "taylorprune"
 # Each package may import only packages listed before it (and the top-level modules errors/options).
-LAYERS = ["errors", "options", "distributed", "modeling", "calib", "evaluate", "export", "stats", "prune", "recover",
-          "scoring", "pipeline",
-          "report", "cli"]
+LAYERS = ["errors", "options", "distributed", "modeling", "calib", "evaluate", "export", "stats", "prune", "quantize",
+          "recover", "scoring", "pipeline", "report", "cli"]
 MAX_LINES = 300
 
 

@@ -116,7 +116,7 @@ def test_bad_component_options_are_one_line_errors(tmp_path, extra, needle):
 
 def test_statistic_options_belong_to_the_methods_that_use_them():
     assert all_options()["grad_scale"].used_by == ("gblm", "taylor", "fisher")
-    assert set(all_options()["percdamp"].used_by) == {"sparsegpt", "--update obs"}
+    assert set(all_options()["percdamp"].used_by) == {"sparsegpt", "--update obs", "--quantize gptq"}
     assert resolve("gblm", values={"grad_scale": "10"}).options_of(
         next(s for s, _ in resolve("gblm").sources if s.name == "gradients")).grad_scale == 10.0
     with pytest.raises(UserError, match="updates weights itself"):

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from taylorprune.calib.text import EVAL_DATASETS
@@ -39,6 +40,7 @@ def check(
 ) -> None:
     """Gate a candidate against a baseline: exit 0 within tolerance, 1 on a regression, 2 on bad input."""
     from taylorprune.errors import RunError
+    from taylorprune.export import targets
     from taylorprune.report import check as chk
     from taylorprune.report import check_sides as sides
     from taylorprune.report.junit import write_junit
@@ -51,11 +53,14 @@ def check(
         settings = sides.EvalSettings(dataset, text_file, seqlen, max_windows, device, dtype)
         cand_path = sides.existing(candidate, "--candidate")
         base_path = sides.existing(baseline, "--baseline") if baseline is not None else None
+        read = [p for p in (cand_path, base_path) if p is not None and p.is_file()]
+        targets.check_files((("--json", json_out), ("--junit", junit)), read)
         weights_dir = sides.weights_folder(cand_path) if min_sparsity is not None else None
         if sides.is_model(cand_path) or (base_path is not None and sides.is_model(base_path)):
             sides.validate_eval_settings(settings)
         with progress() as bar:
-            base, cand = sides.load_sides(base_path, cand_path, settings, allow_mismatch, lambda: session.hooks(bar))
+            base, cand = sides.load_sides(base_path, cand_path, settings, allow_mismatch, lambda: session.hooks(bar),
+                                          note)
         sparsity = sides.candidate_sparsity(weights_dir) if weights_dir is not None else None
         verdict = chk.verdict(base, cand, gates, sparsity, min_sparsity, allow_mismatch)
         if verdict.mismatch:
@@ -70,6 +75,11 @@ def check(
             failed = [c for c in verdict.checks if not c.passed]
             raise RunError(f"regression: {len(failed)} of {len(verdict.checks)} checks failed "
                            f"({'; '.join(c.detail for c in failed)})")
+
+
+def note(text: str) -> None:
+    """A line on stderr about how an input was read (an older report's layout): worth knowing, not a failure."""
+    err.print(f"[cyan]note:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def _check_cells(value: float | None, limit: float, relative: bool) -> tuple[str, str]:

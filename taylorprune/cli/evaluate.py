@@ -37,10 +37,13 @@ def eval_cmd(
     from taylorprune import pipeline
     from taylorprune.evaluate import zeroshot
     from taylorprune.evaluate.perplexity import EVALUATOR, short_options
+    from taylorprune.export import targets
     from taylorprune.modeling import loading
     from taylorprune.report import jsonio
 
     with guarded() as session:
+        if json_out:
+            targets.check_file(json_out, "--json")
         chosen = [(EVALUATOR, short_options(dataset, text_file, seqlen, max_windows))] if perplexity else []
         tasks = zeroshot.ZeroShotOptions.build(run_values)
         if tasks.tasks:

@@ -11,14 +11,18 @@ from taylorprune.cli.console import guarded, out
 
 
 def inspect_cmd(
-    folder: Path = typer.Argument(..., help="A Hugging Face model folder with *.safetensors."),
+    folder: Path = typer.Argument(..., help="A Hugging Face model folder with *.safetensors (plain, or "
+                                  "compressed-tensors pack-quantized)."),
     json_out: Path = typer.Option(None, "--json", help="Write the per-linear table and summary as JSON here."),
 ) -> None:
-    """Per-linear sparsity and N:M compliance read lazily from the safetensors (no model is loaded)."""
+    """Per-linear grid, zeros, sparsity and N:M compliance read from the weight files (no model is loaded)."""
+    from taylorprune.export import targets
     from taylorprune.report import jsonio
     from taylorprune.report.inspect_folder import inspect_folder
 
     with guarded():
+        if json_out:  # before the tables: a table printed ahead of a failure reads as success
+            targets.check_file(json_out, "--json")
         info = inspect_folder(folder.expanduser())
         out.print(linears_table(info))
         out.print(totals_table(info))
@@ -31,13 +35,25 @@ def inspect_cmd(
 def linears_table(info: dict) -> Table:
     table = Table(title=f"linears in {info['folder']}")
     table.add_column("linear", overflow="fold")
-    for col, justify in (("shape", "right"), ("dtype", "left"), ("sparsity", "right"), ("N:M held", "left")):
+    columns = (("shape", "right"), ("dtype", "left"), ("grid", "left"), ("zeros", "right"), ("sparsity", "right"),
+               ("N:M held", "left"))
+    for col, justify in columns:
         table.add_column(col, justify=justify, no_wrap=True)
     for r in info["linears"]:
         shape = "×".join(map(str, r["shape"]))
         nm = " ".join(r["nm"]) or "-"
-        table.add_row(r["name"].removesuffix(".weight"), shape, r["dtype"], f"{r['sparsity']:.4f}", nm)
+        table.add_row(r["name"].removesuffix(".weight"), shape, r["dtype"], grid_text(r.get("grid")),
+                      f"{r['zeros']:,}", f"{r['sparsity']:.4f}", nm)
     return table
+
+
+def grid_text(grid: dict | None) -> str:
+    """'4b g32 sym' (``ch``: one group per output channel) for a quantized linear, '-' for a float one; the scale
+    dtype is in the JSON."""
+    if not grid:
+        return "-"
+    group = "ch" if grid["group_size"] == -1 else f"g{grid['group_size']}"
+    return f"{grid['wbits']}b {group} {'sym' if grid['symmetric'] else 'asym'}"
 
 
 def totals_table(info: dict) -> Table:
@@ -79,6 +95,15 @@ def report_table(rep: dict) -> Table:
             table.add_row("parameters before → after", f"{params['before']:,} → {params['after']:,}")
         if size.get("after"):
             table.add_row("weight bytes before → after", f"{size['before']:,} → {size['after']:,}")
+    q = rep.get("quantize")
+    if q:
+        table.add_row("quantization", f"{q.get('method')} {q.get('wbits')}-bit, group {q.get('group_size')}, "
+                      f"{'symmetric' if q.get('symmetric') else 'asymmetric'}")
+        if q.get("bits_per_weight") is not None:
+            table.add_row("bits per quantized weight (scales counted)", _num(q["bits_per_weight"], 3))
+    written = rep.get("write")
+    if written:
+        table.add_row(f"weight bytes ({written.get('format')})", f"{written.get('file_bytes'):,}")
     table.add_row("taylorprune version", str(rep["taylorprune"]))
     return table
 

@@ -33,9 +33,13 @@ def run(
 
 
 def show_summary(report: dict) -> None:
-    structured = report.get("structured")
+    structured, quantized = report.get("structured"), report.get("quantize")
     title = report["pattern"] + (f" ({report['method']} scores)" if structured else "")
-    table = Table(title=f"taylorprune {title if structured else report['method'] + ' · ' + title}")
+    if not structured and isinstance(quantized, dict) and report.get("sparsity") is None:
+        title = f"quantize {quantized['method']} · {title}"  # no method ran: it masked nothing
+    elif not structured:
+        title = f"{report['method']} · {title}"
+    table = Table(title=f"taylorprune {title}")
     table.add_column("what")
     table.add_column("value", justify="right")
     if structured:
@@ -44,6 +48,8 @@ def show_summary(report: dict) -> None:
         if not structured:
             table.add_row("target linears", str(len(report["linears"])))
         table.add_row("achieved sparsity", f"{report['achieved_sparsity']:.4f}")
+    if isinstance(quantized, dict):
+        quantize_rows(table, quantized, report.get("write") or {})
     for phase, secs in report["phases_s"].items():
         if "." not in phase:
             table.add_row(f"{phase} time", f"{secs:.2f} s")
@@ -75,3 +81,14 @@ def structured_rows(table: Table, st: dict) -> None:
     size = st["file_bytes"]
     if size.get("after"):
         table.add_row("weight files", f"{size['before'] / 2**20:.1f} → {size['after'] / 2**20:.1f} MiB")
+
+
+def quantize_rows(table: Table, q: dict, written: dict) -> None:
+    """The grid, the bits per weight it costs (scales and zero points counted) and what the files weigh."""
+    group = "per channel" if q["group_size"] == -1 else f"group {q['group_size']}"
+    kind = "symmetric" if q["symmetric"] else "asymmetric"
+    table.add_row("quantization", f"{q['method']} {q['wbits']}-bit {group} {kind}, {q['linears']} linears")
+    if q.get("bits_per_weight") is not None:
+        table.add_row("bits per quantized weight", f"{q['bits_per_weight']:.3f}")
+    if written.get("file_bytes") is not None:
+        table.add_row(f"weight files ({written['format']})", f"{written['file_bytes'] / 2**20:.2f} MiB")

@@ -28,10 +28,13 @@ def speed_cmd(
     print the median ratios and their spread."""
     from taylorprune import pipeline
     from taylorprune.evaluate.speed import check_positions, compare
+    from taylorprune.export import targets
     from taylorprune.modeling import loading
     from taylorprune.report import jsonio
 
     with guarded():
+        if json_out:
+            targets.check_file(json_out, "--json")
         for flag, value, least in (("--prefill", prefill, 1), ("--decode", decode, 1), ("--repeats", repeats, 1)):
             if value < least:
                 raise UserError(f"{flag} {value}: must be at least {least}")

@@ -15,6 +15,10 @@ from safetensors import safe_open
 from taylorprune.errors import RunError
 
 REPORT_NAME = "taylorprune_report.json"
+# The report's layout (assets/report.schema.json describes it); raised when a field is removed or changes meaning,
+# so scripts can tell layouts apart. 1: before versioning, evaluation.perplexity a number; 2: one record per
+# evaluator under evaluation, their numbers flat under metrics.
+SCHEMA_VERSION = 2
 
 
 def save_model(model, tokenizer, folder: Path) -> None:
@@ -39,21 +43,27 @@ def verify(folder: Path, linears: list[dict], widths: dict[str, int] | None = No
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if key in wanted:
-                    _check_tensor(key, f.get_tensor(key), wanted[key])
+                    check_tensor(key, f.get_tensor(key), wanted[key])
                     found.add(key)
     missing = sorted(set(wanted) - found)
     if missing:
         raise RunError(f"verification failed: {missing[0]} is missing from the written folder")
-    if widths:
-        config = json.loads((folder / "config.json").read_text())
-        config = config.get("text_config", config)
-        for key, value in widths.items():
-            if config.get(key) != value:
-                raise RunError(f"verification failed: config.json has {key}={config.get(key)}, the weights need "
-                               f"{value}")
+    check_widths(folder, widths)
 
 
-def _check_tensor(key: str, tensor: torch.Tensor, record: dict) -> None:
+def check_widths(folder: Path, widths: dict[str, int] | None) -> None:
+    """config.json carries ``widths`` (a structured run's: ``from_pretrained`` builds the tensors from them)."""
+    if not widths:
+        return
+    config = json.loads((folder / "config.json").read_text())
+    config = config.get("text_config", config)
+    for key, value in widths.items():
+        if config.get(key) != value:
+            raise RunError(f"verification failed: config.json has {key}={config.get(key)}, the weights need {value}")
+
+
+def check_tensor(key: str, tensor: torch.Tensor, record: dict) -> None:
+    """One written linear against its record: shape and sparsity (to 1e-9)."""
     if "shape" in record and list(tensor.shape) != list(record["shape"]):
         raise RunError(f"verification failed: {key} has shape {list(tensor.shape)} on disk, {record['shape']} in "
                        "memory")
@@ -61,6 +71,7 @@ def _check_tensor(key: str, tensor: torch.Tensor, record: dict) -> None:
     if abs(got - record["sparsity"]) > 1e-9:
         raise RunError(f"verification failed: {record['name']} has sparsity {got:.6f} on disk, "
                        f"{record['sparsity']:.6f} in memory")
+
 
 def folder_bytes(folder: Path) -> int:
     """Size of the weight files (safetensors) of a folder."""

@@ -84,7 +84,8 @@ class Components:
     stages: tuple[Stage, ...]
     sources: tuple[tuple[Source, Options], ...]
     group: GroupScore | None = None  # the method's structured score (None: blocks only)
-    unstructured: bool = True  # the method masks weights (after the structures, when there are any)
+    unstructured: bool = True  # the unstructured phase runs (after the structures, when there are any)
+    masks: bool = True  # it masks weights with the method (False: only the stages that need no masks run there)
 
     def stage(self, kind: str) -> Stage | None:
         return next((s for s in self.stages if s.kind.name == kind), None)
@@ -115,7 +116,7 @@ class Components:
         if not self.unstructured:
             return frozenset()
         stages = frozenset().union(*(s.needs for s in self.stages if s.kind.applies in (UNSTRUCTURED, ANY)))
-        return self.method.needs(self.method_options) | stages
+        return (self.method.needs(self.method_options) if self.masks else frozenset()) | stages
 
     @property
     def needs(self) -> frozenset[str]:
@@ -174,8 +175,31 @@ def _value(kind: StageKind, given: str | None, m: Method, method_options: Option
     return own if own is not None else kind.default
 
 
+def _off_without(kind: StageKind, given: str | None, unstructured: bool, masks: bool) -> bool:
+    """Whether an unstructured kind is off because the run has no unstructured phase or no masks (given: refused)."""
+    if kind.applies != UNSTRUCTURED or (unstructured and (masks or not kind.needs_masks)):
+        return False
+    if given not in (None, kind.off):
+        if not unstructured:
+            raise StageConflict(f"{kind.flag} {given} applies to unstructured pruning; drop it with --structure, or "
+                                "add --sparsity / --pattern to mask the weights the structures leave")
+        raise StageConflict(f"{kind.flag} {given} works on masks; add --sparsity or --pattern (without them only "
+                            "the stages that need no masks run, such as --quantize)")
+    return True
+
+
+def _refusal(kind: StageKind, m: Method, method_options: Options, value: str, masks: bool) -> str | None:
+    """Why the method excludes this stage: its own declaration, or a solver that the linear kind would not follow."""
+    if value == kind.off:
+        return None
+    reason = kind.refuse(m, method_options, value)
+    if reason is None and masks and kind.scope == "linear" and m.updates_weights and not kind.final:
+        reason = f"--method {m.name} chooses mask and weights itself, and {kind.flag} does not run after it"
+    return reason
+
+
 def _stages(m: Method, method_options: Options, given: Mapping[str, str | None], values: Mapping[str, Any],
-            unstructured: bool) -> tuple[Stage, ...]:
+            unstructured: bool, masks: bool = True) -> tuple[Stage, ...]:
     structures = KINDS["structure"].parse(given.get("structure"))
     stages = []
     for kind in STAGE_KINDS:
@@ -184,18 +208,25 @@ def _stages(m: Method, method_options: Options, given: Mapping[str, str | None],
             stages += [Stage(kind, kind.registry[n], kind.registry[n].options.build(values)) for n in names]
             continue
         value = _value(kind, given.get(kind.name), m, method_options)
-        if not unstructured and kind.applies == UNSTRUCTURED:
-            if given.get(kind.name) not in (None, kind.off):
-                raise StageConflict(f"{kind.flag} {given[kind.name]} applies to unstructured pruning; drop it with "
-                                    "--structure, or add --sparsity / --pattern to mask the weights the structures "
-                                    "leave")
+        if _off_without(kind, given.get(kind.name), unstructured, masks):
             value = kind.off
         kind.parse(value)
-        reason = kind.refuse(m, method_options, value) if value != kind.off else None
+        reason = _refusal(kind, m, method_options, value, masks)
         if reason:
             raise StageConflict(f"{reason}; drop {kind.flag} {value}")
         stages.append(Stage(kind, kind.registry[value], kind.registry[value].options.build(values)))
+    _check_excludes(stages)
     return tuple(stages)
+
+
+def _check_excludes(stages: list[Stage]) -> None:
+    on = {s.kind.name: s for s in stages if not s.off}
+    for stage in on.values():
+        clash = next((on[k] for k in stage.kind.excludes if k in on), None)
+        if clash is not None:
+            raise StageConflict(f"{stage.kind.flag} {stage.name} and {clash.kind.flag} {clash.name} do not go "
+                                f"together ({clash.kind.flag} would change the weights {stage.kind.flag} set); "
+                                "drop one")
 
 
 def _group(m: Method, method_options: Options, stages: tuple[Stage, ...]) -> GroupScore | None:
@@ -211,7 +242,7 @@ def _group(m: Method, method_options: Options, stages: tuple[Stage, ...]) -> Gro
 
 
 def _check_whole_model(m: Method, method_options: Options, stages: tuple[Stage, ...], unstructured: bool) -> None:
-    if not unstructured or m.whole_model(method_options) is None:
+    if not unstructured or m.whole_model(method_options) is None:  # (``unstructured``: masks by the method)
         return
     on = [s for s in stages if s.kind.applies == UNSTRUCTURED and not s.off]
     if on:
@@ -221,10 +252,11 @@ def _check_whole_model(m: Method, method_options: Options, stages: tuple[Stage, 
 
 
 def resolve(method: str, stages: Mapping[str, str | None] | None = None, values: Mapping[str, Any] | None = None,
-            strict: bool = True, unstructured: bool | None = None) -> Components:
+            strict: bool = True, unstructured: bool | None = None, masks: bool = True) -> Components:
     """Typed components for ``method`` and the given stage values ({kind: value}; a kind not given takes the
     method's own value, else its default) from flat option ``values``. A ``structure`` makes it a structured run;
-    ``unstructured`` says whether the method also masks weights (default: only without structures)."""
+    ``unstructured`` says whether the unstructured phase runs (default: only without structures), ``masks``
+    whether the method masks weights there (False: only stages that need no masks, ``--quantize`` alone)."""
     values = dict(values or {})
     check_known(values)
     stages = dict(stages or {})
@@ -232,12 +264,12 @@ def resolve(method: str, stages: Mapping[str, str | None] | None = None, values:
         unstructured = not KINDS["structure"].parse(stages.get("structure"))
     m = get_method(method)
     method_options = m.options.build(values)
-    chosen = _stages(m, method_options, stages, values, unstructured)
-    _check_whole_model(m, method_options, chosen, unstructured)
+    chosen = _stages(m, method_options, stages, values, unstructured, masks)
+    _check_whole_model(m, method_options, chosen, unstructured and masks)
     group = _group(m, method_options, chosen)
-    partial = Components(m, method_options, chosen, (), group, unstructured)
+    partial = Components(m, method_options, chosen, (), group, unstructured, masks)
     sources = tuple((s, s.options.build(values)) for s in sources_for(partial.needs))
-    made = Components(m, method_options, chosen, sources, group, unstructured)
+    made = Components(m, method_options, chosen, sources, group, unstructured, masks)
     if strict:
         check_applies(values, [made])
     return made

@@ -2,9 +2,11 @@
 
 Block inputs are captured once; then for each block in turn (one ``modeling.sweep.forward``): collect the
 statistics the components need from forward hooks on its linears (and block-scope ones), then for each linear
-score → mask (or the method's own solver) → the run's linear-scope stages in order, then the block-scope stages
-(reconstruction), and re-run the now-pruned block to produce the next block's inputs. So every block is
-calibrated on the outputs of the already pruned blocks before it. Nothing runs forward when nothing needs it.
+score → mask (or the method's own solver) → the run's linear-scope stages in order → the final linear stages
+(quantization) on the linear's final weight, whatever chose it (a solver, the stages, a fallback), then the
+block-scope stages (reconstruction), and re-run the now-pruned block to produce the next block's inputs. So every
+block is calibrated on the outputs of the already pruned (and quantized) blocks before it. Without a pattern no
+method runs: only the final stages do (``--quantize`` alone). Nothing runs forward when nothing needs it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class PruneResult:
     warnings: list[str] = field(default_factory=list)
     blocks: list[dict] = field(default_factory=list)  # per-block stages (reconstruction)
     allocation: dict = field(default_factory=dict)  # per-block numbers of a layer-wise allocation
+    quantized: dict = field(default_factory=dict)  # codes and grid of each quantized linear (for the writer)
 
     @property
     def sparsity(self) -> float:
@@ -56,16 +59,26 @@ def _tick(timings: dict[str, float], key: str, since: float) -> float:
 
 @dataclass
 class LinearWork:
-    """What the linear-scope stages of one linear work on: the dense fp32 weight, its keep-mask, the new weight
-    (None until a stage sets it: the weight times the mask), and what the stages report."""
+    """What the linear-scope stages of one linear work on: the dense fp32 weight, its keep-mask (None: no masks), the
+    new weight (None until a stage sets it: the weight times the mask), what the stages report, the model's dtype,
+    and what a final stage keeps for the writer (``quantized``)."""
 
     path: str
     weight: torch.Tensor
     keep: torch.Tensor | None
-    pattern: Pattern
+    pattern: Pattern | None
     stats: Mapping[str, torch.Tensor]
     new: torch.Tensor | None = None
     record: dict = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
+    quantized: object | None = None
+
+    @property
+    def current(self) -> torch.Tensor:
+        """The linear's weight as the stages have left it so far."""
+        if self.new is not None:
+            return self.new
+        return self.weight if self.keep is None else self.weight * self.keep
 
 
 @dataclass
@@ -73,7 +86,7 @@ class Job:
     """What the engine does to every target: components, patterns, and where statistics come from."""
 
     parts: Components
-    pattern: Pattern
+    pattern: Pattern | None
     model_stats: Mapping[str, Mapping[str, torch.Tensor]]
     block_cache: Stats
     scores: dict[str, torch.Tensor] | None
@@ -82,8 +95,18 @@ class Job:
     patterns: Mapping[str, Pattern] = field(default_factory=dict)
     seed: int = 0
 
-    def pattern_of(self, path: str) -> Pattern:
+    def pattern_of(self, path: str) -> Pattern | None:
         return self.patterns.get(path, self.pattern)
+
+    @property
+    def linear_stages(self):
+        """The linear stages that follow the method's mask (refused up front for solvers)."""
+        return [s for s in self.parts.active("linear") if not s.kind.final]
+
+    @property
+    def final_stages(self):
+        """The linear stages that run last, on the linear's final weight (quantization)."""
+        return [s for s in self.parts.active("linear") if s.kind.final]
 
     @property
     def block_stages(self):
@@ -99,7 +122,7 @@ def prune_layers(
     runner: BlockRunner,
     layout: Layout,
     parts: Components,
-    pattern: Pattern,
+    pattern: Pattern | None,
     calib_ids: torch.Tensor | None,
     model_stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     on_block: Callable[[int], None] | None = None,
@@ -132,7 +155,7 @@ def _prune_blocks(runner: BlockRunner, layout: Layout, calib_ids, job: Job, on_b
     dense = [hidden if job.dense_stream else None]  # the dense model's activations, for dense block targets
     t = _tick(result.timings, "capture", t)
 
-    trail = Trail(runner, max((s.choice.span(s.options) for s in job.block_stages), default=1))
+    trail = Trail.of(runner, job.block_stages, calib_ids)
 
     def targets_of(j: int) -> list[nn.Linear]:
         return [tg.module for tg in layout.targets[j]]
@@ -180,8 +203,9 @@ def _prune_targets(targets, stats: Stats, job: Job, result: PruneResult, i: int)
             continue
         seen = len(result.warnings)
         merged = {**job.model_stats.get(tg.path, {}), **stats.get(tg.path, {})}
-        record = _prune_linear(tg.path, tg.module, merged, job, result)
-        done[tg.path] = (record, result.warnings[seen:], None if job.scores is None else job.scores[tg.path])
+        record, quantized = _prune_linear(tg.path, tg.module, merged, job, result)
+        done[tg.path] = (record, result.warnings[seen:], None if job.scores is None else job.scores[tg.path],
+                         quantized)
     for tg, owner in zip(targets, owners, strict=True):
         if owner != world.rank:  # only in a data-parallel run
             distributed.sync(tg.module.weight.data, owner)
@@ -193,6 +217,8 @@ def _prune_targets(targets, stats: Stats, job: Job, result: PruneResult, i: int)
             distributed.sync(tg.module.weight.data, owner)
             distributed.share_object(done[tg.path], owner)
         result.linears.append(done[tg.path][0] | {"block": i})
+        if done[tg.path][3] is not None:
+            result.quantized[tg.path] = done[tg.path][3]
 
 
 def _block_statistics(runner: BlockRunner, i: int, hidden, targets, job: Job) -> Stats:
@@ -212,35 +238,51 @@ def _block_statistics(runner: BlockRunner, i: int, hidden, targets, job: Job) ->
     return stats
 
 
+def _choose(work: LinearWork, job: Job, result: PruneResult) -> tuple[torch.Tensor | None, str]:
+    """The method's mask (and weights, for a solver) and the linear stages after it: (score, what ran last).
+    Without a pattern nothing: the final stages alone change the weight."""
+    parts, t = job.parts, time.perf_counter()
+    if work.pattern is None:
+        return None, "nothing"
+    if parts.method.solve is not None:
+        work.new, score = parts.method.solve(work.weight, work.stats, work.pattern, parts.method_options, work.path)
+        _tick(result.timings, "solve", t)
+        return score, parts.method.name
+    score = parts.method.score(work.weight, work.stats, parts.method_options)
+    work.keep = build_mask(score, work.pattern, work.path)
+    t = _tick(result.timings, "score_and_mask", t)
+    what = "the linear stages"
+    for stage in job.linear_stages:
+        stage.kind.step(stage, work)
+        what = f"{stage.kind.flag} {stage.name}"
+        t = _tick(result.timings, stage.kind.name, t)
+    return score, what
+
+
 @torch.no_grad()
-def _prune_linear(path: str, linear, stats, job: Job, result: PruneResult) -> dict:
-    """Score → mask → the linear-scope stages (or the method's own solver); each step timed."""
+def _prune_linear(path: str, linear, stats, job: Job, result: PruneResult) -> tuple[dict, object | None]:
+    """Score → mask → the linear-scope stages (or the method's own solver) → the final stages, each step timed;
+    returns the linear's record and what a final stage keeps for the writer."""
     weight = linear.weight
-    parts = job.parts
-    work = LinearWork(path, weight.detach().to(torch.float32), None, job.pattern_of(path), stats)
-    t = time.perf_counter()
+    work = LinearWork(path, weight.detach().to(torch.float32), None, job.pattern_of(path), stats,
+                      dtype=weight.dtype)
     try:
-        if parts.method.solve is not None:
-            work.new, score = parts.method.solve(work.weight, stats, work.pattern, parts.method_options, path)
-            what = parts.method.name
-            t = _tick(result.timings, "solve", t)
-        else:
-            score = parts.method.score(work.weight, stats, parts.method_options)
-            work.keep = build_mask(score, work.pattern, path)
-            t = _tick(result.timings, "score_and_mask", t)
-            what = "the linear stages"
-            for stage in parts.active("linear"):
-                stage.kind.step(stage, work)
-                what = f"{stage.kind.flag} {stage.name}"
-                t = _tick(result.timings, stage.kind.name, t)
+        score, what = _choose(work, job, result)
     except Fallback as exc:  # keep going on a long run: plain masking for this one linear, recorded
         work.new, score = exc.weight, exc.score
         result.warnings.append(str(exc))
         what = "fallback masking"
-    new = work.new if work.new is not None else work.weight * work.keep
+    if job.final_stages and work.pattern is not None and work.keep is None:  # a solver's mask: the zeros it left
+        work.keep = work.current != 0
+    t = time.perf_counter()
+    for stage in job.final_stages:
+        stage.kind.step(stage, work)
+        what = f"{stage.kind.flag} {stage.name}"
+        t = _tick(result.timings, stage.kind.name, t)
+    new = work.current
     if not torch.isfinite(new).all():
         raise RunError(f"{path}: {what} produced non-finite weights; try --dtype float32 or more --nsamples")
     weight.copy_(new.to(weight.dtype))
     if job.scores is not None:
         job.scores[path] = score.detach().to(torch.float32).cpu().contiguous()
-    return linear_record(path, weight) | work.record
+    return linear_record(path, weight) | work.record, work.quantized

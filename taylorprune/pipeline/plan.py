@@ -22,7 +22,8 @@ from taylorprune.pipeline.phases.structured import Structured, head_mode
 from taylorprune.pipeline.phases.unstructured import Unstructured
 from taylorprune.pipeline.phases.write import Write
 from taylorprune.pipeline.run_options import RunOptions
-from taylorprune.pipeline.stages import KINDS
+from taylorprune.pipeline.stages import KINDS, STAGE_KINDS
+from taylorprune.pipeline.stages import UNSTRUCTURED as MASKING
 from taylorprune.pipeline.state import Phase, Plan, StructuredPlan
 from taylorprune.prune.masks import parse_pattern
 from taylorprune.prune.structures import Shape, check_config, removal_counts
@@ -98,6 +99,12 @@ def _recovers(opts: RunOptions) -> bool:
     return KINDS["recover"].parse(opts.stages.get("recover")) != ()
 
 
+def _maskless(opts: RunOptions) -> bool:
+    """A stage that works without masks is on (``--quantize`` alone): the unstructured phase runs without them."""
+    return any(k.applies == MASKING and not k.needs_masks and k.parse(opts.stages.get(k.name))
+               for k in STAGE_KINDS)
+
+
 def validate(opts: RunOptions) -> Plan:
     """Everything that can be checked before loading weights; returns the plan the phases follow."""
     kinds = KINDS["structure"].parse(opts.stages.get("structure"))
@@ -105,12 +112,17 @@ def validate(opts: RunOptions) -> Plan:
     if not kinds:
         _no_structures(opts)
     masks = t.sparsity is not None or t.pattern is not None
-    recover_only = not kinds and not masks and _recovers(opts) and "recover_teacher" in opts.method_options
-    unstructured = (not kinds or masks) and not recover_only
-    parts = resolve(t.method, opts.stages, opts.method_options, unstructured=unstructured)
+    maskless = not masks and _maskless(opts)
+    recover_only = not kinds and not masks and not maskless and _recovers(opts) and "recover_teacher" in \
+        opts.method_options
+    unstructured = (not kinds or masks or maskless) and not recover_only
+    parts = resolve(t.method, opts.stages, opts.method_options, unstructured=unstructured, masks=not maskless)
     if kinds:
         _check_structured(opts, kinds, parts)
-    pattern = parse_pattern(t.sparsity, t.pattern, t.group) if unstructured else None
+    if maskless and opts.write.save_scores:
+        raise UserError("--save-scores writes the method's scores; add --sparsity or --pattern (without them no "
+                        "method scores the weights)")
+    pattern = parse_pattern(t.sparsity, t.pattern, t.group) if unstructured and not maskless else None
     evaluators = tuple(opts.evaluators())
     device = resolve_device(opts.placement.device)
     dtype = loading.torch_dtype(opts.load.dtype)

@@ -1,7 +1,8 @@
 """The options of a run, as typed groups declared once (``option(...)`` fields, as components declare theirs).
 
 - ``load``: what model and how it is loaded; ``calib``: the calibration windows; ``placement``: where the
-  weights live; ``target``: the method and how much to prune; ``write``: the output folder and side files;
+  weights live; ``target``: the method and how much to prune; ``write``: the output folder, its format and side
+  files;
 - one group per evaluator (its own options, ``evaluate.registry``);
 - the stage values ({kind: value}, ``pipeline.stages``) and the component option values (flat, checked against
   the components that run).
@@ -21,6 +22,8 @@ from taylorprune.calib import sampling, text
 from taylorprune.errors import UserError
 from taylorprune.evaluate.registry import EVALUATORS
 from taylorprune.evaluate.spec import Evaluator
+from taylorprune.export.formats import DEFAULT as DEFAULT_FORMAT
+from taylorprune.export.formats import FORMATS
 from taylorprune.options import Options, option
 from taylorprune.pipeline.stages import KINDS
 from taylorprune.prune.masks import GROUPS
@@ -93,6 +96,9 @@ class WriteOptions(Options):
     overwrite: bool = option(False, "Replace an existing output folder.")
     save_scores: str | None = option(None, "Write each target's fp32 scores (.safetensors, module paths).")
     plots: bool = option(False, "Also write layer_sparsity.png into the output.")
+    format: str = option(DEFAULT_FORMAT, "Output format: " + "; ".join(f"{f.name} ({f.summary})"
+                                                                     for f in FORMATS.values()) + ".",
+                         choices=tuple(FORMATS))
 
 
 GROUPS_OF_RUN: dict[str, type[Options]] = {"load": LoadOptions, "calib": CalibOptions, "placement": PlacementOptions,

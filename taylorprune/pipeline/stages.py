@@ -4,12 +4,17 @@ A ``StageKind`` is a flag (``--refine``) whose value picks a choice from the kin
 .REFINES``), the choice that means "off", the default, its scope (``linear``: for each pruned linear after its
 mask; ``block``: for each block after its linears; ``model``: once over the model before the engine; ``after``:
 once after the pruning phases), which pruning it belongs to (unstructured masks, structure removal, or any), how
-the phase that runs it calls a choice (``step``), and when a method excludes it. The CLI flags and help,
-``--option`` ownership, sweep ``--variants``, the report's record of what ran, cache recipes and every refusal
-are derived from these declarations.
+the phase that runs it calls a choice (``step``), and when a method excludes it. A linear kind also says whether
+it works without masks (``needs_masks``), whether it runs on a solver's output (``final``: last, on the linear's
+final weight, after a solver, the other linear stages or a fallback; a linear kind that is neither refused nor
+final is refused for solvers, never silently skipped), which other kinds it excludes, what it adds to the output
+(``stores``: a grid the output format must hold), its checks before loading (``check``: a grid without an exact 0
+is refused with masks) and on the loaded model (``prepare``), and its record over all linears (``report``). The
+CLI flags and help, ``--option`` ownership, sweep ``--variants``, the report's record of what ran, cache recipes
+and every refusal are derived from these declarations.
 
-Adding a stage kind is one registry of choices in ``prune/`` plus one ``StageKind`` line in ``STAGE_KINDS``;
-adding a choice to a kind is one entry in its registry.
+Adding a stage kind is one registry of choices (in ``prune/``, or its own package as ``quantize/``) plus one
+``StageKind`` line in ``STAGE_KINDS``; adding a choice to a kind is one entry in its registry.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from taylorprune.prune.recon import RECONS
 from taylorprune.prune.refine import REFINES
 from taylorprune.prune.structures import STRUCTURES, parse_structures
 from taylorprune.prune.update import UPDATES
+from taylorprune.quantize.grid import require_zero
+from taylorprune.quantize.stage import QUANTIZERS, check_widths, summarize
 from taylorprune.recover.registry import RECOVERS
 from taylorprune.scoring.spec import Method
 
@@ -55,6 +62,13 @@ class StageKind:
     several: bool = False  # a comma-separated list of choices (--structure heads,neurons)
     note: str = ""  # said after the choices in the flag's help
     method_default: bool = False  # some methods bring their own value (said in the help)
+    needs_masks: bool = True  # unstructured kinds: refused without --sparsity/--pattern (False: runs without)
+    final: bool = False  # linear kinds: runs last on the linear's final weight, a solver's output included
+    excludes: tuple[str, ...] = ()  # kinds that cannot run with this one (said with ``note``)
+    stores: Callable[[Stage], Any] | None = None  # what the output must hold for this stage (a grid), or None
+    check: Callable[[Stage, Any], None] | None = None  # checks against the run's pattern (None: no masks), unloaded
+    prepare: Callable[[Stage, Any], None] | None = None  # checks on the loaded model's targets, before heavy work
+    report: Callable[[Stage, list[dict]], dict] | None = None  # the run's record of this stage, over the linears
 
     @property
     def flag(self) -> str:
@@ -128,6 +142,14 @@ def _allocation_step(stage: Stage, layout, stats, pattern):
     return stage.choice.allocate(layout, stats, pattern, stage.options)
 
 
+# linear, final: step(stage, work) with work.current (the linear's weight so far), .keep (None: no masks), .dtype;
+# sets work.new, work.quantized (what the writer keeps) and the linear's record
+def _quantize_step(stage: Stage, work) -> None:
+    work.new, work.quantized, info = stage.choice.apply(work.current, work.keep, work.stats, stage.options,
+                                                        work.path, work.dtype)
+    work.record[stage.kind.name] = info
+
+
 def _solver_refuses(what: str) -> Refusal:
     def refuse(method: Method, options: Options, value: str) -> str | None:
         return f"--method {method.name} {what}" if method.updates_weights else None
@@ -141,6 +163,17 @@ REFINE = StageKind("refine", "Mask refinement between masking and the update", R
                    UNSTRUCTURED, _refine_step, _solver_refuses("chooses its mask itself"), method_default=True)
 UPDATE = StageKind("update", "Weight update after masking", UPDATES, "none", "none", "linear", UNSTRUCTURED,
                    _update_step, _solver_refuses("updates weights itself"))
+QUANTIZE = StageKind("quantize", "Weight quantization of every target linear, last (weights only)", QUANTIZERS,
+                     "none", "none", "linear", UNSTRUCTURED, _quantize_step, needs_masks=False, final=True,
+                     excludes=("recon", "recover"),
+                     note="After the mask and the other linear stages, or on a solver's output, masks kept; alone "
+                     "(no --sparsity/--pattern) it quantizes without pruning. --recon and --recover would move the "
+                     "weights off their grid and are refused with it.",
+                     stores=lambda stage: stage.choice.grid_kind(stage.options),
+                     check=lambda stage, pattern: pattern is None or require_zero(stage.options.spec()),
+                     prepare=lambda stage, layout: check_widths(stage.options, layout.all_targets),
+                     report=lambda stage, linears: {"method": stage.name, **stage.options.as_dict(),
+                                                    **summarize(linears, "quantize")})
 RECON = StageKind("recon", "Block stage after a block is pruned (its masks, or its structures when no masks follow)",
                   RECONS, "none", "none", "block", ANY, _recon_step)
 STRUCTURE = StageKind("structure", "Structured pruning: remove", STRUCTURES, None, None, "model", STRUCTURED,
@@ -151,7 +184,8 @@ RECOVER = StageKind("recover", "Recovery after pruning, before writing", RECOVER
                     note="Trains the pruned model toward the dense one on calibration-source text; masks and "
                     "compact shapes stay.")
 
-STAGE_KINDS: tuple[StageKind, ...] = (STRUCTURE, ALLOCATION, REFINE, UPDATE, RECON, RECOVER)  # the order they run in
+# the order they run in
+STAGE_KINDS: tuple[StageKind, ...] = (STRUCTURE, ALLOCATION, REFINE, UPDATE, QUANTIZE, RECON, RECOVER)
 KINDS: dict[str, StageKind] = {k.name: k for k in STAGE_KINDS}
 
 

@@ -67,8 +67,9 @@ class Plan:
 
     @property
     def whole_model(self):
-        """The method's whole-model procedure for these options, or None (the layer-by-layer engine)."""
-        return self.parts.method.whole_model(self.parts.method_options)
+        """The method's whole-model procedure for these options, or None (the layer-by-layer engine; always when the
+        method masks nothing)."""
+        return self.parts.method.whole_model(self.parts.method_options) if self.parts.masks else None
 
     @property
     def calibrated(self) -> bool:
@@ -76,7 +77,7 @@ class Plan:
 
     def describe(self) -> str:
         parts = [x.describe() for x in (self.structured, self.pattern) if x is not None]
-        return " then ".join(parts) or "recovery only"
+        return " then ".join(parts) or ("no masks" if self.parts.unstructured else "recovery only")
 
     def recipe(self) -> dict[str, Any]:
         """Everything that decides how the blocks are pruned (block-scope cache identity)."""
@@ -124,6 +125,7 @@ class RunState:
     phases_s: dict[str, float] = field(default_factory=dict)
     records: dict[str, dict] = field(default_factory=dict)
     linears: list[dict] = field(default_factory=list)
+    quantized: dict[str, Any] = field(default_factory=dict)  # codes and grid of each quantized linear, for the writer
     warnings: list[str] = field(default_factory=list)
     report: dict | None = None  # what the write phase wrote
 

@@ -77,18 +77,14 @@ def masked_fit(weights: list[torch.nn.Parameter], train_loss: Callable[[torch.Te
             pick = next(draws)
             opt.zero_grad(set_to_none=True)
             _backward(weights, train_loss, pick, share)
-            for w, m in zip(weights, masks, strict=True):
-                if m is not None and w.grad is not None:
-                    w.grad.mul_(m)
+            _mask([w.grad for w in weights], masks)
             if settings.clip is not None:
                 torch.nn.utils.clip_grad_norm_(weights, settings.clip)
             opt.step()
             if schedule is not None:
                 schedule.step()
             with torch.no_grad():
-                for w, m in zip(weights, masks, strict=True):
-                    if m is not None:
-                        w.mul_(m)
+                _mask(weights, masks)
             if on_step is not None:
                 on_step(step)
             if step % settings.eval_every and step != settings.steps:
@@ -107,6 +103,14 @@ def masked_fit(weights: list[torch.nn.Parameter], train_loss: Callable[[torch.Te
             for w, b in zip(weights, best_state, strict=True):
                 w.copy_(b)
     return {"steps": step, "heldout_before": first, "heldout_after": best, "heldout_curve": curve}
+
+
+def _mask(tensors: list[torch.Tensor | None], masks: list[torch.Tensor | None]) -> None:
+    """Zero the pruned entries of ``tensors`` (weights or their gradients) in one foreach call: a per-tensor
+    loop is a kernel launch per weight, twice a step."""
+    pairs = [(t, m) for t, m in zip(tensors, masks, strict=True) if t is not None and m is not None]
+    if pairs:
+        torch._foreach_mul_([t for t, _ in pairs], [m for _, m in pairs])
 
 
 def _backward(weights: list[torch.nn.Parameter], train_loss: Callable[[torch.Tensor], torch.Tensor],

@@ -20,11 +20,18 @@ the merged, masked model).
 
 Precision: a half-precision student trains in fp32 (master weights; cast back once at the end), under bf16
 autocast on a GPU.
+
+Speed: a step is the student's forward and backward and, on a window's first visit, the teacher's forward; the
+rest is kept off it: held-out windows are evaluated a batch at a time without the loss's gradient, the head checks
+run on a few positions, masks are applied in one foreach call, and on a CPU training runs at the faster of torch's
+threads and one (``recover.pace``). The record gives steps/s and tokens/s beside a plain forward's tokens/s of the
+student on a batch of the same shape, timed in the same process (stories260K, 4 × 512 tokens, 2 shared CPU cores:
+0.35 steps/s before these changes, 1.7 after; at the defaults 0.196 of a plain forward's tokens/s, where the
+teacher's forward on every step and the attention backward bound it at 0.203, docs/bench_recover_speed.md).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -37,8 +44,9 @@ from torch import nn
 from taylorprune import distributed
 from taylorprune.options import Options, option
 from taylorprune.prune.fit import FitSettings, masked_fit
+from taylorprune.recover import pace
 from taylorprune.recover.head_kl import Targets, head_kl, head_matches, lm_head
-from taylorprune.recover.teacher import TargetCache, Teacher, model_outputs
+from taylorprune.recover.teacher import CHECK, TargetCache, Teacher, model_outputs
 
 WEIGHTS = ("all", "lora")
 SAMPLING = ("epoch", "random")
@@ -46,15 +54,17 @@ SAMPLING = ("epoch", "random")
 
 @dataclass(frozen=True)
 class RecoverOptions(Options):
-    recover_steps: int = option(200, "Recovery: optimiser steps at most.", minimum=1, maximum=1_000_000)
-    recover_lr: float = option(1e-4, "Recovery: AdamW peak learning rate.", above=0)
+    recover_steps: int = option(260, "Recovery: optimiser steps at most.", minimum=1, maximum=1_000_000)
+    recover_lr: float = option(5e-4, "Recovery: AdamW peak learning rate.", above=0)
     recover_batch: int = option(4, "Recovery: windows per step.", minimum=1)
-    recover_windows: int = option(256, "Recovery: windows of the calibration source to train on (sequential, "
-                                  "non-overlapping; the last --recover-heldout of them are held out).", minimum=2)
+    recover_windows: int | None = option(None, "Recovery: windows of the calibration source to train on "
+                                         "(sequential, non-overlapping; the last --recover-heldout of them are held "
+                                         "out; default: every window the source holds, at most steps x batch + "
+                                         "held-out; more than it holds is an error).", minimum=2)
     recover_seqlen: int | None = option(None, "Recovery: tokens per window (default: the calibration --seqlen).",
                                         minimum=2)
-    recover_heldout: int = option(8, "Recovery: windows held out for early stopping and the reported KL.",
-                                  minimum=1)
+    recover_heldout: int = option(8, "Recovery: windows held out for early stopping and the reported KL (fewer "
+                                  "than the windows; more is an error).", minimum=1)
     recover_temperature: float = option(1.0, "Recovery: temperature of both distributions in the KL.", above=0)
     recover_hidden: float = option(0.0, "Recovery: weight of the last-hidden-state MSE beside the KL (0: off).",
                                    minimum=0)
@@ -119,7 +129,7 @@ class Student:
 
 
 def _held(outputs: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[Targets, torch.Tensor | None]:
-    """A held-out window's targets, kept in CPU memory (on a 128k vocabulary, 8 windows of 2k tokens are 8 GiB of
+    """Held-out windows' targets, kept in CPU memory (on a 128k vocabulary, 8 windows of 2k tokens are 8 GiB of
     logits); the loss moves what it reads to the device."""
     logits, last = outputs
     return Targets(logits.cpu()), None if last is None else last.cpu()
@@ -127,77 +137,105 @@ def _held(outputs: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[Targets, t
 
 def _chunked(student: Student, ids: torch.Tensor) -> bool:
     """Whether the loss can be made from the final hidden states in chunks (``head_kl``): the head is not trained
-    and gives the model's own logits."""
+    and gives the model's own logits (checked on a few positions: the check is about the head, not the text)."""
     head = student.model.get_output_embeddings().weight
-    return all(p is not head for p in student.params) and head_matches(student.model, ids)
+    return all(p is not head for p in student.params) and head_matches(student.model, ids[:, :CHECK])
+
+
+class _Losses:
+    """The training and held-out losses of one recovery. Held-out windows go through the student a batch at a
+    time, without the chunked loss's gradient (an evaluation needs the value only)."""
+
+    def __init__(self, student: Student, teacher: Teacher, train: torch.Tensor, held: torch.Tensor,
+                 options: RecoverOptions, device: torch.device, share: range | None) -> None:
+        self.model, self.options, self.device, self.share = student.model, options, device, share
+        self.train, self.held, self.hidden = train, held, options.recover_hidden > 0
+        mine = distributed.world().share(len(held))  # the held-out windows this rank measures (all, in one process)
+        step = options.recover_batch
+        self.groups = [range(k, min(k + step, mine.stop)) for k in range(mine.start, mine.stop, step)]
+        with torch.no_grad():
+            self.held_targets = [_held(teacher.outputs(self._ids(held, g))) for g in self.groups]
+        self.cache = TargetCache(teacher, len(train) if share is None else len(share),
+                                 train.shape[1] * self.model.config.hidden_size * 4, self.hidden)  # fp32: a bound
+        self.chunked = _chunked(student, train[:1].to(device))
+        self.head = lm_head(self.model)
+
+    def _ids(self, windows: torch.Tensor, group: range) -> torch.Tensor:
+        return windows[group.start:group.stop].to(self.device, non_blocking=True)
+
+    def loss(self, ids: torch.Tensor, target: tuple[Targets, torch.Tensor | None]) -> torch.Tensor:
+        temperature = self.options.recover_temperature
+        with pace.autocast(self.device):
+            if self.chunked:
+                last = self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+                value = head_kl(last, self.head, target[0], temperature)
+            else:
+                logits, last = model_outputs(self.model, ids, self.hidden)
+                value = kl_loss(logits, target[0].logits().to(logits.device), temperature)
+        if self.hidden:
+            value = value + self.options.recover_hidden * hidden_loss(last, target[1])
+        return value
+
+    def train_loss(self, pick: torch.Tensor) -> torch.Tensor:
+        index = pick if self.share is None else pick + self.share.start
+        ids = self.train[index].to(self.device, non_blocking=True)
+        with torch.no_grad():
+            target = self.cache(ids, index.tolist())
+        return self.loss(ids, target)
+
+    def heldout(self) -> float:
+        """Mean held-out loss over the windows (every window has the same positions)."""
+        with torch.no_grad():
+            total = sum(self.loss(self._ids(self.held, g), t) * len(g)
+                        for g, t in zip(self.groups, self.held_targets, strict=True))
+        return distributed.all_sum_number(float(total)) / len(self.held)
+
+
+def _optimizer(options: RecoverOptions):
+    def make(params):
+        # the fused kernel: the default per-tensor loop took 4.13 s a step on 80M fp32 weights, fused 0.10 s (CPU)
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        opt = torch.optim.AdamW(params, lr=options.recover_lr, weight_decay=0.0, fused=fused)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule(options.recover_steps, options.recover_warmup))
+
+    return make
 
 
 def distill(student: Student, teacher: Teacher, train: torch.Tensor, held: torch.Tensor, options: RecoverOptions,
             device: torch.device, seed: int, on_step: Callable[[int], None] | None = None
             ) -> tuple[dict, Callable[[], float]]:
     """Train ``student`` toward ``teacher`` on windows ``train``; returns the record and a function measuring the
-    held-out loss on ``held`` again (after adapters are merged)."""
-    model, hidden = student.model, options.recover_hidden > 0
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
+    held-out loss on ``held`` again (after adapters are merged). A plain forward of one batch is timed before
+    training and beside each held-out evaluation, at the threads training runs with (``recover.pace``), for the
+    record's speed ratio; those forwards are not counted in the training's seconds."""
     world = distributed.world()
     share = world.share(len(train)) if world.active else None  # the training windows this rank computes
-    mine = world.share(len(held))  # the held-out windows this rank measures (all of them in one process)
-    with torch.no_grad():
-        held_targets = [_held(teacher.outputs(held[k][None].to(device))) for k in mine]
-    cache = TargetCache(teacher, len(train) if share is None else len(share),
-                        train.shape[1] * model.config.hidden_size * 4, hidden)  # fp32 states: an upper bound
-
-    chunked = _chunked(student, train[:1].to(device))
-    head = lm_head(model)
-
-    def loss(ids: torch.Tensor, target: tuple[Targets, torch.Tensor | None]) -> torch.Tensor:
-        with autocast:
-            if chunked:
-                last = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
-                value = head_kl(last, head, target[0], options.recover_temperature)
-            else:
-                logits, last = model_outputs(model, ids, hidden)
-                value = kl_loss(logits, target[0].logits().to(logits.device), options.recover_temperature)
-        if hidden:
-            value = value + options.recover_hidden * hidden_loss(last, target[1])
-        return value
-
-    def train_loss(pick: torch.Tensor) -> torch.Tensor:
-        index = pick if share is None else pick + share.start
-        ids = train[index].to(device)
-        with torch.no_grad():
-            target = cache(ids, index.tolist())
-        return loss(ids, target)
-
-    def heldout() -> float:
-        total = sum(float(loss(held[k][None].to(device), t)) for k, t in zip(mine, held_targets, strict=True))
-        return distributed.all_sum_number(total) / len(held)
-
-    def optimizer(params):
-        # the fused kernel: the default per-tensor loop took 4.13 s a step on 80M fp32 weights, fused 0.10 s (CPU)
-        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-        opt = torch.optim.AdamW(params, lr=options.recover_lr, weight_decay=0.0, fused=fused)
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule(options.recover_steps, options.recover_warmup))
-
+    batch = min(options.recover_batch, len(train))
+    ids = train[:batch].to(device)
+    forward, probe = pace.plain_forward(student.model, ids), pace.plain_forward(student.model, ids[:1])
     settings = FitSettings(options.recover_steps, options.recover_batch, options.recover_patience,
                            options.recover_eval_every, options.recover_clip or None,
                            epochs=options.recover_sampling == "epoch")
-    t0 = time.perf_counter()
-    info = masked_fit(student.params, train_loss, heldout, len(train), settings, optimizer,
-                      torch.Generator().manual_seed(seed * 1_000_003 + 7), student.masks, on_step, share)
-    for p in student.params:  # data-parallel ranks keep rank 0's weights (they took identical steps)
-        distributed.sync(p.data)
-    seconds = time.perf_counter() - t0
-    tokens = info["steps"] * min(options.recover_batch, len(train)) * train.shape[1]
-    record = {"steps": info["steps"], "tokens_seen": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+    with pace.threads(forward, probe, device) as clock:
+        t0 = time.perf_counter()
+        losses = _Losses(student, teacher, train, held, options, device, share)
+
+        def step_done(step: int) -> None:
+            if on_step is not None:
+                on_step(step)
+            if step % options.recover_eval_every == 0:  # a forward timed beside each held-out evaluation
+                clock.sample()
+
+        info = masked_fit(student.params, losses.train_loss, losses.heldout, len(train), settings,
+                          _optimizer(options), torch.Generator().manual_seed(seed * 1_000_003 + 7), student.masks,
+                          step_done, share)
+        for p in student.params:  # data-parallel ranks keep rank 0's weights (they took identical steps)
+            distributed.sync(p.data)
+        tokens = info["steps"] * batch * train.shape[1]
+        speed = clock.record(time.perf_counter() - t0, info["steps"], tokens, batch * train.shape[1])
+    record = {"steps": info["steps"], "tokens_seen": tokens, **speed,
               "kl_before": info["heldout_before"], "kl_after": info["heldout_after"], "heldout_windows": len(held),
               "train_windows": len(train), "seqlen": train.shape[1],
               "kl_curve": [[step, round(kl, 6)] for step, kl in info["heldout_curve"]],
-              "teacher_cache": cache.record(), "loss": "chunked" if chunked else "whole"}
-    return record, lambda: heldout_now(heldout)
-
-
-def heldout_now(heldout: Callable[[], float]) -> float:
-    with torch.no_grad():
-        return heldout()
+              "teacher_cache": losses.cache.record(), "loss": "chunked" if losses.chunked else "whole"}
+    return record, losses.heldout

@@ -66,20 +66,23 @@ class _HeadKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, states: torch.Tensor, head: Head, targets: Targets, temperature: float) -> torch.Tensor:
         flat = states.detach().reshape(-1, states.shape[-1])
-        n = flat.shape[0]
-        grad, total = torch.empty_like(flat), torch.zeros((), dtype=torch.float32, device=flat.device)
+        n, graded = flat.shape[0], ctx.needs_input_grad[0]  # a held-out evaluation needs the value only
+        grad, total = torch.empty_like(flat) if graded else None, torch.zeros((), dtype=torch.float32,
+                                                                               device=flat.device)
         for start in range(0, n, CHUNK):
             rows = slice(start, min(n, start + CHUNK))
-            piece = flat[rows].detach().requires_grad_()
-            with torch.enable_grad():
+            piece = flat[rows].detach().requires_grad_(graded)
+            with torch.set_grad_enabled(graded):
                 logits = head(piece).float()
             s = F.log_softmax(logits.detach() / temperature, dim=-1)
             t = F.log_softmax(targets.rows(rows).to(flat.device).float() / temperature, dim=-1)
             p = t.exp()
             total += (p * (t - s)).sum()
-            q = s.exp_().sub_(p).mul_(temperature / n)
-            (grad[rows],) = torch.autograd.grad(logits, piece, q)
-        ctx.save_for_backward(grad.view(states.shape))
+            if graded:
+                q = s.exp_().sub_(p).mul_(temperature / n)
+                (grad[rows],) = torch.autograd.grad(logits, piece, q)
+        if graded:
+            ctx.save_for_backward(grad.view(states.shape))
         return total * temperature**2 / n
 
     @staticmethod

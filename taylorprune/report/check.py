@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from taylorprune.errors import UserError
 from taylorprune.evaluate.registry import EVALUATORS
-from taylorprune.report import jsonio
+from taylorprune.report import jsonio, schema
 
 REQUIRED = {"perplexity": (int, float), "dataset": (str,), "seqlen": (int,), "windows": (int,), "tokens": (int,)}
 KINDS = ("increase", "drop", "max")
+Note = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -132,9 +134,11 @@ def side(records: dict[str, dict], source: str) -> dict:
     return {**records.get("perplexity", {}), "evaluation": records, "metrics": found, "source": source}
 
 
-def _records(data: dict, flag: str, path: Path) -> dict[str, dict]:
-    """The evaluator records of an ``eval --json`` file or a report (old reports: one perplexity record)."""
+def _records(data: dict, flag: str, path: Path, note: Note | None = None) -> dict[str, dict]:
+    """The evaluator records of an ``eval --json`` file or a report (layout 1: one perplexity record)."""
     if "perplexity" not in data and "evaluation" in data:  # a report
+        if schema.layout(data, f"{flag} {path}") == schema.LEGACY and note is not None:
+            note(f"{flag} {path} is a report of layout {schema.LEGACY} (before schema_version); read as such")
         evaluation = data["evaluation"]
         if not evaluation:
             raise UserError(f"{flag} {path}: the report has no evaluation; prune with --eval, or pass the model "
@@ -146,8 +150,9 @@ def _records(data: dict, flag: str, path: Path) -> dict[str, dict]:
     return data.get("evaluation") if isinstance(data.get("evaluation"), dict) else {"perplexity": data}
 
 
-def read_result(path: Path, flag: str) -> dict:
-    """An evaluation from an ``eval --json`` file or a report, validated."""
+def read_result(path: Path, flag: str, note: Note | None = None) -> dict:
+    """An evaluation from an ``eval --json`` file or a report, validated; ``note`` hears how an older report was
+    read (the caller decides where such lines go)."""
     what = (f"a {flag} is an `eval --json` file, a taylorprune_report.json, a model folder or a .gguf file")
     try:
         data = json.loads(path.read_text())
@@ -159,7 +164,7 @@ def read_result(path: Path, flag: str) -> dict:
         raise UserError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
     if not isinstance(data, dict):
         raise UserError(f"{flag} {path}: expected a JSON object as written by `taylorprune eval --json`")
-    records = _records(data, flag, path)
+    records = _records(data, flag, path, note)
     if "perplexity" in records:
         _check_perplexity(records["perplexity"], flag, path)
     return side(records, str(path))

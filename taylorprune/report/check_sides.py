@@ -69,10 +69,12 @@ def evaluate_folder(path: Path, settings: EvalSettings, hooks: Hooks | None = No
 
 
 def load_sides(base_path: Path | None, cand_path: Path, settings: EvalSettings, allow_mismatch: bool,
-               make_hooks: Callable[[], Hooks] | None = None) -> tuple[dict | None, dict]:
-    """(baseline, candidate): files are read first (see the module doc)."""
+               make_hooks: Callable[[], Hooks] | None = None,
+               note: Callable[[str], None] | None = None) -> tuple[dict | None, dict]:
+    """(baseline, candidate): files are read first (see the module doc); ``note`` hears how older reports were
+    read."""
     sides = {"--baseline": base_path, "--candidate": cand_path}
-    loaded = {flag: read_result(p, flag) for flag, p in sides.items() if p is not None and not is_model(p)}
+    loaded = {flag: read_result(p, flag, note) for flag, p in sides.items() if p is not None and not is_model(p)}
     models = [flag for flag, p in sides.items() if p is not None and is_model(p)]
     if models and loaded and not allow_mismatch:
         planned = {"dataset": Path(settings.text_file).name if settings.text_file else settings.dataset or "wikitext2"}

@@ -53,7 +53,16 @@ def report_summary(report: dict, rows: list[weights.TensorSparsity]) -> dict:
         "source": (report.get("source") or {}).get("model"),
         "taylorprune": (report.get("versions") or {}).get("taylorprune"),
         "structured": _structured(report.get("structured")),
+        "quantize": _quantize(report.get("quantize")),
+        "write": report.get("write") if isinstance(report.get("write"), dict) else None,
     }
+
+
+def _quantize(record) -> dict | None:
+    """A quantized run's grid and bits per weight (None when nothing was quantized)."""
+    if not isinstance(record, dict):
+        return None
+    return {k: record.get(k) for k in ("method", "wbits", "group_size", "symmetric", "bits_per_weight", "linears")}
 
 
 def _perplexity(evaluation) -> dict | None:

@@ -1,8 +1,9 @@
-"""Sparsity of a checkpoint's linears read straight from its safetensors files, one tensor at a time.
+"""Sparsity of a checkpoint's linears read straight from its weight files, one tensor at a time.
 
-Nothing is instantiated: no model class, no config parsing, no transformers import. So ``inspect`` and
-``check --min-sparsity`` work on any Hugging Face folder, of any size, in seconds and with the memory of the
-largest single tensor.
+Nothing is instantiated: no model class, no transformers import. So ``inspect`` and ``check --min-sparsity`` work
+on any Hugging Face folder, of any size, in seconds and with the memory of the largest single tensor. The folder's
+output format (``export.formats``: plain safetensors, or compressed-tensors, whose packed linears are read with
+their grid and dequantized) says how its linears are read.
 
 Which tensors count as linears, without the model's code: 2-D tensors whose name ends in ``.weight`` and
 sits inside a numbered decoder block (``….layers.<i>.…``, ``….h.<i>.…`` or ``….blocks.<i>.…``). That covers
@@ -18,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from taylorprune.errors import UserError
+from taylorprune.export.format_spec import StoredLinear
+from taylorprune.export.formats import format_of
 from taylorprune.prune.masks import check_nm
 
 BLOCK_RE = re.compile(r"\.(?:layers|h|blocks)\.\d+\.")
@@ -38,6 +40,7 @@ class TensorSparsity:
     numel: int
     zeros: int
     nm: tuple[str, ...] = ()
+    grid: dict | None = None  # a quantized linear's {wbits, group_size, symmetric, scale_dtype}
 
     @property
     def sparsity(self) -> float:
@@ -45,7 +48,7 @@ class TensorSparsity:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "numel": self.numel,
-                "zeros": self.zeros, "sparsity": self.sparsity, "nm": list(self.nm)}
+                "zeros": self.zeros, "sparsity": self.sparsity, "nm": list(self.nm), "grid": self.grid}
 
 
 def safetensor_files(folder: Path, flag: str = "DIR") -> list[Path]:
@@ -79,12 +82,15 @@ def scan(
     """Per-linear zeros (and N:M compliance) of ``folder``; ``names`` (tensor names) overrides the block rule."""
     wanted = set(names) if names is not None else None
     candidates = tuple(candidates)
+    safetensor_files(folder, flag)
+    fmt = format_of(folder)
     found: list[TensorSparsity] = []
-    for file in safetensor_files(folder, flag):
-        try:
-            found.extend(_scan_file(file, wanted, candidates))
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise UserError(f"{flag} {folder}: cannot read {file.name} ({str(exc).splitlines()[0]})") from None
+    try:
+        for stored in fmt.linears(folder):
+            if stored.name in wanted if wanted is not None else is_block_linear(stored.name, stored.shape):
+                found.append(_row(stored, candidates))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise UserError(f"{flag} {folder}: cannot read its {fmt.name} weights ({str(exc).splitlines()[0]})") from None
     if wanted is not None and (missing := wanted - {t.name for t in found}):
         raise UserError(f"{flag} {folder}: the report lists {len(missing)} linears missing from the weights, "
                         f"e.g. {sorted(missing)[0]}")
@@ -93,21 +99,13 @@ def scan(
     return sorted(found, key=lambda t: _natural_key(t.name))
 
 
-def _scan_file(file: Path, wanted: set[str] | None, candidates: tuple[tuple[int, int], ...]) -> list[TensorSparsity]:
-    rows = []
-    with safe_open(str(file), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-            sl = f.get_slice(key)
-            shape = tuple(sl.get_shape())
-            if not (key in wanted if wanted is not None else is_block_linear(key, shape)):
-                continue
-            t = f.get_tensor(key)
-            if t.dtype.is_floating_point and t.element_size() == 1:
-                t = t.to(torch.float16)  # float8: comparisons are not implemented for it everywhere
-            nm = nm_patterns(t, candidates) if t.dim() == 2 else ()
-            rows.append(TensorSparsity(key, shape, str(sl.get_dtype()), t.numel(), int((t == 0).sum().item()), nm))
-            del t
-    return rows
+def _row(stored: StoredLinear, candidates: tuple[tuple[int, int], ...]) -> TensorSparsity:
+    t = stored.load()
+    if t.dtype.is_floating_point and t.element_size() == 1:
+        t = t.to(torch.float16)  # float8: comparisons are not implemented for it everywhere
+    nm = nm_patterns(t, candidates) if t.dim() == 2 else ()
+    return TensorSparsity(stored.name, stored.shape, stored.dtype, t.numel(), int((t == 0).sum().item()), nm,
+                          stored.grid)
 
 
 def total(rows: list[TensorSparsity]) -> tuple[int, int, float]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from taylorprune.calib import sampling
 from taylorprune.errors import RunError, UserError
 from taylorprune.export import save
 from taylorprune.modeling import loading
@@ -24,6 +23,7 @@ from taylorprune.modeling.placement import GIB, USABLE, device_budget, model_byt
 from taylorprune.modeling.sweep import forward
 from taylorprune.pipeline.phases.calibration import calibration_corpus
 from taylorprune.pipeline.state import Phase, RunState
+from taylorprune.recover import windows
 from taylorprune.recover.distill import distill
 from taylorprune.recover.head_kl import CHUNK
 from taylorprune.recover.student import finish, prepare
@@ -40,17 +40,12 @@ def teacher_source(plan) -> str:
 
 
 def recovery_windows(state: RunState, options) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training windows, held-out windows) of the calibration source, sequential and non-overlapping."""
-    calib, tokenizer = state.opts.calib, state.loaded.tokenizer
-    seqlen = options.recover_seqlen or state.plan.seqlen
-    try:
-        ids, _ = sampling.sample(tokenizer, calibration_corpus(calib), options.recover_windows, seqlen, calib.seed,
-                                 "sequential", cache=True, bos=loading.window_start(state.model.config, tokenizer))
-    except UserError as exc:
-        flags = str(exc).replace("--nsamples or --seqlen", "--recover-windows or --recover-seqlen")
-        raise UserError(f"recovery: {flags}") from None
-    held = min(options.recover_heldout, len(ids) - 1)
-    return ids[:-held], ids[-held:]
+    """(training windows, held-out windows) of the calibration source, sequential and non-overlapping
+    (``recover.windows``: every window the source holds by default; a count beyond it is an error)."""
+    tokenizer = state.loaded.tokenizer
+    return windows.recovery_windows(tokenizer, calibration_corpus(state.opts.calib), options,
+                                    options.recover_seqlen or state.plan.seqlen,
+                                    loading.window_start(state.model.config, tokenizer))
 
 
 def _trained_numel(model: nn.Module, layout, options) -> int:
@@ -150,6 +145,8 @@ class Recover(Phase):
             lin["zeros"] = int((weight == 0).sum())
             lin["sparsity"] = lin["zeros"] / weight.numel()
         windows_tokens = len(train) * train.shape[1]
-        return {"method": stage.name, **options.as_dict(), "teacher": teacher_source(plan), "teacher_placement": where,
+        used = {"recover_windows": len(train) + len(held)}  # the number taken, the default (none: all) resolved
+        return {"method": stage.name, **options.as_dict(), **used, "teacher": teacher_source(plan),
+                "teacher_placement": where,
                 **record, "passes": record["tokens_seen"] / windows_tokens, "memory": memory,
                 "peak_memory_mib": save.peak_memory()}

@@ -25,7 +25,7 @@ from taylorprune.pipeline.components import Components
 from taylorprune.pipeline.phases.unstructured import model_context
 from taylorprune.pipeline.stages import STRUCTURED
 from taylorprune.pipeline.state import Phase, RunState, linear_records
-from taylorprune.prune.recon import Trail
+from taylorprune.prune.recon import Trail, recon_summary
 from taylorprune.prune.structures import (
     CONSUMER_STATS,
     WIDTH_KINDS,
@@ -96,7 +96,7 @@ def prune_widths(state: RunState, counts: dict[str, int], model_stats, preset) -
     dense_stream = any(s.choice.dense_stream(s.options) for s in stages)
     dense = [hidden if dense_stream else None]  # the dense model's activations, for dense block targets
     per_block = []
-    trail = Trail(runner, max((s.choice.span(s.options) for s in stages), default=1))
+    trail = Trail.of(runner, stages, state.calib_ids)
 
     def compact(j: int) -> list[nn.Linear]:
         return [m for m in layout.blocks[j].modules() if isinstance(m, nn.Linear)]
@@ -171,6 +171,7 @@ class Structured(Phase):
                 record["depth"] = prune_depth(runner, state.calib_ids, options, counts["blocks"], tick)
             state.layout = find_layout(model)
         record["per_block"] = _widths(state, counts) if any(k in counts for k in WIDTH_KINDS) else []
+        record.update(recon_summary({"block": b["block"], **b["recon"]} for b in record["per_block"] if "recon" in b))
         record["config"] = update_config(model.config, state.layout.blocks)
         after = count_parameters(model)
         record["parameters"] = {"before": before["parameters"], "after": after,

@@ -2,7 +2,9 @@
 
 Model-scope statistics are taken on the dense model first (gradients, model-scope HVPs, dense activations);
 the model-scope stages (allocation) turn them into per-linear patterns; then the layer-by-layer engine
-(``pipeline.engine``) prunes block after block, or the method's own whole-model procedure runs instead.
+(``pipeline.engine``) prunes block after block, or the method's own whole-model procedure runs instead. Without a
+pattern (``--quantize`` alone) the engine runs only the stages that need no masks. A stage kind that reports over
+all linears (quantization: bits per weight) gets its record in the report under its own name.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from taylorprune.export import save
 from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.pipeline.engine import PruneResult, prune_layers
 from taylorprune.pipeline.state import Phase, RunState, linear_records
+from taylorprune.prune.recon import recon_summary
 from taylorprune.stats.collect import BlockCache, model_statistics
 from taylorprune.stats.registry import of_scope
 from taylorprune.stats.source import ModelContext, Scope
@@ -30,9 +33,11 @@ def model_context(state: RunState) -> ModelContext:
 
 def pruning_label(state: RunState) -> str:
     """'pruning with M + recon block (unstructured 0.5 per row)': what the progress line says."""
-    parts = state.plan.parts
+    parts, pattern = state.plan.parts, state.plan.pattern
     stages = "".join(f" + {s.kind.name} {s.name}" for s in parts.stages if not s.off and not s.kind.several)
-    return f"pruning with {parts.method.name}{stages} ({state.plan.pattern.describe()})"
+    if pattern is None:
+        return f"no masks{stages}"
+    return f"pruning with {parts.method.name}{stages} ({pattern.describe()})"
 
 
 class Unstructured(Phase):
@@ -41,6 +46,14 @@ class Unstructured(Phase):
     def check(self, plan) -> None:
         for stage in plan.parts.active("model"):
             stage.choice.check(plan.pattern)
+        for stage in plan.parts.active("linear"):
+            if stage.kind.check is not None:
+                stage.kind.check(stage, plan.pattern)
+
+    def prepare(self, state: RunState) -> None:
+        for stage in state.plan.parts.active("linear"):
+            if stage.kind.prepare is not None:
+                stage.kind.prepare(stage, state.layout)
 
     def calibrated(self, plan) -> bool:
         return bool(plan.parts.unstructured_needs) or plan.whole_model is not None
@@ -61,8 +74,13 @@ class Unstructured(Phase):
                                    {"method": plan.parts.method.name, "pattern": plan.pattern.describe()})
         state.phases_s.update({f"prune.{k}": v for k, v in result.timings.items()})
         state.linears, state.warnings = result.linears, state.warnings + result.warnings
-        return {"pattern": plan.pattern.describe(), "achieved_sparsity": result.sparsity,
-                "allocation": result.allocation, "blocks": block_report(result)}
+        state.quantized.update(result.quantized)
+        for stage in plan.parts.active("linear"):
+            if stage.kind.report is not None:
+                state.records[stage.kind.name] = stage.kind.report(stage, state.linears)
+        return {"pattern": plan.pattern.describe() if plan.pattern else "no masks",
+                "achieved_sparsity": result.sparsity, "allocation": result.allocation, "blocks": block_report(result),
+                **recon_summary(result.blocks)}
 
 
 def _prune(state: RunState, ctx: ModelContext, dense_stats, scores) -> PruneResult:

@@ -1,19 +1,24 @@
-"""Write phase: the pruned model as a Hugging Face folder with its report, atomically, verified on disk.
+"""Write phase: the pruned model as a Hugging Face folder in the chosen format with its report, atomically,
+verified on disk.
 
-The folder is written beside the target and renamed into place at the end, so an interrupted run leaves no
-half checkpoint; the weights are re-read and checked against the model in memory (shapes, sparsity, widths in
-config.json) before the rename. The report holds the run-level facts plus every phase's record under its name.
+The phase is blind to the format (``--format``, ``export.formats``): the format writes, reads its folder back and
+checks it against the model in memory (shapes, sparsity, widths in config.json, quantization codes), and measures
+its size; what a format cannot hold (``Contents``: the run's grid, masks, compact shapes) is refused before any
+work. The folder is written beside the target and renamed into place at the end, so an interrupted run leaves no
+half checkpoint. The report holds the run-level facts plus every phase's record under its name (this one's:
+format and file bytes).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 from taylorprune import distributed
 from taylorprune.errors import UserError
-from taylorprune.export import atomic, save
+from taylorprune.export import atomic, save, targets
+from taylorprune.export.format_spec import Contents, Output
+from taylorprune.export.formats import get_format
 from taylorprune.export.plots import plot_layer_sparsity
 from taylorprune.modeling import loading
 from taylorprune.pipeline.evaluation import metrics
@@ -33,17 +38,25 @@ def files_written(plan) -> list[tuple[str, str]]:
 
 
 def check_files(plan, inputs: list[Path]) -> None:
-    for flag, value in files_written(plan):
-        where = Path(value).expanduser()
-        if where.is_dir():
-            raise UserError(f"{flag} {value}: is a folder; give a .safetensors file path")
-        parent = where.parent
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise UserError(f"{flag} {value}: {parent} is not a writable folder")
-        if any(src.resolve() in where.resolve().parents for src in inputs if src.is_dir()):
-            raise UserError(f"{flag} {value}: inside the input model folder, which taylorprune never writes to")
+    """Every file this run writes besides its folder, checked before any work (caches may exist read-only)."""
+    written = files_written(plan)
+    caches = [flag for flag, _ in written if flag != "--save-scores"]
+    targets.check_files(written, inputs, ".safetensors file", reused=caches)
+
+
+def contents(plan) -> Contents:
+    """What the run will write besides float weights, known from the plan (the grid a stage stores, masks, shapes)."""
+    stored = [s.kind.stores(s) for s in plan.parts.stages if not s.off and s.kind.stores is not None]
+    return Contents(next((g for g in stored if g is not None), None), plan.pattern is not None,
+                    plan.structured is not None)
+
+
+def output_of(state: RunState, fmt) -> Output:
+    """What the format writes and verifies against; codes and grids only for a format that stores them."""
+    quantized = state.quantized
+    grids = {name: q.stored() for name, q in quantized.items()} if fmt.holds.codes else {}
+    widths = (state.records.get("structured") or {}).get("config")
+    return Output(state.model, state.loaded.tokenizer, state.linears, widths, frozenset(quantized), grids)
 
 
 def build_report(state: RunState) -> dict:
@@ -51,6 +64,7 @@ def build_report(state: RunState) -> dict:
     parts = plan.parts
     unstructured = records.get("unstructured") or {}
     return {
+        "schema_version": save.SCHEMA_VERSION,  # first, so a reader sees the layout before anything else
         "method": parts.method.name,
         **parts.names(),
         "paper": parts.method.paper,
@@ -85,6 +99,10 @@ class Write(Phase):
         size = loading.input_bytes(opts.model)
         if size is not None:
             atomic.check_free_space(Path(opts.output), size)
+        fmt = get_format(opts.write.format)
+        reason = fmt.refusal(contents(plan))
+        if reason:
+            raise UserError(f"--format {fmt.name}: {reason}")
 
     def run(self, state: RunState) -> None:
         opts, hooks = state.opts, state.hooks
@@ -95,13 +113,17 @@ class Write(Phase):
         if not distributed.world().writer:  # rank 0 writes the folder of a data-parallel run
             state.report = report
             return
-        widths = (state.records.get("structured") or {}).get("config")
+        fmt = get_format(opts.write.format)
+        output = output_of(state, fmt)
         with atomic.atomic_dir(Path(opts.output), opts.write.overwrite) as tmp:
-            save.save_model(state.model, state.loaded.tokenizer, tmp)
-            save.verify(tmp, state.linears, widths)
+            fmt.write(output, tmp)
+            fmt.verify(tmp, output)
+            size = fmt.size(tmp)
             for record in report.values():
                 if isinstance(record, dict) and isinstance(record.get("file_bytes"), dict):
-                    record["file_bytes"]["after"] = save.folder_bytes(tmp)
+                    record["file_bytes"]["after"] = size
+            report["write"] = {"format": fmt.name, "file_bytes": size}
+            report["warnings"] = report["warnings"] + output.warnings
             report["phases_s"]["save"] = time.perf_counter() - t0
             report["peak_memory_mib"] = save.peak_memory()
             report["wall_s"] = process_seconds()

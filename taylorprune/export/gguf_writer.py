@@ -1,0 +1,246 @@
+"""Write a llama-architecture GGUF from an HF ``LlamaForCausalLM`` (config + state dict + tokenizer).
+
+What llama.cpp's HF→GGUF converter does for LLaMA, redone here so that the weights can be quantized by our own block
+packers (:mod:`taylorprune.export.gguf_blocks`), including blocks packed from GPTQ grids:
+
+* ``llama.*`` metadata (context/embedding/feed-forward length, block count, head counts incl. KV, rope dimension
+  count and freq base, RMS eps, vocab size), ``general.file_type`` and ``general.quantization_version`` (2);
+* converter tensor names (``token_embd``, ``blk.N.attn_q/k/v/output``, ``ffn_gate/up/down``, ``attn_norm``,
+  ``ffn_norm``, ``output_norm``, ``output``);
+* the row permutation of ``attn_q`` (by ``n_head``) and ``attn_k`` (by ``n_head_kv``) from HF's rotate-half layout to
+  GGML's interleaved RoPE: ``w.reshape(n, 2, rows/n/2, cols).swapaxes(1, 2).reshape(rows, cols)``;
+* a per-tensor type map: 1-D tensors (norms) F32, everything else the requested type, except that a block type
+  needs the row width (``ne[0]`` = the input dimension, HF's last dim) to be a multiple of 32, else F16 with a warning;
+* SentencePiece (``tokenizer.ggml.model = "llama"``) tokenizer metadata: tokens, scores, token types, special ids.
+
+Per-layer widths that differ (pruned FFNs/heads) are written as per-layer arrays, as llama.cpp reads them; note that
+transformers' GGUF loader only understands the scalar form.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from taylorprune.export import gguf_blocks as gb
+
+FILE_TYPES = {
+    QT.F32: gguf.LlamaFileType.ALL_F32, QT.F16: gguf.LlamaFileType.MOSTLY_F16, QT.BF16: gguf.LlamaFileType.MOSTLY_BF16,
+    QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+    QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, QT.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
+}
+_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight"}
+_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+          "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+# SentencePiece piece kinds -> GGUF token types
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+def as_qtype(t) -> QT:
+    return t if isinstance(t, QT) else QT[str(t).upper()]
+
+
+def gguf_name(hf_name: str) -> str | None:
+    """Converter tensor name for an HF LLaMA parameter; None for what GGUF does not store (rotary buffers)."""
+    if hf_name in _TOP:
+        return _TOP[hf_name]
+    m = _LAYER_RE.match(hf_name)
+    if m and m.group(2) in _LAYER:
+        return f"blk.{m.group(1)}.{_LAYER[m.group(2)]}.{m.group(3)}"
+    if hf_name.endswith("rotary_emb.inv_freq"):
+        return None
+    raise ValueError(f"{hf_name}: no GGUF name for this tensor")
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate-half rows -> GGML interleaved rows, per head. Works on floats or on packed block rows alike
+    (blocks run along a row, so moving whole rows keeps them intact); 1-D biases are permuted as a column."""
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"{rows} rows cannot be split into {n_head} heads of rotary pairs")
+    tail = w.shape[1:]
+    return w.reshape(n_head, 2, rows // n_head // 2, *tail).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclass
+class GGUFReport:
+    path: Path
+    file_type: QT
+    types: dict[str, QT] = field(default_factory=dict)
+    fallbacks: list[str] = field(default_factory=list)
+
+
+def choose_type(
+    name: str, shape: tuple[int, ...], requested: QT, overrides: dict | None = None
+) -> tuple[QT, str | None]:
+    """(type, warning or None) for a GGUF tensor: norms and other 1-D tensors F32; an override (by GGUF name or
+    regex) or the requested type; a block type on a row width that is no multiple of 32 falls back to F16."""
+    if len(shape) == 1:
+        return QT.F32, None
+    chosen = requested
+    for pattern, t in (overrides or {}).items():
+        if pattern == name or re.fullmatch(pattern, name):
+            chosen = as_qtype(t)
+            break
+    if chosen in gb.BLOCK_BYTES and shape[-1] % gb.BLOCK:
+        return QT.F16, (f"{name}: row width {shape[-1]} is not a multiple of {gb.BLOCK}; "
+                        f"written as F16 instead of {chosen.name}")
+    return chosen, None
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ("default", None):
+        raise NotImplementedError(f"rope type {kind!r} is not written to GGUF yet (llama.cpp needs rope_freqs)")
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _scalar_or_list(values: list[int]):
+    return values[0] if len(set(values)) == 1 else values
+
+
+def tokenizer_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+    """tokens, scores, token types: from the SentencePiece model file when the tokenizer has one (as the converter
+    does), else from the HF vocabulary (scores −id, types from the special/added tokens and ``<0xXX>`` pieces).
+    Padded to ``vocab_size`` with ``[PAD{i}]`` unused tokens, as the converter does."""
+    vocab_file = getattr(tokenizer, "vocab_file", None)
+    if vocab_file and Path(vocab_file).is_file() and str(vocab_file).endswith(".model"):
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(vocab_file))
+        tokens, scores, types = [], [], []
+        for i in range(sp.vocab_size()):
+            tokens.append(sp.id_to_piece(i))
+            scores.append(float(sp.get_score(i)))
+            types.append(UNKNOWN if sp.is_unknown(i) else CONTROL if sp.is_control(i) else
+                         UNUSED if sp.is_unused(i) else BYTE if sp.is_byte(i) else NORMAL)
+        for piece, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):  # added tokens
+            if i >= len(tokens) and i < vocab_size:
+                tokens += [f"[PAD{j}]" for j in range(len(tokens), i)]
+                scores += [-1000.0] * (i - len(scores))
+                types += [UNUSED] * (i - len(types))
+                tokens.append(piece), scores.append(-1000.0), types.append(USER_DEFINED)
+    else:
+        by_id = {i: piece for piece, i in tokenizer.get_vocab().items()}
+        special = set(getattr(tokenizer, "all_special_ids", []))
+        added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+        tokens, scores, types = [], [], []
+        for i in range(max(by_id) + 1 if by_id else 0):
+            piece = by_id.get(i, f"[PAD{i}]")
+            tokens.append(piece)
+            scores.append(-float(i))
+            types.append(UNKNOWN if i == tokenizer.unk_token_id else CONTROL if i in special else
+                         USER_DEFINED if i in added else UNUSED if i not in by_id else
+                         BYTE if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece) else NORMAL)
+    n = len(tokens)
+    tokens += [f"[PAD{i}]" for i in range(n, vocab_size)]
+    scores += [-1000.0] * (vocab_size - n)
+    types += [UNUSED] * (vocab_size - n)
+    return tokens, scores, types
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
+    tokens, scores, types = tokenizer_vocab(tokenizer, vocab_size)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    for kind in ("bos", "eos", "unk", "pad"):
+        tid = getattr(tokenizer, f"{kind}_token_id", None)
+        if tid is not None:
+            {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id,
+             "unk": writer.add_unk_token_id, "pad": writer.add_pad_token_id}[kind](int(tid))
+    init = getattr(tokenizer, "init_kwargs", {}) or {}
+    if "add_bos_token" in init:
+        writer.add_add_bos_token(bool(init["add_bos_token"]))
+    if "add_eos_token" in init:
+        writer.add_add_eos_token(bool(init["add_eos_token"]))
+
+
+def write_llama_gguf(path, config, state_dict, tokenizer=None, *, qtype="F32", overrides: dict | None = None,
+                     importance: dict | None = None, packed: dict | None = None, name: str | None = None) -> GGUFReport:
+    """Write ``state_dict`` (HF LLaMA names, any torch/numpy floats) as a llama GGUF at ``path``.
+
+    ``qtype``: F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0 for every 2-D tensor (see :func:`choose_type`); ``overrides``:
+    {GGUF name or regex: type}; ``importance``: {HF name: per-input-column importance} for the weighted search;
+    ``packed``: {HF name: (type, raw blocks [rows, bytes])} already packed (e.g. by :func:`gb.q4_0_from_sym_grid`
+    from a GPTQ run), in HF row order: the Q/K permutation is applied to them here.
+    """
+    requested, path = as_qtype(qtype), Path(path)
+    if requested not in FILE_TYPES:
+        raise ValueError(f"unsupported GGUF type {requested.name}; choose from {', '.join(t.name for t in FILE_TYPES)}")
+    packed, importance = packed or {}, importance or {}
+    sd = {k: v for k, v in state_dict.items() if gguf_name(k) is not None}
+    n_layer = config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    def rows_of(hf):
+        return (packed[hf][1] if hf in packed else sd[hf]).shape[0]
+
+    n_head = [rows_of(f"model.layers.{i}.self_attn.q_proj.weight") // head_dim for i in range(n_layer)]
+    n_head_kv = [rows_of(f"model.layers.{i}.self_attn.k_proj.weight") // head_dim for i in range(n_layer)]
+    n_ff = [rows_of(f"model.layers.{i}.mlp.gate_proj.weight") for i in range(n_layer)]
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or "llama")).name)
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_block_count(int(n_layer))
+    writer.add_feed_forward_length(_scalar_or_list(n_ff))
+    writer.add_head_count(_scalar_or_list(n_head))
+    writer.add_head_count_kv(_scalar_or_list(n_head_kv))
+    writer.add_rope_dimension_count(int(head_dim))
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(int(config.vocab_size))
+    writer.add_file_type(int(FILE_TYPES[requested]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if tokenizer is not None:
+        _add_tokenizer(writer, tokenizer, int(config.vocab_size))
+
+    report = GGUFReport(path, requested)
+    names = list(sd) + [k for k in packed if k not in sd]
+    if getattr(config, "tie_word_embeddings", False):
+        names = [k for k in names if k != "lm_head.weight"]  # llama.cpp reuses token_embd
+    for hf in names:
+        gname = gguf_name(hf)
+        layer = _LAYER_RE.match(hf)
+        heads = None
+        if layer and layer.group(2) in ("self_attn.q_proj", "self_attn.k_proj"):
+            heads = (n_head if layer.group(2) == "self_attn.q_proj" else n_head_kv)[int(layer.group(1))]
+        if hf in packed:  # raw block rows: permuting whole rows keeps every block intact
+            t, raw = as_qtype(packed[hf][0]), gb._np(packed[hf][1], np.uint8)
+            raw = permute_rows(raw, heads) if heads is not None else raw
+        else:
+            w = gb._np(sd[hf], np.float32)
+            w = permute_rows(w, heads) if heads is not None else w
+            t, warning = choose_type(gname, w.shape, requested, overrides)
+            if warning:
+                warnings.warn(warning, stacklevel=2)
+                report.fallbacks.append(warning)
+            raw = gb.quantize(w, t, importance.get(hf)) if w.ndim > 1 else gb.encode_float(w, t)
+        writer.add_tensor(gname, np.ascontiguousarray(raw), raw_dtype=t)
+        report.types[gname] = t
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return report
+
+
+def write_model_gguf(path, model, tokenizer=None, **kwargs) -> GGUFReport:
+    """:func:`write_llama_gguf` for a loaded ``LlamaForCausalLM``."""
+    if getattr(model.config, "model_type", "llama") != "llama":
+        raise NotImplementedError(f"GGUF export covers the llama architecture only, not {model.config.model_type}")
+    return write_llama_gguf(path, model.config, model.state_dict(), tokenizer, **kwargs)

@@ -1,0 +1,179 @@
+"""``--quantize rtn|gptq``: the choices of the quantize stage kind (``pipeline.stages``), weights only.
+
+The stage runs per target linear inside the layer-by-layer engine, last: after the mask and the other linear
+stages, or on a solver's output (SparseGPT), with the mask kept, so every masked weight stays exactly 0 and every
+kept one lands on the grid. Statistics are SparseGPT's Hessian H = 2XXᵀ/N taken from each block's calibration
+inputs, which come out of the blocks already pruned and quantized before it: GPTQ's sequential order.
+
+Without ``--sparsity``/``--pattern`` it quantizes without pruning (GPTQ itself). A grid that cannot hold an exact 0
+(``--zero-point float``) is refused together with masks, and an input width the group size does not divide is a
+one-line error naming the linear (use ``--group-size -1``, per output channel): we refuse rather than fall back to
+per channel, because a silent fallback changes the bits per weight and the scheme an export declares.
+
+The engine keeps each linear's codes and grid (``QuantizedLinear``, on the CPU) for the writer; the report gets
+per linear the grid and its bits per weight, and over the run the bits per weight with scales and zero points
+counted (``summarize``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from taylorprune.errors import UserError
+from taylorprune.export.compressed_tensors import LinearQuant
+from taylorprune.export.format_spec import GridKind
+from taylorprune.options import NoOptions, Options, by_name, option
+from taylorprune.quantize.gptq import GptqOptions, gptq
+from taylorprune.quantize.grid import GROUP_SIZES, SCALE_DTYPES, ZERO_POINTS, Grid, GridSpec
+from taylorprune.quantize.result import QuantizedWeight
+from taylorprune.quantize.rtn import rtn
+
+
+@dataclass(frozen=True)
+class GridOptions(Options):
+    wbits: int = option(4, "Bits per quantized weight (2 to 8).", minimum=2, maximum=8)
+    group_size: int = option(128, "Input columns sharing one scale: 32, 64, 128, or -1 (one per output channel); "
+                             "a width it does not divide is an error naming the linear.")
+    symmetric: bool = option(True, "Symmetric grid (zero at 2^(b-1), no stored zero point; compressed-tensors' "
+                             "W4A16); off: asymmetric with a zero point.")
+    zero_point: str = option("integer", "Asymmetric grids: integer zero point (GPTQ, compressed-tensors) or float "
+                             "minimum (llama.cpp's Q4_1 form d·q + m, which holds no exact 0).", choices=ZERO_POINTS)
+    scale_dtype: str = option("float16", "Precision scales are stored and rounded to inside the loop.",
+                              choices=tuple(SCALE_DTYPES))
+
+    def check(self) -> None:
+        self.spec()  # GridSpec refuses a group size it does not know, and a float minimum on a symmetric grid
+
+    def spec(self) -> GridSpec:
+        return GridSpec(self.wbits, self.group_size, self.symmetric, self.zero_point, self.scale_dtype)
+
+
+@dataclass(frozen=True)
+class GptqStageOptions(GptqOptions, GridOptions):
+    """GPTQ's loop options (``percdamp``/``blocksize`` shared with SparseGPT's) and the grid's."""
+
+
+@dataclass
+class QuantizedLinear:
+    """One linear's codes and grid as the writer needs them (CPU), without the dequantized values (the model holds
+    those)."""
+
+    spec: GridSpec
+    codes: torch.Tensor
+    grid: Grid
+    group_index: torch.Tensor
+    method: str
+
+    @classmethod
+    def of(cls, q: QuantizedWeight, spec: GridSpec, method: str) -> QuantizedLinear:
+        def cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().cpu()
+
+        grid = Grid(cpu(q.grid.scale), cpu(q.grid.zero), cpu(q.grid.minimum))
+        return cls(spec, cpu(q.codes), grid, cpu(q.group_index), method)
+
+    @property
+    def ordered_groups(self) -> bool:
+        """Groups are runs of consecutive columns in order (no ``g_idx`` needed)."""
+        g = self.group_index
+        return g.numel() < 2 or bool((g[1:] >= g[:-1]).all())
+
+    def stored_bits(self) -> int:
+        """Bits of codes, scales and zero points (a zero point packed at wbits, a float minimum at the scale's)."""
+        scale_bits = torch.finfo(self.spec.stored_dtype).bits
+        zero_bits = 0 if self.spec.symmetric else (self.spec.wbits if self.spec.zero_point == "integer"
+                                                   else scale_bits)
+        return self.codes.numel() * self.spec.wbits + self.grid.scale.numel() * (scale_bits + zero_bits)
+
+    def stored(self) -> LinearQuant:
+        """The compressed-tensors form (integer zero points and ordered groups only; the format refuses others
+        before any work)."""
+        zeros = None if self.spec.symmetric else self.grid.zero
+        return LinearQuant(self.codes, self.grid.scale, zeros, self.spec.wbits, self.spec.group_size,
+                           self.spec.symmetric)
+
+
+ApplyFn = Callable[[torch.Tensor, torch.Tensor | None, Mapping[str, torch.Tensor], Any, str], QuantizedWeight]
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """A choice of ``--quantize``: ``quantize(weight fp32, keep mask or None, stats, options, name)``."""
+
+    name: str
+    summary: str
+    quantize: ApplyFn | None = None
+    needs: frozenset[str] = frozenset()
+    options: type[Options] = NoOptions
+
+    def grid_kind(self, options: Options) -> GridKind | None:
+        """What the output has to hold for this choice, known before any weight is loaded."""
+        if self.quantize is None:
+            return None
+        s = options.spec()
+        ordered = s.group_size == -1 or getattr(options, "static_groups", True) or not getattr(options, "act_order",
+                                                                                                False)
+        return GridKind(s.wbits, s.group_size, s.symmetric, s.zero_point, ordered, s.scale_dtype)
+
+    def apply(self, weight: torch.Tensor, keep: torch.Tensor | None, stats, options: Options, name: str,
+              dtype: torch.dtype) -> tuple[torch.Tensor, QuantizedLinear, dict]:
+        """(values, what the writer keeps, the linear's report record); ``dtype``: the model's, to say whether the
+        values survive being stored in it."""
+        q = self.quantize(weight, keep, stats, options, name)
+        kept = QuantizedLinear.of(q, options.spec(), self.name)
+        zero = q.values == 0
+        record = {"method": self.name, "wbits": kept.spec.wbits, "group_size": kept.spec.group_size,
+                  "symmetric": kept.spec.symmetric, "bits_per_weight": kept.stored_bits() / max(q.codes.numel(), 1),
+                  "rounded_to_zero": int((zero if keep is None else zero & keep.to(zero.device)).sum()),
+                  "exact_in_model_dtype": bool(torch.equal(q.values.to(dtype).to(q.values.dtype), q.values)),
+                  **{k: v for k, v in q.info.items() if isinstance(v, int | float | str | bool)}}
+        return q.values, kept, record
+
+
+def _rtn(weight, keep, stats, options: GridOptions, name):
+    return rtn(weight, options.spec(), keep=keep, name=name)
+
+
+def _gptq(weight, keep, stats, options: GptqStageOptions, name):
+    return gptq(weight, stats["hessian"], options.spec(), options, keep=keep, name=name)
+
+
+def check_widths(options: Options, targets) -> None:
+    """Every target's input width takes the group size: else a one-line error naming the linear and its width, and
+    the group sizes that would fit every target (before heavy work)."""
+    spec = options.spec()
+    widths = {t.path: t.module.in_features for t in targets}
+    bad = next(((path, w) for path, w in widths.items() if spec.group_size != -1 and w % spec.group_size), None)
+    if bad is not None:
+        fits = [str(g) for g in sorted(GROUP_SIZES, reverse=True) if g > 0 and all(w % g == 0 for w in widths.values())]
+        raise UserError(f"{bad[0]}: input width {bad[1]} is not a multiple of --group-size {spec.group_size}; use "
+                        f"{', '.join([*fits, ''])}-1 (one group per output channel), which fit every target")
+
+
+def summarize(linears: list[dict], kind: str = "quantize") -> dict:
+    """The run's quantization over every quantized linear: bits per weight with scales and zero points counted."""
+    done = [(lin, lin[kind]) for lin in linears if isinstance(lin.get(kind), dict)]
+    numel = sum(lin["numel"] for lin, _ in done)
+    bits = sum(q["bits_per_weight"] * lin["numel"] for lin, q in done)
+    off = [lin["name"] for lin, q in done if not q["exact_in_model_dtype"]]
+    schemes = sorted({(q["wbits"], q["group_size"], q["symmetric"]) for _, q in done})
+    return {"linears": len(done), "weights": numel, "bits_per_weight": bits / numel if numel else None,
+            "bytes": round(bits / 8), "schemes": [{"wbits": b, "group_size": g, "symmetric": s} for b, g, s in schemes],
+            "rounded_to_zero": sum(q["rounded_to_zero"] for _, q in done), "off_grid_in_model_dtype": len(off)}
+
+
+NONE = Quantizer("none", "keep float weights")
+RTN = Quantizer("rtn", "round each weight to the nearest grid point (min-max grid per group)", _rtn,
+                options=GridOptions)
+GPTQ = Quantizer("gptq", "GPTQ: OBS error feedback column by column onto the grid (H = 2XXᵀ/N)", _gptq,
+                 frozenset({"hessian"}), GptqStageOptions)
+
+QUANTIZERS: dict[str, Quantizer] = by_name(
+    NONE,
+    RTN,
+    GPTQ,
+)
