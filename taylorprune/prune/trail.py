@@ -9,9 +9,9 @@ calibration windows while their next-token loss rose by 0.034 nats; keeping that
 139.76 over 200 test windows. So the fit of the last block (or a span ending there) is kept only if the model's
 next-token loss on the held-out windows, through its head, is lower with it (``--recon-guard last``, the
 default). ``model`` checks every fit so, through the later blocks as they stand (not yet pruned): it costs a pass
-of them per fit, and it misjudges fits that later fits build on — SparseGPT 50%'s block-0 fit (random windows) lowered that
-block's error by 69% and raised the loss through the dense later blocks by 0.056 nats, yet rejecting it made the
-final model worse (160.99 against 155.27 over 400 test windows).
+of them per fit, and it misjudges fits that later fits build on — SparseGPT 50%'s block-0 fit (random windows)
+lowered that block's error by 69% and raised the loss through the dense later blocks by 0.056 nats, yet rejecting
+it made the final model worse (160.99 against 155.27 over 400 test windows).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from taylorprune import distributed
 from taylorprune.modeling.blocks import BlockRunner
 
 GUARDS = ("model", "last", "block")
+import os
+Z = float(os.environ.get("RG_Z", "0"))
 
 
 def heldout_windows(n: int, most: int) -> range:
@@ -109,12 +111,12 @@ class Trail:
         if self.ids is None or not linears or (self.last_only and i + 1 < len(self.runner.layout.blocks)):
             return apply(first, start, linears)
         saved = [lin.weight.detach().clone() for lin in linears]
-        before = self.model_loss(i, first, start)
+        before = self.token_losses(i, first, start)
         info = apply(first, start, linears)
         if not info.get("kept"):
             return info
-        after = self.model_loss(i, first, start)
-        info = {**info, "heldout_loss_before": before, "heldout_loss_after": after, "kept": after < before}
+        verdict = gain(before, self.token_losses(i, first, start))
+        info = {**info, **verdict, "kept": verdict["heldout_loss_gain"] > Z * verdict["heldout_loss_gain_se"]}
         if not info["kept"]:
             with torch.no_grad():
                 for lin, w in zip(linears, saved, strict=True):
@@ -122,13 +124,12 @@ class Trail:
         return info
 
     @torch.no_grad()
-    def model_loss(self, i: int, first: int, start: torch.Tensor) -> float:
-        """The model's mean next-token loss on the held-out windows, from block ``first``'s inputs ``start``
-        through blocks ``first`` .. ``i`` (on the device already), the later ones (brought there read-only) and
-        the head; summed over the ranks."""
-        held = heldout_windows(round(distributed.all_sum_number(start.shape[0])), self.heldout)
-        picks = mine(held)
-        total = 0.0
+    def token_losses(self, i: int, first: int, start: torch.Tensor) -> torch.Tensor:
+        """The model's next-token losses (fp32, CPU) on this rank's held-out windows, from block ``first``'s inputs
+        ``start`` through blocks ``first`` .. ``i`` (on the device already), the later ones (brought there
+        read-only) and the head."""
+        picks = mine(heldout_windows(round(distributed.all_sum_number(start.shape[0])), self.heldout))
+        losses = []
         if picks:
             hidden = start[picks]
             for j in range(first, len(self.runner.layout.blocks)):
@@ -136,6 +137,19 @@ class Trail:
                     hidden = self.runner.run(j, hidden)
             with self.runner.outside_on_device(head=True):
                 for k, g in enumerate(picks):
-                    out = self.runner.head(self.ids[g:g + 1], hidden[k:k + 1], labels=True)
-                    total += float(out.loss)
-        return distributed.all_sum_number(total) / max(len(held), 1)
+                    ids = self.ids[g:g + 1]
+                    logits = self.runner.head(ids, hidden[k:k + 1]).logits[0, :-1].float()
+                    losses.append(torch.nn.functional.cross_entropy(logits, ids[0, 1:].to(logits.device),
+                                                                    reduction="none").cpu())
+        return torch.cat(losses) if losses else torch.zeros(0)
+
+
+def gain(before: torch.Tensor, after: torch.Tensor) -> dict:
+    """Mean held-out next-token loss without and with a fit, and the fit's gain (before − after, per token) with
+    its standard error, all summed over the ranks."""
+    d = (before - after).double()
+    n, s1, s2, b = (distributed.all_sum_number(float(x)) for x in (d.numel(), d.sum(), (d * d).sum(), before.sum()))
+    mean = s1 / max(n, 1)
+    se = (max(s2 / max(n, 1) - mean * mean, 0.0) / max(n, 1)) ** 0.5
+    return {"heldout_loss_before": b / max(n, 1), "heldout_loss_after": (b - s1) / max(n, 1),
+            "heldout_loss_gain": mean, "heldout_loss_gain_se": se}
