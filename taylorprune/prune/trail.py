@@ -26,8 +26,6 @@ from taylorprune import distributed
 from taylorprune.modeling.blocks import BlockRunner
 
 GUARDS = ("model", "last", "block")
-import os
-Z = float(os.environ.get("RG_Z", "0"))
 
 
 def heldout_windows(n: int, most: int) -> range:
@@ -116,7 +114,7 @@ class Trail:
         if not info.get("kept"):
             return info
         verdict = gain(before, self.token_losses(i, first, start))
-        info = {**info, **verdict, "kept": verdict["heldout_loss_gain"] > Z * verdict["heldout_loss_gain_se"]}
+        info = {**info, **verdict, "kept": verdict["heldout_loss_gain"] > 0}
         if not info["kept"]:
             with torch.no_grad():
                 for lin, w in zip(linears, saved, strict=True):
