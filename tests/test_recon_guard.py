@@ -124,7 +124,9 @@ def test_recon_block_does_not_raise_the_perplexity_of_a_compact_model(tmp_path, 
     for b in per_block:
         rec = b["recon"]
         assert rec["heldout_windows"] == 2
-        if rec["kept"]:  # kept only where both held-out numbers fell
+        if rec["kept"]:  # kept only where the held-out numbers it was judged by fell (the loss: last block only)
             assert rec["heldout_mse_after"] < rec["heldout_mse_before"]
-            assert rec["heldout_loss_after"] < rec["heldout_loss_before"]
+            if "heldout_loss_after" in rec:
+                assert rec["heldout_loss_after"] < rec["heldout_loss_before"]
+    assert "heldout_loss_after" in per_block[-1]["recon"] or not per_block[-1]["recon"]["kept"]
     assert "recon" not in plain["structured"]
