@@ -12,12 +12,12 @@ is upcast and cast back once at the end); the last eighth of the calibration win
 and the block index, so runs repeat exactly.
 
 A fit never leaves its blocks worse than it found them on the held-out windows: it is kept only if it lowers
-their error there (on the weights as returned, in the model's dtype) and, for the fit of the last block, the
-model's next-token loss there (``--recon-guard``; ``prune.trail`` says why block error is not enough);
-otherwise every weight it changed is restored, a span's jointly. The report's record of each fit says ``kept``
-and the held-out numbers without and with it; the phase record counts the fits kept (``recon_summary``). One
-held-out window was too few: on stories260K (neurons 30%) fits lowered the error of the window they were
-early-stopped on by 9–13% and that of four fresh windows by only 0.6–3.7%.
+their error there (on the weights as returned, in the model's dtype) and the model's next-token loss there
+(``--recon-guard``: every fit of compact blocks, the last block's fit of masked ones; ``prune.trail`` says why
+block error is not enough); otherwise every weight it changed is restored, a span's jointly. The report's record
+of each fit says ``kept`` and the held-out numbers without and with it; the phase record counts the fits kept
+(``recon_summary``). One held-out window was too few: on stories260K (neurons 30%) fits lowered the error of the
+window they were early-stopped on by 9–13% and that of four fresh windows by only 0.6–3.7%.
 
 ``--recon-span N`` (our extension; 1 is the plain block fit above) fits the block just pruned together with the
 N − 1 blocks before it, from the first one's calibration inputs to the last one's goal outputs (``Trail`` keeps
@@ -78,13 +78,13 @@ class ReconOptions(Options):
                                 "least 2): the fit is early-stopped on them and kept only where it lowers the error "
                                 "on them (--recon-guard); else the weights from before the fit come back.",
                                 minimum=1, maximum=64)
-    recon_guard: str = option("last", "What a fit must lower on the held-out windows to be kept. block: its blocks' "
-                              "error. last: that, and for the fit of the last block the model's next-token loss "
-                              "(the head reads it; no later fit can make up for it). model: that for every fit, "
-                              "through the later blocks as they stand (a pass of them per check; misjudges fits "
-                              "that later fits build on). stories260K, 16 windows, PPL over 400 test windows, "
-                              "block / last / model: neurons 30% 163.69 / 157.00 / 157.00 (none 163.42), "
-                              "SparseGPT 50% 155.27 / 149.60 / 154.17 (docs in prune.trail).", choices=GUARDS)
+    recon_guard: str = option("auto", "Which fits must also lower the model's next-token loss on the held-out "
+                              "windows to be kept (every fit must lower its blocks' error there): model: every fit, "
+                              "through the later blocks as they stand (a pass of them per fit); last: the fit of the "
+                              "last block; block: none; auto: model for compact blocks (--structure), last for "
+                              "masked ones (stories260K, 30% of the neurons, five seeds, PPL over 400 test windows: "
+                              "model 153.15-160.09, last 157.00-167.63, none 163.42; see prune.trail).",
+                              choices=GUARDS)
 
 
 @dataclass(frozen=True)

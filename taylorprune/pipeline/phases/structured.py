@@ -96,7 +96,7 @@ def prune_widths(state: RunState, counts: dict[str, int], model_stats, preset) -
     dense_stream = any(s.choice.dense_stream(s.options) for s in stages)
     dense = [hidden if dense_stream else None]  # the dense model's activations, for dense block targets
     per_block = []
-    trail = Trail.of(runner, stages, state.calib_ids)
+    trail = Trail.of(runner, stages, state.calib_ids, compact=True)
 
     def compact(j: int) -> list[nn.Linear]:
         return [m for m in layout.blocks[j].modules() if isinstance(m, nn.Linear)]
