@@ -23,15 +23,17 @@ autocast on a GPU.
 
 Speed: a step is the student's forward and backward and, on a window's first visit, the teacher's forward; the
 rest is kept off it: held-out windows are evaluated a batch at a time without the loss's gradient, the head checks
-run on a few positions, masks are applied in one foreach call, and on a CPU training runs at the faster of torch's
-threads and one (``recover.pace``). The record gives steps/s and tokens/s beside a plain forward's tokens/s of the
-student on a batch of the same shape, timed in the same process (stories260K, 4 × 512 tokens, 2 shared CPU cores:
-0.35 steps/s before these changes, 1.7 after; at the defaults 0.196 of a plain forward's tokens/s, where the
-teacher's forward on every step and the attention backward bound it at 0.203, docs/bench_recover_speed.md).
+run on a few positions, masks are applied in one foreach call, on a CPU training runs at the faster of torch's
+threads and one (``recover.pace``), and student and teacher run causal attention in blocks of queries
+(``modeling.attention``: on small models the step is mostly attention, whose CPU backward is slow at these
+lengths). The record gives steps/s and tokens/s beside a plain forward's tokens/s of the student (its own
+attention) on a batch of the same shape, timed in the same process (stories260K, 4 × 512 tokens, 2 CPU cores:
+0.35 steps/s before these changes; docs/bench_recover_speed.md has the ratios with and without blocked attention).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from taylorprune import distributed
+from taylorprune.modeling.attention import blocked
 from taylorprune.options import Options, option
 from taylorprune.prune.fit import FitSettings, masked_fit
 from taylorprune.recover import pace
@@ -216,7 +219,10 @@ def distill(student: Student, teacher: Teacher, train: torch.Tensor, held: torch
     settings = FitSettings(options.recover_steps, options.recover_batch, options.recover_patience,
                            options.recover_eval_every, options.recover_clip or None,
                            epochs=options.recover_sampling == "epoch")
-    with pace.threads(forward, probe, device) as clock:
+    with pace.threads(forward, probe, device) as clock, contextlib.ExitStack() as attention:
+        for model in (student.model, teacher.model):  # blocked attention on a CPU (``modeling.attention``)
+            if model is not None:
+                attention.enter_context(blocked(model, device))
         t0 = time.perf_counter()
         losses = _Losses(student, teacher, train, held, options, device, share)
 

@@ -1,8 +1,9 @@
 """How fast recovery trains against a plain forward of the student, and the CPU threads it trains with.
 
 A training step is the student's forward and backward plus, on a window's first visit, the teacher's forward:
-about 5 plain forwards of the batch, so recovery's tokens/s is judged against a plain forward's, timed in the
-same process on a batch of the same shape (the report's ``forward_tokens_per_s`` and their ratio).
+about 4 plain forwards of the batch with blocked attention (5 with SDPA whole), so recovery's tokens/s is judged
+against a plain forward's, timed in the same process on a batch of the same shape (the report's
+``forward_tokens_per_s`` and their ratio).
 
 Threads: on a CPU shared with other processes, PyTorch's intra-op threads wait for each other at every parallel
 region, and a thread that lost its core stalls them all. On the 2-core machine the benchmarks run on, with other
@@ -26,6 +27,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+
+from taylorprune.modeling.attention import implementation, using
 
 MARGIN = 1.25  # more threads must be this much faster than one to be chosen
 REPEATS = 2  # timed forwards, after one warm-up
@@ -57,11 +60,13 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def plain_forward(model: nn.Module, ids: torch.Tensor) -> Callable[[], object]:
-    """One plain forward of ``model`` on ``ids`` as training computes it (``autocast``): logits, no gradient, no
-    cache."""
+    """One plain forward of ``model`` on ``ids`` (``autocast`` as in training): logits, no gradient, no cache, with
+    the attention ``model`` has now, even where training switches to blocked attention (``modeling.attention``):
+    the baseline is the model's forward as users run it."""
+    own = implementation(model)
 
     def run() -> object:
-        with torch.no_grad(), autocast(ids.device):
+        with torch.no_grad(), autocast(ids.device), using(model, own):
             return model(input_ids=ids, use_cache=False).logits
 
     return run

@@ -36,6 +36,7 @@ class Teacher:
     outputs: Outputs
     last: Callable[[torch.Tensor], torch.Tensor] | None = None
     head: Callable[[torch.Tensor], torch.Tensor] | None = None
+    model: nn.Module | None = None  # a resident teacher's model (its attention implementation can be switched)
 
 
 def pair(out, hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -58,7 +59,7 @@ def resident(model: nn.Module, hidden: bool) -> Teacher:
     def last(ids: torch.Tensor) -> torch.Tensor:
         return model.base_model(input_ids=ids, use_cache=False).last_hidden_state
 
-    return Teacher(outputs, last, lm_head(model))
+    return Teacher(outputs, last, lm_head(model), model)
 
 
 class TargetCache:
