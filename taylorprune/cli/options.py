@@ -17,9 +17,10 @@ import typer
 from rich.markup import escape
 
 from taylorprune.errors import UserError
+from taylorprune.export.formats import format_groups
 from taylorprune.options import Options, Spec, parse_assignments
 from taylorprune.pipeline.components import all_options
-from taylorprune.pipeline.run_options import GROUPS_OF_RUN, evaluator_groups
+from taylorprune.pipeline.run_options import GROUPS_OF_RUN, option_groups
 from taylorprune.pipeline.stages import KINDS, STAGE_KINDS
 
 
@@ -85,12 +86,14 @@ def _generated(fn: Callable[..., Any], receiver: str, generated: list[inspect.Pa
 def group_parameters(groups: Iterable[str], exclude: Iterable[str] = (), stages: bool = True,
                      defaults: dict[str, Any] | None = None) -> list[inspect.Parameter]:
     """One parameter per option of the named run groups (and evaluator groups), and per stage kind."""
-    declared = {**GROUPS_OF_RUN, **evaluator_groups()}
+    declared = option_groups()
     skip, defaults = set(exclude), defaults or {}
     params = []
+    if "write" in groups:  # a command that writes takes every output format's own flags
+        groups = (*groups, *(g for g in format_groups() if g not in groups))
     for group in groups:
         cls: type[Options] = declared[group]
-        panel = PANELS.get(group, f"Evaluation: {group}")
+        panel = PANELS.get(group, f"Output format: {group}" if group in format_groups() else f"Evaluation: {group}")
         for spec in cls.specs():
             if spec.name in skip:
                 continue
@@ -107,7 +110,7 @@ def with_run_options(*groups: str, exclude: Iterable[str] = (), stages: bool = T
                      defaults: dict[str, Any] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a command the flags of run option ``groups`` (and the stage kinds); ``fn`` receives ``run_values``."""
     if not groups:
-        groups = (*GROUPS_OF_RUN, *evaluator_groups())
+        groups = tuple(option_groups())
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         params = group_parameters(groups, exclude, stages, defaults)

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from taylorprune.options import NoOptions, Options
+
 
 @dataclass(frozen=True)
 class GridKind:
@@ -44,6 +46,7 @@ class Contents:
     grid: GridKind | None = None
     masks: bool = False
     compact: bool = False
+    architecture: str | None = None  # config.json's model_type (None: not known)
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Output:
     quantized: frozenset[str] = frozenset()
     grids: Mapping[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what the format could write only with a caveat
+    options: Any = None  # the format's own options (``Format.options``), None for a format without any
 
 
 @dataclass(frozen=True)
@@ -97,9 +101,15 @@ class Format:
     size: Callable[[Path], int]
     detect: Callable[[Path], bool]
     linears: Callable[[Path], Iterator[StoredLinear]]
+    options: type[Options] = NoOptions  # the format's own flags (the CLI derives them)
+    refuses: Callable[[Contents, Any], str | None] | None = None  # what its options cannot go with
 
-    def refusal(self, contents: Contents) -> str | None:
-        """Why this format cannot hold ``contents`` (None: it can)."""
+    def refusal(self, contents: Contents, options: Any = None) -> str | None:
+        """Why this format cannot hold ``contents`` with its ``options`` (None: it can)."""
+        if self.refuses is not None:
+            reason = self.refuses(contents, options if options is not None else self.options())
+            if reason:
+                return reason
         h = self.holds
         if contents.grid is None and h.needs_grid:
             return "stores quantized weights; add --quantize rtn or --quantize gptq"

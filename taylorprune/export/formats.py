@@ -8,12 +8,14 @@ from pathlib import Path
 from taylorprune.errors import UserError
 from taylorprune.export.ct_format import COMPRESSED_TENSORS
 from taylorprune.export.format_spec import Format
+from taylorprune.export.gguf_format import GGUF
 from taylorprune.export.hf_format import SAFETENSORS
 from taylorprune.options import by_name
 
 FORMATS: dict[str, Format] = by_name(
     SAFETENSORS,
     COMPRESSED_TENSORS,
+    GGUF,
 )
 DEFAULT = SAFETENSORS.name
 
@@ -22,6 +24,11 @@ def get_format(name: str) -> Format:
     if name not in FORMATS:
         raise UserError(f"--format {name}: choose one of {', '.join(FORMATS)}")
     return FORMATS[name]
+
+
+def format_groups() -> dict[str, type]:
+    """The formats' own option groups, by format name (the CLI gives each its flags)."""
+    return {f.name: f.options for f in FORMATS.values() if f.options.specs()}
 
 
 def format_of(folder: Path) -> Format:

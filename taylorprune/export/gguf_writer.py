@@ -61,6 +61,17 @@ def gguf_name(hf_name: str) -> str | None:
     raise ValueError(f"{hf_name}: no GGUF name for this tensor")
 
 
+def hf_name(name: str) -> str:
+    """The HF LLaMA parameter name of a converter tensor name (the inverse of ``gguf_name``; unknown names as
+    given)."""
+    top = {v: k for k, v in _TOP.items()}
+    m = re.match(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$", name)
+    layer = {v: k for k, v in _LAYER.items()}
+    if m and m.group(2) in layer:
+        return f"model.layers.{m.group(1)}.{layer[m.group(2)]}.{m.group(3)}"
+    return top.get(name, name)
+
+
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF rotate-half rows -> GGML interleaved rows, per head. Works on floats or on packed block rows alike
     (blocks run along a row, so moving whole rows keeps them intact); 1-D biases are permuted as a column."""

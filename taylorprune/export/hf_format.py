@@ -50,4 +50,5 @@ def linears(folder: Path) -> Iterator[StoredLinear]:
 
 SAFETENSORS = Format("safetensors", "float tensors as save_pretrained writes them (quantized linears dequantized)",
                      Holds(codes=False), write, verify, save.folder_bytes,
-                     lambda folder: quantization_method(folder) is None, linears)
+                     lambda folder: any(Path(folder).glob("*.safetensors")) and quantization_method(folder) is None,
+                     linears)

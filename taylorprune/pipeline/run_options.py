@@ -23,7 +23,7 @@ from taylorprune.errors import UserError
 from taylorprune.evaluate.registry import EVALUATORS
 from taylorprune.evaluate.spec import Evaluator
 from taylorprune.export.formats import DEFAULT as DEFAULT_FORMAT
-from taylorprune.export.formats import FORMATS
+from taylorprune.export.formats import FORMATS, format_groups
 from taylorprune.options import Options, option
 from taylorprune.pipeline.stages import KINDS
 from taylorprune.prune.masks import GROUPS
@@ -109,6 +109,11 @@ def evaluator_groups() -> dict[str, type[Options]]:
     return {e.name: e.options for e in EVALUATORS.values()}
 
 
+def option_groups() -> dict[str, type[Options]]:
+    """Every option group of a run: the run's own, each evaluator's and each output format's."""
+    return {**GROUPS_OF_RUN, **evaluator_groups(), **format_groups()}
+
+
 class RunOptions:
     """Every option of ``taylorprune run`` (recorded verbatim in the report), from one flat mapping.
 
@@ -120,7 +125,7 @@ class RunOptions:
         self.stages: dict[str, str | None] = {k: values.pop(k) for k in list(values) if k in KINDS}
         self.groups: dict[str, Options] = {}
         claimed: set[str] = set()
-        for name, cls in {**GROUPS_OF_RUN, **evaluator_groups()}.items():
+        for name, cls in option_groups().items():
             mine = {s.name for s in cls.specs()}
             self.groups[name] = cls.build({k: v for k, v in values.items() if k in mine})
             claimed |= mine

@@ -22,7 +22,7 @@ import torch
 
 from taylorprune.errors import UserError
 from taylorprune.export.format_spec import StoredLinear
-from taylorprune.export.formats import format_of
+from taylorprune.export.formats import FORMATS, format_of
 from taylorprune.prune.masks import check_nm
 
 BLOCK_RE = re.compile(r"\.(?:layers|h|blocks)\.\d+\.")
@@ -51,16 +51,14 @@ class TensorSparsity:
                 "zeros": self.zeros, "sparsity": self.sparsity, "nm": list(self.nm), "grid": self.grid}
 
 
-def safetensor_files(folder: Path, flag: str = "DIR") -> list[Path]:
-    """The folder's *.safetensors files, or a UserError saying why there are none."""
+def weight_folder(folder: Path, flag: str = "DIR") -> None:
+    """A folder some output format reads (``export.formats``), or a UserError saying why not."""
     if not folder.exists():
         raise UserError(f"{flag} {folder}: no such folder")
     if not folder.is_dir():
         raise UserError(f"{flag} {folder}: not a folder")
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{flag} {folder}: no *.safetensors files in it")
-    return files
+    if not any(f.detect(folder) for f in FORMATS.values()):
+        raise UserError(f"{flag} {folder}: no weights of any output format in it ({', '.join(FORMATS)})")
 
 
 def is_block_linear(name: str, shape: Iterable[int]) -> bool:
@@ -82,7 +80,7 @@ def scan(
     """Per-linear zeros (and N:M compliance) of ``folder``; ``names`` (tensor names) overrides the block rule."""
     wanted = set(names) if names is not None else None
     candidates = tuple(candidates)
-    safetensor_files(folder, flag)
+    weight_folder(folder, flag)
     fmt = format_of(folder)
     found: list[TensorSparsity] = []
     try:

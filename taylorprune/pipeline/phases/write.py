@@ -48,7 +48,7 @@ def contents(plan) -> Contents:
     """What the run will write besides float weights, known from the plan (the grid a stage stores, masks, shapes)."""
     stored = [s.kind.stores(s) for s in plan.parts.stages if not s.off and s.kind.stores is not None]
     return Contents(next((g for g in stored if g is not None), None), plan.pattern is not None,
-                    plan.structured is not None)
+                    plan.structured is not None, getattr(plan.config, "model_type", None))
 
 
 def output_of(state: RunState, fmt) -> Output:
@@ -56,7 +56,8 @@ def output_of(state: RunState, fmt) -> Output:
     quantized = state.quantized
     grids = {name: q.stored() for name, q in quantized.items()} if fmt.holds.codes else {}
     widths = (state.records.get("structured") or {}).get("config")
-    return Output(state.model, state.loaded.tokenizer, state.linears, widths, frozenset(quantized), grids)
+    return Output(state.model, state.loaded.tokenizer, state.linears, widths, frozenset(quantized), grids,
+                  options=state.opts.groups.get(fmt.name))
 
 
 def build_report(state: RunState) -> dict:
@@ -100,7 +101,7 @@ class Write(Phase):
         if size is not None:
             atomic.check_free_space(Path(opts.output), size)
         fmt = get_format(opts.write.format)
-        reason = fmt.refusal(contents(plan))
+        reason = fmt.refusal(contents(plan), opts.groups.get(fmt.name))
         if reason:
             raise UserError(f"--format {fmt.name}: {reason}")
 

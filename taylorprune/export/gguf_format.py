@@ -1,0 +1,154 @@
+"""``--format gguf``: the model as one llama.cpp GGUF file (``model.gguf`` in the output folder, beside the report).
+
+Written by our own writer and block packers (``export.gguf_writer``, ``export.gguf_blocks``): llama architecture,
+Q/K rows permuted to GGML's RoPE layout, compact widths and head counts as llama.cpp reads them (per-layer arrays
+when the layers differ), SentencePiece or HF-vocabulary tokenizer metadata. ``--gguf-type`` picks the type of the
+2-D tensors. When the run quantizes (``--quantize``) to a grid a GGUF block type holds exactly — 4-bit symmetric
+in groups of 32 with fp16 scales is Q4_0, 8-bit symmetric is Q8_0 — those linears are packed from the run's own
+codes and scales (no second rounding), and ``auto`` (the default) writes every other 2-D tensor as F16; without a
+grid ``auto`` is F16, and a block type rounds as llama.cpp does. What the file cannot hold is refused before any
+work, in one line: another architecture, another grid, a type whose blocks hold no exact 0 (Q4_1's d·q + m) with
+pruned weights.
+
+Reading back (``verify``): every linear's shape and sparsity from our decoder of the written blocks, and every
+grid-packed linear's values bit for bit against the model in memory (in GGUF row order).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from taylorprune.errors import RunError
+from taylorprune.export import gguf_blocks as gb
+from taylorprune.export import save
+from taylorprune.export.format_spec import Contents, Format, GridKind, Holds, Output, StoredLinear
+from taylorprune.export.gguf_writer import FILE_TYPES, gguf_name, hf_name, permute_rows, write_llama_gguf
+from taylorprune.options import Options, option
+
+FILE = "model.gguf"
+TYPES = ("auto", *(t.name for t in FILE_TYPES))
+NO_ZERO = ("Q4_1",)  # block types whose values d·q + m hold no exact 0
+ARCHITECTURES = ("llama",)
+_QK = re.compile(r"\.self_attn\.(q|k)_proj$")
+
+
+@dataclass(frozen=True)
+class GgufOptions(Options):
+    gguf_type: str = option("auto", "GGUF type of the 2-D tensors: auto (linears on a --quantize grid a GGUF block "
+                            "holds exactly as Q4_0 (4-bit symmetric, group 32) or Q8_0 (8-bit), everything else "
+                            "F16), or one of F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 (llama.cpp's rounding).",
+                            choices=TYPES)
+
+
+def grid_type(kind: GridKind) -> QT | None:
+    """The block type that holds a grid exactly (None: none does)."""
+    if kind.group_size != gb.BLOCK or not kind.symmetric or kind.scale_dtype != "float16" or not kind.ordered_groups:
+        return None
+    return {4: QT.Q4_0, 8: QT.Q8_0}.get(kind.wbits)
+
+
+def refuse_grid(kind: GridKind) -> str | None:
+    if grid_type(kind) is None:
+        return (f"holds {kind.describe()} grids in no block type; quantize with --wbits 4 or 8 --group-size 32 "
+                "--symmetric --scale-dtype float16 (Q4_0, Q8_0), or write --format safetensors")
+    return None
+
+
+def refuses(contents: Contents, options: GgufOptions) -> str | None:
+    """What the options and the run's contents cannot go together with (before any work)."""
+    if contents.architecture is not None and contents.architecture not in ARCHITECTURES:
+        return f"writes the {', '.join(ARCHITECTURES)} architecture, not {contents.architecture}"
+    wanted = options.gguf_type
+    if contents.masks and wanted in NO_ZERO:
+        return f"--gguf-type {wanted} holds no exact 0 (d·q + m), so pruned weights would not stay 0; use Q4_0"
+    if contents.grid is not None and wanted != "auto" and wanted != grid_type(contents.grid).name:
+        return (f"the run's {contents.grid.describe()} grid is {grid_type(contents.grid).name} in GGUF; use "
+                f"--gguf-type auto or {grid_type(contents.grid).name}")
+    return None
+
+
+def _packed(output: Output) -> dict[str, tuple[QT, np.ndarray]]:
+    """The quantized linears as raw blocks from their own codes and scales (HF row order)."""
+    packed = {}
+    for name, q in output.grids.items():
+        codes, scales = q.codes.numpy(), q.scales.float().numpy()
+        if q.wbits == 4:
+            packed[f"{name}.weight"] = (QT.Q4_0, gb.q4_0_from_sym_grid(codes, scales))
+        else:
+            packed[f"{name}.weight"] = (QT.Q8_0, gb.q8_0_from_sym_grid(codes.astype(np.int64) - 128, scales))
+    return packed
+
+
+def write(output: Output, folder: Path) -> None:
+    wanted = output.options.gguf_type if output.options is not None else "auto"
+    packed = _packed(output)
+    qtype = "F16" if wanted == "auto" else wanted
+    state = {k: v for k, v in output.model.state_dict().items() if k not in packed}
+    try:
+        report = write_llama_gguf(folder / FILE, output.model.config, state, output.tokenizer, qtype=qtype,
+                                  packed=packed)
+    except (NotImplementedError, ValueError) as exc:
+        raise RunError(f"writing GGUF failed: {exc}") from None
+    output.warnings.extend(report.fallbacks)
+
+
+def _heads(config, name: str, rows: int) -> int | None:
+    """Heads to permute a Q/K weight's rows by (None: not Q or K)."""
+    if not _QK.search(name):
+        return None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return rows // head_dim
+
+
+def _decoded(tensor) -> np.ndarray:
+    """A GGUF tensor's values [rows, cols] (float32) by our decoder."""
+    qtype = QT(tensor.tensor_type)
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    return gb.dequantize(np.ascontiguousarray(tensor.data).view(np.uint8), qtype, shape)
+
+
+def verify(folder: Path, output: Output) -> None:
+    """Every linear's shape and sparsity, and every grid-packed linear's values bit for bit."""
+    tensors = {t.name: t for t in gguf.GGUFReader(str(folder / FILE)).tensors}
+    tied = getattr(output.model.config, "tie_word_embeddings", False)
+    for record in output.linears:
+        name = record["name"]
+        gname = gguf_name(f"{name}.weight")
+        if gname not in tensors and not (tied and gname == "output.weight"):
+            raise RunError(f"verification failed: {name} is missing from the written GGUF")
+        values = _decoded(tensors[gname])
+        save.check_tensor(name, torch.from_numpy(values), record)
+        if name in output.grids:
+            memory = output.model.get_submodule(name).weight.detach().float().cpu().numpy()
+            heads = _heads(output.model.config, name, memory.shape[0])
+            memory = permute_rows(memory, heads) if heads is not None else memory
+            if not np.array_equal(values, memory):
+                raise RunError(f"verification failed: {name}'s blocks decode to other values than the run's grid")
+
+
+def linears(folder: Path) -> Iterator[StoredLinear]:
+    """Every tensor of ``model.gguf`` under its HF name, in GGUF row order (Q/K rows permuted: shapes and
+    sparsity are what ``inspect`` reads), decoded by our decoder when loaded; block types show as their name."""
+    for tensor in gguf.GGUFReader(str(Path(folder) / FILE)).tensors:
+        qtype = QT(tensor.tensor_type)
+        shape = tuple(int(n) for n in reversed(tensor.shape))
+        grid = None if qtype in gb.FLOAT_TYPES else {"type": qtype.name}
+        yield StoredLinear(hf_name(tensor.name), shape, qtype.name,
+                           lambda t=tensor: torch.from_numpy(_decoded(t)), grid)
+
+
+def size(folder: Path) -> int:
+    return (Path(folder) / FILE).stat().st_size
+
+
+GGUF = Format("gguf", "one llama.cpp GGUF file, model.gguf (--gguf-type; Q4_0/Q8_0 exactly from a --quantize grid)",
+              Holds(codes=True, grid=refuse_grid), write, verify, size, lambda folder: (Path(folder) / FILE).is_file(),
+              linears, options=GgufOptions, refuses=refuses)
