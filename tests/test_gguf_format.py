@@ -91,3 +91,25 @@ def test_an_architecture_we_do_not_write_is_refused(tmp_path):
     qwen = make_tiny(tmp_path / "qwen2", "qwen2")
     result = _run(tmp_path / "out", "--method", "magnitude", "--sparsity", "0.5", "--format", "gguf", model=str(qwen))
     assert result.exit_code != 0 and "not qwen2" in result.output and not (tmp_path / "out").exists()
+
+
+def test_export_writes_a_model_as_it_is_in_any_format_and_back(tmp_path):
+    """`taylorprune export`: stories260K to an F32 GGUF and that GGUF back to safetensors, weights unchanged, each
+    with a report that follows the schema."""
+    from taylorprune.report import schema
+
+    runner = CliRunner()
+    first = runner.invoke(app, ["export", "--model", "demo", "--format", "gguf", "--gguf-type", "F32",
+                                "--output", str(tmp_path / "gg")])
+    assert first.exit_code == 0, first.output
+    back = runner.invoke(app, ["export", "--model", str(tmp_path / "gg" / "model.gguf"), "--output",
+                               str(tmp_path / "st")])
+    assert back.exit_code == 0, back.output
+    want = _params("demo")
+    for got in (_params(str(tmp_path / "gg" / "model.gguf")), _params(str(tmp_path / "st"))):
+        assert set(got) == set(want) and all(torch.equal(got[n], w) for n, w in want.items())
+    for folder in ("gg", "st"):
+        report = json.loads((tmp_path / folder / "taylorprune_report.json").read_text())
+        assert schema.problems(report) == [] and report["pattern"] == "written as it is"
+    refused = runner.invoke(app, ["export", "--model", "demo", "--sparsity", "0.5", "--output", str(tmp_path / "x")])
+    assert refused.exit_code != 0 and not (tmp_path / "x").exists()

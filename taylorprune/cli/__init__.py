@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from taylorprune import distributed
-from taylorprune.cli import check, console, evaluate, inspection, methods, recover, run, speed, sweep
+from taylorprune.cli import check, console, evaluate, export, inspection, methods, recover, run, speed, sweep
 
 app = typer.Typer(
     add_completion=False,
@@ -21,6 +21,7 @@ app.command("inspect")(inspection.inspect_cmd)
 app.command("sweep")(sweep.sweep)
 app.command("speed")(speed.speed_cmd)
 app.command("recover")(recover.recover)
+app.command("export")(export.export)
 
 
 def main() -> None:

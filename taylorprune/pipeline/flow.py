@@ -45,7 +45,8 @@ def write(state: RunState, hooks: Hooks | None = None) -> dict:
     return state.report
 
 
-def run(opts: RunOptions, hooks: Hooks | None = None) -> dict:
-    """Prune ``opts.model`` and write ``opts.output``; returns the report that was written."""
-    plan = validate(opts)
+def run(opts: RunOptions, hooks: Hooks | None = None, convert: bool = False) -> dict:
+    """Prune ``opts.model`` and write ``opts.output`` (``convert``: write it as it is); returns the report that was
+    written."""
+    plan = validate(opts, convert)
     return execute(plan, hooks or Hooks(), plan.phases).report

@@ -105,17 +105,20 @@ def _maskless(opts: RunOptions) -> bool:
                for k in STAGE_KINDS)
 
 
-def validate(opts: RunOptions) -> Plan:
-    """Everything that can be checked before loading weights; returns the plan the phases follow."""
+def validate(opts: RunOptions, convert: bool = False) -> Plan:
+    """Everything that can be checked before loading weights; returns the plan the phases follow. ``convert``:
+    the model is written as it is (``taylorprune export``): load, evaluate if asked, write."""
     kinds = KINDS["structure"].parse(opts.stages.get("structure"))
     t = opts.target
     if not kinds:
         _no_structures(opts)
     masks = t.sparsity is not None or t.pattern is not None
     maskless = not masks and _maskless(opts)
+    if convert and (kinds or masks or maskless or _recovers(opts)):
+        raise UserError("export writes the model as it is; prune, quantize or recover with `taylorprune run`")
     recover_only = not kinds and not masks and not maskless and _recovers(opts) and "recover_teacher" in \
         opts.method_options
-    unstructured = (not kinds or masks or maskless) and not recover_only
+    unstructured = (not kinds or masks or maskless) and not recover_only and not convert
     parts = resolve(t.method, opts.stages, opts.method_options, unstructured=unstructured, masks=not maskless)
     if kinds:
         _check_structured(opts, kinds, parts)
@@ -129,8 +132,9 @@ def validate(opts: RunOptions) -> Plan:
     config = loading.load_config(opts.model, opts.load.trust_remote_code)
     seqlen = loading.resolve_seqlen(opts.calib.seqlen, config)
     structured = _structured_plan(kinds, parts, config) if kinds else None
-    plan = Plan(opts, parts, pattern, device, dtype, config, seqlen, structured, evaluators,
-                phases_of(bool(kinds), unstructured, _recovers(opts), evaluators))
+    phases = (LOAD, *((EVALUATION,) if evaluators else ()), WRITE) if convert else \
+        phases_of(bool(kinds), unstructured, _recovers(opts), evaluators)
+    plan = Plan(opts, parts, pattern, device, dtype, config, seqlen, structured, evaluators, phases)
     for phase in plan.phases:
         phase.check(plan)
     _check_data_parallel(plan)

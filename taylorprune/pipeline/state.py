@@ -77,7 +77,9 @@ class Plan:
 
     def describe(self) -> str:
         parts = [x.describe() for x in (self.structured, self.pattern) if x is not None]
-        return " then ".join(parts) or ("no masks" if self.parts.unstructured else "recovery only")
+        pruned = any(p.name in ("unstructured", "recover") for p in self.phases)
+        return " then ".join(parts) or ("no masks" if self.parts.unstructured else "recovery only" if pruned
+                                        else "written as it is")
 
     def recipe(self) -> dict[str, Any]:
         """Everything that decides how the blocks are pruned (block-scope cache identity)."""
