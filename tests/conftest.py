@@ -10,6 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# the same examples on every machine and every day: a property test that fails, fails for everyone, and CI never
+# turns red on an example it happened to draw that day (run `pytest --hypothesis-seed=N` to explore further)
+settings.register_profile("taylorprune", derandomize=True)
+settings.load_profile("taylorprune")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

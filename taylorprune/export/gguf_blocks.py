@@ -1,4 +1,5 @@
-"""GGUF block packers for the legacy 32-weight quant types (Q8_0, Q4_0, Q4_1, Q5_0) and float passthrough.
+"""GGUF block packers for the legacy 32-weight quant types (Q8_0, Q4_0, Q4_1, Q5_0) and float passthrough; the
+256-weight K-quants (Q4_K, Q6_K) live in :mod:`taylorprune.export.gguf_kquants` and are dispatched to from here.
 
 Block layouts (little-endian, one block per 32 consecutive weights along a row, i.e. along the input dimension):
 
@@ -21,12 +22,16 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from taylorprune.export import gguf_kquants as gk
+
 BLOCK = 32
 BLOCK_BYTES = {QT.Q8_0: 34, QT.Q4_0: 18, QT.Q4_1: 20, QT.Q5_0: 22}
-QUANT_TYPES = tuple(BLOCK_BYTES)
+QUANT_TYPES = (*BLOCK_BYTES, *gk.K_TYPES)
+BLOCK_WEIGHTS = {**dict.fromkeys(BLOCK_BYTES, BLOCK), **dict.fromkeys(gk.K_TYPES, gk.QK_K)}  # weights per block
 FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
 HOLDS_EXACT_ZERO = {
     QT.F32: True, QT.F16: True, QT.BF16: True, QT.Q8_0: True, QT.Q4_0: True, QT.Q5_0: True, QT.Q4_1: False,
+    QT.Q6_K: True, QT.Q4_K: False,
 }
 # symmetric types: (offset added to the signed code, largest stored code)
 _SYM = {QT.Q4_0: (8, 15), QT.Q5_0: (16, 31)}
@@ -99,6 +104,9 @@ def dequantize(raw, qtype: QT, shape=None) -> np.ndarray:
     raw = _np(raw, np.uint8)
     if qtype in FLOAT_TYPES:
         return _float_decode(raw, qtype, shape)
+    if qtype in gk.K_TYPES:
+        out = gk.dequantize(raw, qtype)
+        return out.reshape(shape) if shape is not None else out
     nbytes = BLOCK_BYTES[qtype]
     rows = raw.shape[:-1]
     b = raw.reshape(-1, nbytes)
@@ -147,11 +155,16 @@ def quantize(w, qtype: QT, importance=None) -> np.ndarray:
 
     Without ``importance`` this follows llama.cpp's reference rounding (``quantize_row_*_ref``). With a per-column
     importance vector (``diag(XᵀX)``, as in an imatrix; shape [cols]) Q4_0/Q5_0/Q4_1 use a weighted scale (and min)
-    search with per-element weights ``imp_j * sqrt(σ² + x_j²)``; Q8_0 ignores it, as llama.cpp does.
+    search with per-element weights ``imp_j * sqrt(σ² + x_j²)``; Q8_0 ignores it, as llama.cpp does. Q4_K/Q6_K
+    (cols % 256 == 0) go to :func:`gk.quantize`, llama.cpp's ``_ref`` / imatrix ``_impl`` searches.
     """
     if qtype in FLOAT_TYPES:
         return encode_float(w, qtype)
     w = _np(w, np.float32)
+    if qtype in gk.K_TYPES:  # 256-weight super-blocks: cols % 256 == 0
+        flat = w.reshape(-1, w.shape[-1])
+        imp = None if importance is None else _np(importance, np.float32)
+        return gk.quantize(flat, qtype, imp).reshape(*w.shape[:-1], -1)
     rows = w.shape[:-1]
     x = _blocks(w)
     with np.errstate(all="ignore"):  # subnormal scales: 1/d overflows as in C; such blocks decode to ~0 anyway

@@ -3,12 +3,14 @@
 Written by our own writer and block packers (``export.gguf_writer``, ``export.gguf_blocks``): llama architecture,
 Q/K rows permuted to GGML's RoPE layout, compact widths and head counts as llama.cpp reads them (per-layer arrays
 when the layers differ), SentencePiece or HF-vocabulary tokenizer metadata. ``--gguf-type`` picks the type of the
-2-D tensors. When the run quantizes (``--quantize``) to a grid a GGUF block type holds exactly — 4-bit symmetric
-in groups of 32 with fp16 scales is Q4_0, 8-bit symmetric is Q8_0 — those linears are packed from the run's own
-codes and scales (no second rounding), and ``auto`` (the default) writes every other 2-D tensor as F16; without a
-grid ``auto`` is F16, and a block type rounds as llama.cpp does. What the file cannot hold is refused before any
+2-D tensors, or ``Q4_K_M``: llama.cpp's per-tensor mix of Q4_K and Q6_K (``export.gguf_mix``). When the run
+quantizes (``--quantize``) to a grid a GGUF block type holds exactly — 4-bit symmetric in groups of 32 with fp16
+scales is Q4_0, 8-bit symmetric is Q8_0 — those linears are packed from the run's own codes and scales (no second
+rounding), and ``auto`` (the default) writes every other 2-D tensor as F16; without a grid ``auto`` is F16, and a
+block type rounds as llama.cpp does. What the file cannot hold is refused before any
 work, in one line: another architecture, another grid, a type whose blocks hold no exact 0 (Q4_1's d·q + m) with
-pruned weights.
+pruned weights. Q4_K (d·s·q − dmin·m) holds no exact 0 either, but is llama.cpp's standard 4-bit mix: it is
+written, pruned weights come back as small values near 0, and the run's warnings say so.
 
 Reading back (``verify``): every linear's shape and sparsity from our decoder of the written blocks, and every
 grid-packed linear's values bit for bit against the model in memory (in GGUF row order).
@@ -28,13 +30,14 @@ from gguf import GGMLQuantizationType as QT
 
 from taylorprune.errors import RunError
 from taylorprune.export import gguf_blocks as gb
-from taylorprune.export import save
+from taylorprune.export import gguf_mix as mix
+from taylorprune.export import imatrix, save
 from taylorprune.export.format_spec import Contents, Format, GridKind, Holds, Output, StoredLinear
 from taylorprune.export.gguf_writer import FILE_TYPES, gguf_name, hf_name, permute_rows, write_llama_gguf
 from taylorprune.options import Options, option
 
 FILE = "model.gguf"
-TYPES = ("auto", *(t.name for t in FILE_TYPES))
+TYPES = ("auto", *(t.name for t in FILE_TYPES), *mix.PRESETS)
 NO_ZERO = ("Q4_1",)  # block types whose values d·q + m hold no exact 0
 ARCHITECTURES = ("llama",)
 _QK = re.compile(r"\.self_attn\.(q|k)_proj$")
@@ -44,8 +47,12 @@ _QK = re.compile(r"\.self_attn\.(q|k)_proj$")
 class GgufOptions(Options):
     gguf_type: str = option("auto", "GGUF type of the 2-D tensors: auto (linears on a --quantize grid a GGUF block "
                             "holds exactly as Q4_0 (4-bit symmetric, group 32) or Q8_0 (8-bit), everything else "
-                            "F16), or one of F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 (llama.cpp's rounding).",
+                            "F16), one of F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K (llama.cpp's rounding), "
+                            "or Q4_K_M (llama.cpp's mix: Q6_K for output and some attn_v/ffn_down, Q4_K elsewhere).",
                             choices=TYPES)
+    imatrix: str | None = option(None, "llama.cpp importance matrix (its GGUF format or the legacy .dat) that weighs "
+                                 "the block rounding, as llama-quantize --imatrix does; it must be of this model "
+                                 "(its names and widths).")
 
 
 def grid_type(kind: GridKind) -> QT | None:
@@ -67,6 +74,13 @@ def refuses(contents: Contents, options: GgufOptions) -> str | None:
     if contents.architecture is not None and contents.architecture not in ARCHITECTURES:
         return f"writes the {', '.join(ARCHITECTURES)} architecture, not {contents.architecture}"
     wanted = options.gguf_type
+    if options.imatrix:
+        if wanted in ("auto", "F32", "F16", "BF16"):
+            return f"--imatrix weighs block rounding; --gguf-type {wanted} rounds no blocks (pick Q4_K_M, Q4_0, …)"
+        try:
+            imatrix.read_imatrix(options.imatrix)
+        except (OSError, ValueError) as exc:
+            return f"--imatrix {options.imatrix}: {exc.strerror if isinstance(exc, OSError) else exc}"
     if contents.masks and wanted in NO_ZERO:
         return f"--gguf-type {wanted} holds no exact 0 (d·q + m), so pruned weights would not stay 0; use Q4_0"
     if contents.grid is not None and wanted != "auto" and wanted != grid_type(contents.grid).name:
@@ -92,12 +106,19 @@ def write(output: Output, folder: Path) -> None:
     packed = _packed(output)
     qtype = "F16" if wanted == "auto" else wanted
     state = {k: v for k, v in output.model.state_dict().items() if k not in packed}
+    path = output.options.imatrix if output.options is not None else None
     try:
+        importance = imatrix.importance_for(path, {k: v.shape[-1] for k, v in state.items() if v.ndim == 2}) if (
+            path) else None
         report = write_llama_gguf(folder / FILE, output.model.config, state, output.tokenizer, qtype=qtype,
-                                  packed=packed)
+                                  packed=packed, importance=importance)
     except (NotImplementedError, ValueError) as exc:
         raise RunError(f"writing GGUF failed: {exc}") from None
     output.warnings.extend(report.fallbacks)
+    near_zero = [n for n, t in report.types.items() if not gb.HOLDS_EXACT_ZERO.get(t, True)]
+    if near_zero and any(r.get("sparsity", 0) > 0 for r in output.linears):
+        output.warnings.append(f"{len(near_zero)} tensors are {report.types[near_zero[0]].name} (d·s·q − dmin·m): "
+                               "their pruned weights are stored near 0, not exactly 0 (llama.cpp's rounding)")
 
 
 def _heads(config, name: str, rows: int) -> int | None:
@@ -125,6 +146,8 @@ def verify(folder: Path, output: Output) -> None:
         if gname not in tensors and not (tied and gname == "output.weight"):
             raise RunError(f"verification failed: {name} is missing from the written GGUF")
         values = _decoded(tensors[gname])
+        if not gb.HOLDS_EXACT_ZERO.get(QT(tensors[gname].tensor_type), True):  # Q4_K: shape only, zeros move
+            record = {**record, "sparsity": float((values == 0).mean())}
         save.check_tensor(name, torch.from_numpy(values), record)
         if name in output.grids:
             memory = output.model.get_submodule(name).weight.detach().float().cpu().numpy()

@@ -9,8 +9,10 @@ packers (:mod:`taylorprune.export.gguf_blocks`), including blocks packed from GP
   ``ffn_norm``, ``output_norm``, ``output``);
 * the row permutation of ``attn_q`` (by ``n_head``) and ``attn_k`` (by ``n_head_kv``) from HF's rotate-half layout to
   GGML's interleaved RoPE: ``w.reshape(n, 2, rows/n/2, cols).swapaxes(1, 2).reshape(rows, cols)``;
-* a per-tensor type map: 1-D tensors (norms) F32, everything else the requested type, except that a block type
-  needs the row width (``ne[0]`` = the input dimension, HF's last dim) to be a multiple of 32, else F16 with a warning;
+* a per-tensor type map: 1-D tensors (norms) F32, everything else the requested type (or a preset's per-tensor
+  mix, :mod:`taylorprune.export.gguf_mix`: ``Q4_K_M``), except that a block type needs the row width (``ne[0]`` =
+  the input dimension, HF's last dim) to be a multiple of its block (32; 256 for Q4_K/Q6_K), else llama.cpp's
+  fallback (Q4_K -> Q5_0, Q6_K -> Q8_0; F16 when 32 does not divide it either) with a warning naming the tensor;
 * SentencePiece (``tokenizer.ggml.model = "llama"``) tokenizer metadata: tokens, scores, token types, special ids.
 
 Per-layer widths that differ (pruned FFNs/heads) are written as per-layer arrays, as llama.cpp reads them; note that
@@ -29,11 +31,14 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from taylorprune.export import gguf_blocks as gb
+from taylorprune.export import gguf_mix as mix
 
 FILE_TYPES = {
     QT.F32: gguf.LlamaFileType.ALL_F32, QT.F16: gguf.LlamaFileType.MOSTLY_F16, QT.BF16: gguf.LlamaFileType.MOSTLY_BF16,
     QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
     QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, QT.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
+    # llama-quantize's plain "Q4_K" is its Q4_K_M file type (also with --pure, every tensor Q4_K)
+    QT.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_M, QT.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K,
 }
 _TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
         "lm_head.weight": "output.weight"}
@@ -94,7 +99,8 @@ def choose_type(
     name: str, shape: tuple[int, ...], requested: QT, overrides: dict | None = None
 ) -> tuple[QT, str | None]:
     """(type, warning or None) for a GGUF tensor: norms and other 1-D tensors F32; an override (by GGUF name or
-    regex) or the requested type; a block type on a row width that is no multiple of 32 falls back to F16."""
+    regex) or the requested type; a block type on a row width its blocks do not divide falls back as llama.cpp
+    does (:func:`mix.fallback_type`: Q4_K -> Q5_0, Q6_K -> Q8_0, else F16)."""
     if len(shape) == 1:
         return QT.F32, None
     chosen = requested
@@ -102,9 +108,10 @@ def choose_type(
         if pattern == name or re.fullmatch(pattern, name):
             chosen = as_qtype(t)
             break
-    if chosen in gb.BLOCK_BYTES and shape[-1] % gb.BLOCK:
-        return QT.F16, (f"{name}: row width {shape[-1]} is not a multiple of {gb.BLOCK}; "
-                        f"written as F16 instead of {chosen.name}")
+    if chosen in gb.BLOCK_WEIGHTS and shape[-1] % gb.BLOCK_WEIGHTS[chosen]:
+        t = mix.fallback_type(chosen, shape[-1])
+        return t, (f"{name}: row width {shape[-1]} is not a multiple of {gb.BLOCK_WEIGHTS[chosen]}; "
+                   f"written as {t.name} instead of {chosen.name}")
     return chosen, None
 
 
@@ -183,14 +190,19 @@ def write_llama_gguf(path, config, state_dict, tokenizer=None, *, qtype="F32", o
                      importance: dict | None = None, packed: dict | None = None, name: str | None = None) -> GGUFReport:
     """Write ``state_dict`` (HF LLaMA names, any torch/numpy floats) as a llama GGUF at ``path``.
 
-    ``qtype``: F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0 for every 2-D tensor (see :func:`choose_type`); ``overrides``:
+    ``qtype``: F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K for every 2-D tensor (see :func:`choose_type`), or a
+    preset of :data:`mix.PRESETS` (``Q4_K_M``: its per-tensor map, under ``overrides``); ``overrides``:
     {GGUF name or regex: type}; ``importance``: {HF name: per-input-column importance} for the weighted search;
     ``packed``: {HF name: (type, raw blocks [rows, bytes])} already packed (e.g. by :func:`gb.q4_0_from_sym_grid`
     from a GPTQ run), in HF row order: the Q/K permutation is applied to them here.
     """
-    requested, path = as_qtype(qtype), Path(path)
+    preset = None if isinstance(qtype, QT) else mix.PRESETS.get(str(qtype).upper())
+    requested, path = (preset.base if preset else as_qtype(qtype)), Path(path)
     if requested not in FILE_TYPES:
         raise ValueError(f"unsupported GGUF type {requested.name}; choose from {', '.join(t.name for t in FILE_TYPES)}")
+    if preset is not None:  # a user's overrides are matched first (as llama-quantize --tensor-type), then the map
+        overrides = dict(overrides or {})
+        overrides.update({k: v for k, v in preset.types(config).items() if k not in overrides})
     packed, importance = packed or {}, importance or {}
     sd = {k: v for k, v in state_dict.items() if gguf_name(k) is not None}
     n_layer = config.num_hidden_layers
@@ -215,7 +227,7 @@ def write_llama_gguf(path, config, state_dict, tokenizer=None, *, qtype="F32", o
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(int(config.vocab_size))
-    writer.add_file_type(int(FILE_TYPES[requested]))
+    writer.add_file_type(int(preset.file_type if preset else FILE_TYPES[requested]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if tokenizer is not None:
         _add_tokenizer(writer, tokenizer, int(config.vocab_size))
