@@ -157,7 +157,9 @@ def test_transformers_loads_the_folder_with_the_in_run_perplexity(packed, tmp_pa
     (["--quantize", "rtn", "--group-size", "-1", "--no-symmetric", "--zero-point", "float", "--format",
       "compressed-tensors"], "float minima"),
     (["--quantize", "gptq", "--no-static-groups", "--group-size", "32", "--format", "compressed-tensors"], "g_idx"),
-    (["--sparsity", "0.5", "--quantize", "gptq", "--recon", "block"], "do not go together"),
+    (["--sparsity", "0.5", "--quantize", "gptq", "--recover", "distill", "--recover-weights", "lora"],
+     "cannot keep a quantized model on its grid"),
+    (["--sparsity", "0.5", "--quantize", "gptq", "--quant-train", "bogus"], "--quant-train"),
     (["--quantize", "gptq", "--update", "obs"], "works on masks"),
     (["--wbits", "4", "--sparsity", "0.5"], "--wbits does not apply"),
 ])

@@ -107,7 +107,7 @@ def sample(tokenizer, corpus: Corpus, nsamples: int, seqlen: int, seed: int, sam
     if not text.strip():
         raise UserError(f"calibration text {corpus.name} is empty")
     spec = CalibSpec(corpus.name, nsamples, seqlen, seed, sampling, hashlib.sha256(text.encode()).hexdigest(), bos)
-    if not cache:
+    if not cache or corpus.ids is not None:  # ids need no tokenizing: nothing to cache
         return _with_bos(tokenizer, corpus, text, spec), spec
     documents = len(corpus.docs) if corpus.docs is not None else None  # documents are sampled differently
     key = {"tokenizer": tokenizer_fingerprint(tokenizer), "text_sha256": spec.text_sha256, "documents": documents,
@@ -142,12 +142,30 @@ def _windows(tokenizer, corpus: Corpus, text: str, spec: CalibSpec) -> torch.Ten
     nsamples, seqlen = spec.nsamples, spec.seqlen
     if spec.sampling == "random" and corpus.docs is not None:
         return _random_from_docs(tokenizer, corpus, nsamples, seqlen, rng)
-    ids = tokenize(tokenizer, text)
+    ids = stream(tokenizer, corpus, text)
     if spec.sampling == "random":
         return _random_from_text(ids, nsamples, seqlen, rng, corpus)
     if ids.numel() < nsamples * seqlen:
         raise _too_short(corpus, ids.numel(), nsamples, seqlen)
     return ids[: nsamples * seqlen].view(nsamples, seqlen).clone()
+
+
+def stream(tokenizer, corpus: Corpus, text: str) -> torch.Tensor:
+    """The corpus as one 1-D token stream: its own ids where it has them (generated text; a leading BOS dropped
+    when windows get their own), else the text tokenized once."""
+    if corpus.ids is None:
+        return tokenize(tokenizer, text)
+    ids = corpus.ids.flatten()
+    bos = tokenizer.bos if isinstance(tokenizer, _Unprefixed) else None
+    return ids[1:] if bos is not None and ids.numel() and int(ids[0]) == bos else ids
+
+
+def corpus_ids(tokenizer, corpus: Corpus, bos: int | None = None) -> torch.Tensor:
+    """The corpus's token stream for sequential windows (recovery): its own ids, or its text through the token
+    cache (``tokenize_cached``); ``bos``: the stream loses its leading BOS (each window gets one)."""
+    if corpus.ids is None:
+        return tokenize_cached(tokenizer, corpus.joined(), bos)
+    return stream(tokenizer if bos is None else _Unprefixed(tokenizer, bos), corpus, "")
 
 
 def tokenize_cached(tokenizer, text: str, bos: int | None = None) -> torch.Tensor:

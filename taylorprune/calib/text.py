@@ -8,23 +8,30 @@ comparable with the papers.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import torch
+
 from taylorprune.errors import UserError
 
-CALIB_SOURCES = ("c4", "wikitext2", "ptb", "wikitext2-valid")
+GENERATED = "generated"  # sampled from the dense model itself (``calib.generate``), made where the model is
+CALIB_SOURCES = ("c4", "wikitext2", "ptb", "wikitext2-valid", GENERATED)
 EVAL_DATASETS = ("wikitext2", "c4", "ptb")
 
 
 @dataclass(frozen=True)
 class Corpus:
-    """Either one long text (windows are cut anywhere) or documents (C4-style: one window per document)."""
+    """Either one long text (windows are cut anywhere) or documents (C4-style: one window per document).
+
+    ``ids``: the text's tokens as they were made (generated text: the sampled ids, which re-tokenizing the decoded
+    text need not give back); windows are then cut from them, never from the text."""
 
     name: str
     text: str | None = None
     docs: tuple[str, ...] | None = None
+    ids: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def joined(self, sep: str = "\n\n") -> str:
         return self.text if self.text is not None else sep.join(self.docs or ())
@@ -86,6 +93,8 @@ def calibration_corpus(name: str) -> Corpus:
     if name == "c4":
         data = _hub("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
         return Corpus(name, docs=tuple(data["text"]))
+    if name == GENERATED:
+        raise UserError("--calib generated samples from the model, which this command has not loaded")
     raise UserError(f"--calib {name}: choose one of {', '.join(CALIB_SOURCES)} or give --calib-file")
 
 

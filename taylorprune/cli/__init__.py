@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from taylorprune import distributed
-from taylorprune.cli import check, console, evaluate, export, inspection, methods, recover, run, speed, sweep
+from taylorprune.cli import check, console, evaluate, export, generate, inspection, methods, recover, run, speed, sweep
 
 app = typer.Typer(
     add_completion=False,
@@ -22,6 +22,7 @@ app.command("sweep")(sweep.sweep)
 app.command("speed")(speed.speed_cmd)
 app.command("recover")(recover.recover)
 app.command("export")(export.export)
+app.command("generate")(generate.generate_cmd)
 
 
 def main() -> None:

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from taylorprune import distributed
 from taylorprune.errors import RunError, UserError
@@ -128,9 +129,19 @@ def _peer_failure(exc: Exception) -> bool:
     return type(exc).__name__.startswith("Dist") or any(s in str(exc) for s in PEER_GONE)
 
 
+class Rate(ProgressColumn):
+    """Units per second of a task (tokens/s while generating calibration text, steps/s while recovering)."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        if speed is None:
+            return Text("")
+        return Text(f"{speed:,.0f}/s" if speed >= 10 else f"{speed:.2f}/s", style="progress.data.speed")
+
+
 def progress() -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
         console=err, transient=True,
     )
 

@@ -43,7 +43,8 @@ MethodOption = Annotated[list[str] | None, typer.Option(
     help="Component option as KEY=VALUE (repeatable), e.g. alpha=0.5; same names as the flags below.")]
 
 PANEL = "Method, statistic and update options"
-PANELS = {"load": "Model", "calib": "Calibration", "placement": "Placement", "target": "Pruning", "write": "Output"}
+PANELS = {"load": "Model", "calib": "Calibration", "generate": "Calibration: generated text", "placement": "Placement",
+          "target": "Pruning", "write": "Output"}
 
 
 def _flags(spec: Spec) -> list[str]:

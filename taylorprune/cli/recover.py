@@ -17,8 +17,8 @@ from taylorprune.cli.run import show_summary
 
 
 @functools.partial(opt.with_component_options, kind="recover")
-@opt.with_run_options("load", "calib", "placement", "write", "perplexity", "speed", "zeroshot", stages=False,
-                      exclude=("save_scores", "plots"))
+@opt.with_run_options("load", "calib", "generate", "placement", "write", "perplexity", "speed", "zeroshot",
+                      stages=False, exclude=("save_scores", "plots"))
 def recover(
     teacher: str = typer.Option(..., help="The dense model the pruned one came from: folder, hub id or .gguf."),
     option: opt.MethodOption = None,

@@ -21,7 +21,7 @@ OWN = ("method", "sparsity", "pattern", "target_params", "structure", "eval")
 
 
 @opt.with_component_options
-@opt.with_run_options("load", "calib", "placement", "target", "perplexity", "speed", exclude=OWN)
+@opt.with_run_options("load", "calib", "generate", "placement", "target", "perplexity", "speed", exclude=OWN)
 def sweep(
     out_dir: Path = typer.Option(..., "--out", help="Folder for results.json, results.md, ppl_vs_sparsity.png."),
     methods: str = typer.Option(",".join(BASELINES), help="Comma-separated methods (see `taylorprune methods`)."),

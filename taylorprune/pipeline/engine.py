@@ -29,6 +29,7 @@ from taylorprune.pipeline.components import Components
 from taylorprune.pipeline.state import linear_record
 from taylorprune.prune.masks import Fallback, Pattern, build_mask
 from taylorprune.prune.recon import Trail
+from taylorprune.quantize.train import grid_trainer
 from taylorprune.stats.collect import linear_statistics
 from taylorprune.stats.registry import of_scope, sources_for
 from taylorprune.stats.source import Scope, Stats
@@ -44,6 +45,7 @@ class PruneResult:
     blocks: list[dict] = field(default_factory=list)  # per-block stages (reconstruction)
     allocation: dict = field(default_factory=dict)  # per-block numbers of a layer-wise allocation
     quantized: dict = field(default_factory=dict)  # codes and grid of each quantized linear (for the writer)
+    planned: dict = field(default_factory=dict)  # {stage kind: the record of its dense-model plan} (--bits-budget)
 
     @property
     def sparsity(self) -> float:
@@ -72,6 +74,7 @@ class LinearWork:
     record: dict = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
     quantized: object | None = None
+    assigned: object | None = None  # what a final stage's plan chose for this linear (--bits-budget: its grid)
 
     @property
     def current(self) -> torch.Tensor:
@@ -94,6 +97,7 @@ class Job:
     block_needs: frozenset[str] = frozenset()
     patterns: Mapping[str, Pattern] = field(default_factory=dict)
     seed: int = 0
+    assigned: Mapping[str, object] = field(default_factory=dict)
 
     def pattern_of(self, path: str) -> Pattern | None:
         return self.patterns.get(path, self.pattern)
@@ -130,6 +134,7 @@ def prune_layers(
     block_cache: Stats | None = None,
     patterns: Mapping[str, Pattern] | None = None,
     seed: int = 0,
+    assigned: Mapping[str, object] | None = None,
 ) -> PruneResult:
     """Prune every target linear of ``layout`` in place, block after block.
 
@@ -137,11 +142,11 @@ def prune_layers(
     dict, receives each linear's fp32 importance scores (CPU) under its module path; ``block_cache`` holds
     block-scope statistics already known for a target: they are used instead of computed, and what is
     computed is added to it. ``patterns`` overrides ``pattern`` per target (layer-wise allocations); ``seed``
-    seeds the block-scope stages.
+    seeds the block-scope stages; ``assigned`` holds per target what the final stages' plan chose (a grid).
     """
     needs = parts.unstructured_needs
     job = Job(parts, pattern, model_stats or {}, {} if block_cache is None else block_cache, scores,
-              of_scope(needs, Scope.LINEAR), of_scope(needs, Scope.BLOCK), patterns or {}, seed)
+              of_scope(needs, Scope.LINEAR), of_scope(needs, Scope.BLOCK), patterns or {}, seed, assigned or {})
     # Block-scope statistics differentiate through attention: capture and run everything with eager attention.
     with eager_attention(runner.model) if job.block_needs else contextlib.nullcontext():
         return _prune_blocks(runner, layout, calib_ids, job, on_block)
@@ -156,6 +161,8 @@ def _prune_blocks(runner: BlockRunner, layout: Layout, calib_ids, job: Job, on_b
     t = _tick(result.timings, "capture", t)
 
     trail = Trail.of(runner, job.block_stages, calib_ids)
+    linears = {tg.path: tg.module for block in layout.targets for tg in block}
+    grid = grid_trainer(result.quantized, linears, job.final_stages) if job.block_stages else None
 
     def targets_of(j: int) -> list[nn.Linear]:
         return [tg.module for tg in layout.targets[j]]
@@ -175,11 +182,14 @@ def _prune_blocks(runner: BlockRunner, layout: Layout, calib_ids, job: Job, on_b
             t = time.perf_counter()
             goal = dense_out if dense_out is not None else same_out
             info, out = trail.fit(i, inputs, lambda first, x, lins, stage=stage, goal=goal: stage.kind.step(
-                stage, runner, i, x, goal, lins, job.seed, first=first), targets_of)
+                stage, runner, i, x, goal, lins, job.seed, first=first, trainer=grid), targets_of)
             result.blocks.append({"block": i, **info})
             _tick(result.timings, stage.kind.name, t)
         if job.block_stages and targets:  # the linears are already synced; a block fit may differ in round-off
             distributed.sync_module(layout.blocks[i])
+            if grid is not None:  # the writer's codes follow the fitted (or restored) weights of the span
+                result.blocks[-1]["on_grid"] = grid.resync([t.path for j in range(trail.first(i), i + 1)
+                                                            for t in layout.targets[j]], result.linears)
         dense[0] = dense_out
         return out
 
@@ -265,7 +275,7 @@ def _prune_linear(path: str, linear, stats, job: Job, result: PruneResult) -> tu
     returns the linear's record and what a final stage keeps for the writer."""
     weight = linear.weight
     work = LinearWork(path, weight.detach().to(torch.float32), None, job.pattern_of(path), stats,
-                      dtype=weight.dtype)
+                      dtype=weight.dtype, assigned=job.assigned.get(path))
     try:
         score, what = _choose(work, job, result)
     except Fallback as exc:  # keep going on a long run: plain masking for this one linear, recorded

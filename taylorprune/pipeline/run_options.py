@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from taylorprune.calib import sampling, text
+from taylorprune.calib import mix, sampling, text
+from taylorprune.calib.generate import GenerateOptions
 from taylorprune.errors import UserError
 from taylorprune.evaluate.registry import EVALUATORS
 from taylorprune.evaluate.spec import Evaluator
@@ -45,6 +46,8 @@ class CalibOptions(Options):
     calib: str | None = option(None, f"Calibration data set (default c4 unless --calib-file): "
                                f"{', '.join(text.CALIB_SOURCES)}.", choices=text.CALIB_SOURCES)
     calib_file: str | None = option(None, "Calibration text file (.txt, or .jsonl with 'text').")
+    calib_mix: str | None = option(None, "Calibration windows from several sources in proportion, e.g. "
+                                   "wikitext2-valid:0.5,generated:0.5 (named sources, .txt/.jsonl files).")
     nsamples: int = option(128, "Number of calibration windows.", minimum=1)
     seqlen: int | None = option(None, "Calibration tokens per window (default: min(2048, max positions)).",
                                 minimum=2)
@@ -59,6 +62,17 @@ class CalibOptions(Options):
         if self.calib_file and self.calib:
             raise UserError(f"--calib {self.calib} and --calib-file {self.calib_file} both name the calibration text; "
                             "keep one")
+        if self.calib_mix is not None:
+            if self.calib or self.calib_file:
+                raise UserError(f"--calib-mix and --calib{'-file' if self.calib_file else ''} both name the "
+                                "calibration text; keep one (a mix may name files and sources)")
+            mix.parse(self.calib_mix)
+
+    def entries(self) -> tuple[mix.Entry, ...]:
+        """The calibration sources with their weights: the mix, or the one source (a file or a named set)."""
+        if self.calib_mix is not None:
+            return mix.parse(self.calib_mix)
+        return (mix.Entry(self.calib_file or self.source, 1.0),)
 
     @property
     def source(self) -> str:
@@ -101,8 +115,9 @@ class WriteOptions(Options):
                          choices=tuple(FORMATS))
 
 
-GROUPS_OF_RUN: dict[str, type[Options]] = {"load": LoadOptions, "calib": CalibOptions, "placement": PlacementOptions,
-                                           "target": TargetOptions, "write": WriteOptions}
+GROUPS_OF_RUN: dict[str, type[Options]] = {"load": LoadOptions, "calib": CalibOptions, "generate": GenerateOptions,
+                                           "placement": PlacementOptions, "target": TargetOptions,
+                                           "write": WriteOptions}
 
 
 def evaluator_groups() -> dict[str, type[Options]]:
@@ -134,6 +149,7 @@ class RunOptions:
 
     load = property(lambda self: self.groups["load"])
     calib = property(lambda self: self.groups["calib"])
+    generate = property(lambda self: self.groups["generate"])
     placement = property(lambda self: self.groups["placement"])
     target = property(lambda self: self.groups["target"])
     write = property(lambda self: self.groups["write"])

@@ -31,9 +31,10 @@ from taylorprune.prune.refine import REFINES
 from taylorprune.prune.structures import STRUCTURES, parse_structures
 from taylorprune.prune.update import UPDATES
 from taylorprune.quantize.grid import require_zero
-from taylorprune.quantize.stage import QUANTIZERS, check_widths, summarize
+from taylorprune.quantize.stage import QUANTIZERS, check_targets, plan_budget, summarize
 from taylorprune.recover.registry import RECOVERS
 from taylorprune.scoring.spec import Method
+from taylorprune.stats.registry import source_of
 
 SCOPES = ("linear", "block", "model", "after")  # per linear, per block, over the model first, after the pruning
 UNSTRUCTURED, STRUCTURED, ANY = "unstructured", "structured", "any"  # which pruning phase a stage belongs to
@@ -69,6 +70,9 @@ class StageKind:
     check: Callable[[Stage, Any], None] | None = None  # checks against the run's pattern (None: no masks), unloaded
     prepare: Callable[[Stage, Any], None] | None = None  # checks on the loaded model's targets, before heavy work
     report: Callable[[Stage, list[dict]], dict] | None = None  # the run's record of this stage, over the linears
+    # linear kinds: a plan on the dense model before the engine (model context, dense model-scope statistics, the
+    # options of a statistic source) -> ({target path: what the step gets as work.assigned}, the run's record)
+    plan: Callable[[Stage, Any, Mapping, Callable], tuple[dict, dict]] | None = None
 
     @property
     def flag(self) -> str:
@@ -131,10 +135,11 @@ def _update_step(stage: Stage, work) -> None:
     work.new = stage.choice.apply(work.weight, work.keep, work.pattern, work.stats, stage.options, work.path)
 
 
-# block: step(stage, runner, block index, inputs, goal outputs, linears, seed, first block of the fit) -> what the
-# report records
-def _recon_step(stage: Stage, runner, i: int, inputs, goal, linears, seed: int, first: int | None = None) -> dict:
-    return stage.choice.apply(runner, i, inputs, goal, linears, stage.options, seed, first=first)
+# block: step(stage, runner, block index, inputs, goal outputs, linears, seed, first block of the fit, what the fit
+# trains: None for the weights under their masks) -> what the report records
+def _recon_step(stage: Stage, runner, i: int, inputs, goal, linears, seed: int, first: int | None = None,
+                trainer=None) -> dict:
+    return stage.choice.apply(runner, i, inputs, goal, linears, stage.options, seed, first=first, trainer=trainer)
 
 
 # model (unstructured): step(stage, layout, dense statistics, pattern) -> ({target path: pattern}, report info)
@@ -142,12 +147,25 @@ def _allocation_step(stage: Stage, layout, stats, pattern):
     return stage.choice.allocate(layout, stats, pattern, stage.options)
 
 
-# linear, final: step(stage, work) with work.current (the linear's weight so far), .keep (None: no masks), .dtype;
-# sets work.new, work.quantized (what the writer keeps) and the linear's record
+# linear, final: step(stage, work) with work.current (the linear's weight so far), .keep (None: no masks), .dtype,
+# .assigned (the plan's grid for this linear, or None); sets work.new, work.quantized (what the writer keeps) and
+# the linear's record
 def _quantize_step(stage: Stage, work) -> None:
     work.new, work.quantized, info = stage.choice.apply(work.current, work.keep, work.stats, stage.options,
-                                                        work.path, work.dtype)
+                                                        work.path, work.dtype, work.assigned)
     work.record[stage.kind.name] = info
+
+
+def _quantize_plan(stage: Stage, ctx, dense: Mapping, options_of: Callable) -> tuple[dict, dict]:
+    return plan_budget(stage.choice, stage.options, ctx, dense, options_of(source_of("grad_sum")).grad_scale)
+
+
+def _quantize_check(stage: Stage, pattern) -> None:
+    if pattern is not None:
+        require_zero(stage.options.spec())
+        if getattr(stage.options, "bits_budget", None) is not None:
+            raise UserError("--bits-budget places bits on the dense weights and does not go with --sparsity / "
+                            "--pattern yet; quantize without masks, or drop --bits-budget")
 
 
 def _solver_refuses(what: str) -> Refusal:
@@ -165,13 +183,13 @@ UPDATE = StageKind("update", "Weight update after masking", UPDATES, "none", "no
                    _update_step, _solver_refuses("updates weights itself"))
 QUANTIZE = StageKind("quantize", "Weight quantization of every target linear, last (weights only)", QUANTIZERS,
                      "none", "none", "linear", UNSTRUCTURED, _quantize_step, needs_masks=False, final=True,
-                     excludes=("recon", "recover"),
                      note="After the mask and the other linear stages, or on a solver's output, masks kept; alone "
-                     "(no --sparsity/--pattern) it quantizes without pruning. --recon and --recover would move the "
-                     "weights off their grid and are refused with it.",
+                     "(no --sparsity/--pattern) it quantizes without pruning. --recon block and --recover distill "
+                     "then train on the grid (--quant-train): every weight stays on it, every masked one 0, and the "
+                     "codes written follow the trained weights.",
                      stores=lambda stage: stage.choice.grid_kind(stage.options),
-                     check=lambda stage, pattern: pattern is None or require_zero(stage.options.spec()),
-                     prepare=lambda stage, layout: check_widths(stage.options, layout.all_targets),
+                     check=_quantize_check, plan=_quantize_plan,
+                     prepare=lambda stage, layout: check_targets(stage.options, layout),
                      report=lambda stage, linears: {"method": stage.name, **stage.options.as_dict(),
                                                     **summarize(linears, "quantize")})
 RECON = StageKind("recon", "Block stage after a block is pruned (its masks, or its structures when no masks follow)",

@@ -13,10 +13,13 @@ every rank takes the step one process would take on the whole batch (held-out lo
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from taylorprune import distributed
 from taylorprune.modeling.sweep import trainable
@@ -48,6 +51,17 @@ def batches(train_size: int, batch: int, generator: torch.Generator, epochs: boo
             order = torch.cat([order, torch.randperm(train_size, generator=generator)])
         yield order[:batch]
         order = order[batch:]
+
+
+# What a fit of some linears trains, while the context lasts: (tensors, their masks; None: free). ``plain``: the
+# weights themselves, masked by their zeros; ``quantize.train.on_grid`` keeps quantized linears on their grid.
+Trainer = Callable[[list[nn.Linear]], AbstractContextManager[tuple[list[torch.Tensor], list[torch.Tensor | None]]]]
+
+
+@contextlib.contextmanager
+def plain(linears: list[nn.Linear]) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor | None]]]:
+    """The linears' weights, each masked by its zeros."""
+    yield [lin.weight for lin in linears], [lin.weight.detach() != 0 for lin in linears]
 
 
 Optimizer = Callable[[list[torch.nn.Parameter]], tuple[torch.optim.Optimizer, object | None]]

@@ -38,7 +38,7 @@ from torch import nn
 from taylorprune import distributed
 from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.options import NoOptions, Options, by_name, option
-from taylorprune.prune.fit import FitSettings, masked_fit
+from taylorprune.prune.fit import FitSettings, Trainer, masked_fit, plain
 from taylorprune.prune.trail import GUARDS, Trail, heldout_windows, mine
 
 __all__ = ["BLOCK", "NONE", "RECONS", "ReconOptions", "Trail", "recon_summary", "reconstruct", "settled"]
@@ -143,11 +143,12 @@ def heldout_error(runner: BlockRunner, span: tuple[int, int], inputs: torch.Tens
 
 
 def reconstruct(runner: BlockRunner, i: int, inputs: torch.Tensor, targets: torch.Tensor, linears: list[nn.Linear],
-                options: ReconOptions, seed: int = 0, first: int | None = None) -> dict:
+                options: ReconOptions, seed: int = 0, first: int | None = None, trainer: Trainer | None = None) -> dict:
     """Fit the kept weights of ``linears`` (in blocks ``first`` .. ``i``, default block ``i`` alone) so those
     blocks map ``inputs`` (block ``first``'s) to ``targets`` (block ``i``'s goal outputs); keep the fit only if it
     lowers the span's error on the held-out windows (measured on the weights as returned, in the model's dtype),
-    else restore every weight of the span: a fit never leaves its blocks worse than it found them."""
+    else restore every weight of the span: a fit never leaves its blocks worse than it found them. ``trainer``: what
+    the fit trains (default the weights under their masks; a quantized run's keeps the weights on their grid)."""
     if not linears:
         return {}
     span = (i if first is None else first, i)
@@ -157,7 +158,7 @@ def reconstruct(runner: BlockRunner, i: int, inputs: torch.Tensor, targets: torc
     held = heldout_windows(n, options.recon_heldout)
     saved = [lin.weight.detach().clone() for lin in linears]
     before = heldout_error(runner, span, inputs, targets, norm, held, lambda x: x)
-    info = _fit(runner, span, inputs, targets, linears, options, norm, lr, held, n, seed)
+    info = _fit(runner, span, inputs, targets, linears, options, norm, lr, held, n, seed, trainer or plain)
     after = heldout_error(runner, span, inputs, targets, norm, held, lambda x: x)
     kept = after < before
     if not kept:
@@ -172,7 +173,7 @@ def reconstruct(runner: BlockRunner, i: int, inputs: torch.Tensor, targets: torc
 
 def _fit(runner: BlockRunner, span: tuple[int, int], inputs: torch.Tensor, targets: torch.Tensor,
          linears: list[nn.Linear], options: ReconOptions, norm: nn.Module | None, lr: float, held: range, n: int,
-         seed: int) -> dict:
+         seed: int, trainer: Trainer) -> dict:
     """The Adam fit on the windows before ``held`` (all ``n`` when there is one), early-stopped on ``held``; in
     fp32 (a half-precision span is upcast and cast back once at the end)."""
     blocks = [runner.layout.blocks[j] for j in range(span[0], span[1] + 1)]
@@ -185,14 +186,14 @@ def _fit(runner: BlockRunner, span: tuple[int, int], inputs: torch.Tensor, targe
         for block in blocks:
             block.to(torch.float32)
     try:
-        return masked_fit([lin.weight for lin in linears],
-                          lambda pick: _loss(runner, span, cast(inputs[pick]), targets[pick], norm),
-                          lambda: heldout_error(runner, span, inputs, targets, norm, held, cast),
-                          held.start if held.start > 0 else n,
-                          FitSettings(options.recon_steps, options.recon_batch, options.recon_patience),
-                          lambda weights: (torch.optim.Adam(weights, lr=lr), None),
-                          torch.Generator().manual_seed(seed * 1_000_003 + span[1]),
-                          share=share if world.active else None)
+        with trainer(linears) as (weights, masks):
+            return masked_fit(weights, lambda pick: _loss(runner, span, cast(inputs[pick]), targets[pick], norm),
+                              lambda: heldout_error(runner, span, inputs, targets, norm, held, cast),
+                              held.start if held.start > 0 else n,
+                              FitSettings(options.recon_steps, options.recon_batch, options.recon_patience),
+                              lambda weights: (torch.optim.Adam(weights, lr=lr), None),
+                              torch.Generator().manual_seed(seed * 1_000_003 + span[1]), masks,
+                              share=share if world.active else None)
     finally:
         if upcast:
             for block in blocks:

@@ -12,7 +12,9 @@ per channel, because a silent fallback changes the bits per weight and the schem
 
 The engine keeps each linear's codes and grid (``QuantizedLinear``, on the CPU) for the writer; the report gets
 per linear the grid and its bits per weight, and over the run the bits per weight with scales and zero points
-counted (``summarize``).
+counted (``summarize``). With ``--bits-budget`` (``quantize.bits``) each linear takes its own grid from a menu,
+planned on the dense model before the engine (``plan_budget``, ``quantize.sensitivity``) and handed to the step
+as ``work.assigned``.
 """
 
 from __future__ import annotations
@@ -27,14 +29,26 @@ from taylorprune.errors import UserError
 from taylorprune.export.compressed_tensors import LinearQuant
 from taylorprune.export.format_spec import GridKind
 from taylorprune.options import NoOptions, Options, by_name, option
+from taylorprune.quantize.bits import BitsOptions, ProbeOptions, check_budget, parse_choices
 from taylorprune.quantize.gptq import GptqOptions, gptq
 from taylorprune.quantize.grid import GROUP_SIZES, SCALE_DTYPES, ZERO_POINTS, Grid, GridSpec
 from taylorprune.quantize.result import QuantizedWeight
 from taylorprune.quantize.rtn import rtn
+from taylorprune.quantize.sensitivity import GRAD_NEEDS, Assignment, menu_of, plan_bits
+
+# ``--quant-train`` (declared here with the grid's options; the modes live in ``quantize.train``)
+QUANT_TRAIN_MODES = ("auto", "ste", "scales", "round")
+QUANT_TRAIN_HELP = ("How --recover distill and --recon block train a quantized model, every weight on its grid: ste "
+                    "(latent weights rounded to the fixed grid in the forward, straight-through gradients: codes "
+                    "change, scales stay), scales (codes fixed, each group's scale trained at its stored dtype), "
+                    "round (a float fit under the mask, rounded to the fixed grid after it), auto: ste for recovery, "
+                    "round for block fits (stories260K, SparseGPT 50% + GPTQ W3 per channel, PPL 221.97 without "
+                    "training; recovery ste 105.11, scales 129.48, round 209.54; block fits round 142.30, scales "
+                    "160.46, ste 168.56; quantize/train.py).")
 
 
 @dataclass(frozen=True)
-class GridOptions(Options):
+class GridOptions(BitsOptions, ProbeOptions):
     wbits: int = option(4, "Bits per quantized weight (2 to 8).", minimum=2, maximum=8)
     group_size: int = option(128, "Input columns sharing one scale: 32, 64, 128, or -1 (one per output channel); "
                              "a width it does not divide is an error naming the linear.")
@@ -44,9 +58,24 @@ class GridOptions(Options):
                              "minimum (llama.cpp's Q4_1 form d·q + m, which holds no exact 0).", choices=ZERO_POINTS)
     scale_dtype: str = option("float16", "Precision scales are stored and rounded to inside the loop.",
                               choices=tuple(SCALE_DTYPES))
+    quant_train: str = option("auto", QUANT_TRAIN_HELP, choices=QUANT_TRAIN_MODES)
 
     def check(self) -> None:
         self.spec()  # GridSpec refuses a group size it does not know, and a float minimum on a symmetric grid
+        if self.bits_budget is not None:
+            specs = parse_choices(self.bits_choices, self.spec())  # an unknown entry: one line, before loading
+            low = min(s.wbits for s in specs)
+            if self.bits_budget < low:  # the exact bounds, scales counted, are checked on the targets' shapes
+                raise UserError(f"--bits-budget {self.bits_budget:g}: below the smallest configuration of "
+                                f"--bits-choices ({low} bits per weight before scales)")
+
+    def check_given(self, given: frozenset[str]) -> None:
+        budget_only = sorted(given & {"bits_choices", "bits_allocation", "bits_measure"})
+        if self.bits_budget is None and budget_only:
+            raise UserError(f"--{budget_only[0].replace('_', '-')} applies with --bits-budget only")
+        if self.bits_budget is not None and "wbits" in given:
+            raise UserError("--wbits and --bits-budget do not go together: the budget picks each linear's bits "
+                            "from --bits-choices")
 
     def spec(self) -> GridSpec:
         return GridSpec(self.wbits, self.group_size, self.symmetric, self.zero_point, self.scale_dtype)
@@ -67,14 +96,16 @@ class QuantizedLinear:
     grid: Grid
     group_index: torch.Tensor
     method: str
+    keep: torch.Tensor | None = None  # the pruning mask (None: none), which training on the grid keeps
 
     @classmethod
-    def of(cls, q: QuantizedWeight, spec: GridSpec, method: str) -> QuantizedLinear:
+    def of(cls, q: QuantizedWeight, spec: GridSpec, method: str, keep: torch.Tensor | None = None
+           ) -> QuantizedLinear:
         def cpu(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.detach().cpu()
 
         grid = Grid(cpu(q.grid.scale), cpu(q.grid.zero), cpu(q.grid.minimum))
-        return cls(spec, cpu(q.codes), grid, cpu(q.group_index), method)
+        return cls(spec, cpu(q.codes), grid, cpu(q.group_index), method, None if keep is None else cpu(keep).bool())
 
     @property
     def ordered_groups(self) -> bool:
@@ -97,7 +128,8 @@ class QuantizedLinear:
                            self.spec.symmetric)
 
 
-ApplyFn = Callable[[torch.Tensor, torch.Tensor | None, Mapping[str, torch.Tensor], Any, str], QuantizedWeight]
+ApplyFn = Callable[[torch.Tensor, torch.Tensor | None, Mapping[str, torch.Tensor], Any, str, GridSpec],
+                   QuantizedWeight]
 
 
 @dataclass(frozen=True)
@@ -107,63 +139,110 @@ class Quantizer:
     name: str
     summary: str
     quantize: ApplyFn | None = None
-    needs: frozenset[str] = frozenset()
+    statistics: frozenset[str] = frozenset()  # what the engine hands each linear (GPTQ: its H)
     options: type[Options] = NoOptions
+
+    def needs(self, options: Options) -> frozenset[str]:
+        """The engine's statistics, and with ``--bits-budget`` the dense gradient pass the allocation uses."""
+        return self.statistics | (GRAD_NEEDS if getattr(options, "bits_budget", None) is not None else frozenset())
 
     def grid_kind(self, options: Options) -> GridKind | None:
         """What the output has to hold for this choice, known before any weight is loaded."""
         if self.quantize is None:
             return None
         s = options.spec()
+        if getattr(options, "bits_budget", None) is not None:  # a mixed run: the menu's fewest-bits entry, which a
+            s = min(parse_choices(options.bits_choices, s), key=lambda c: c.wbits)  # format is likeliest to refuse
         ordered = s.group_size == -1 or getattr(options, "static_groups", True) or not getattr(options, "act_order",
                                                                                                 False)
         return GridKind(s.wbits, s.group_size, s.symmetric, s.zero_point, ordered, s.scale_dtype)
 
     def apply(self, weight: torch.Tensor, keep: torch.Tensor | None, stats, options: Options, name: str,
-              dtype: torch.dtype) -> tuple[torch.Tensor, QuantizedLinear, dict]:
+              dtype: torch.dtype, assigned: Assignment | None = None) -> tuple[torch.Tensor, QuantizedLinear, dict]:
         """(values, what the writer keeps, the linear's report record); ``dtype``: the model's, to say whether the
-        values survive being stored in it."""
-        q = self.quantize(weight, keep, stats, options, name)
-        kept = QuantizedLinear.of(q, options.spec(), self.name)
+        values survive being stored in it; ``assigned``: the grid ``--bits-budget`` chose for this linear."""
+        spec = options.spec() if assigned is None else assigned.spec
+        q = self.quantize(weight, keep, stats, options, name, spec)
+        kept = QuantizedLinear.of(q, spec, self.name, keep)
         zero = q.values == 0
         record = {"method": self.name, "wbits": kept.spec.wbits, "group_size": kept.spec.group_size,
                   "symmetric": kept.spec.symmetric, "bits_per_weight": kept.stored_bits() / max(q.codes.numel(), 1),
                   "rounded_to_zero": int((zero if keep is None else zero & keep.to(zero.device)).sum()),
                   "exact_in_model_dtype": bool(torch.equal(q.values.to(dtype).to(q.values.dtype), q.values)),
-                  **{k: v for k, v in q.info.items() if isinstance(v, int | float | str | bool)}}
+                  **{k: v for k, v in q.info.items() if isinstance(v, int | float | str | bool)},
+                  **(assigned.record if assigned is not None else {})}
         return q.values, kept, record
 
+    def planner(self, options: Options) -> Callable[[torch.Tensor, Mapping[str, torch.Tensor], GridSpec, str],
+                                                    torch.Tensor]:
+        """What ``--bits-budget``'s probe quantizes candidates with: this choice without a mask, at any grid."""
+        return lambda weight, stats, spec, name: self.quantize(weight, None, stats, options, name, spec).values
 
-def _rtn(weight, keep, stats, options: GridOptions, name):
-    return rtn(weight, options.spec(), keep=keep, name=name)
+
+def _rtn(weight, keep, stats, options: GridOptions, name, spec: GridSpec):
+    return rtn(weight, spec, keep=keep, name=name)
 
 
-def _gptq(weight, keep, stats, options: GptqStageOptions, name):
-    return gptq(weight, stats["hessian"], options.spec(), options, keep=keep, name=name)
+def _gptq(weight, keep, stats, options: GptqStageOptions, name, spec: GridSpec):
+    return gptq(weight, stats["hessian"], spec, options, keep=keep, name=name)
 
 
 def check_widths(options: Options, targets) -> None:
     """Every target's input width takes the group size: else a one-line error naming the linear and its width, and
     the group sizes that would fit every target (before heavy work)."""
-    spec = options.spec()
+    specs = [options.spec()]
+    flag = "--group-size"
+    if getattr(options, "bits_budget", None) is not None:  # every configuration of the menu must fit every target
+        specs, flag = parse_choices(options.bits_choices, options.spec()), "a group of --bits-choices"
     widths = {t.path: t.module.in_features for t in targets}
-    bad = next(((path, w) for path, w in widths.items() if spec.group_size != -1 and w % spec.group_size), None)
-    if bad is not None:
-        fits = [str(g) for g in sorted(GROUP_SIZES, reverse=True) if g > 0 and all(w % g == 0 for w in widths.values())]
-        raise UserError(f"{bad[0]}: input width {bad[1]} is not a multiple of --group-size {spec.group_size}; use "
-                        f"{', '.join([*fits, ''])}-1 (one group per output channel), which fit every target")
+    for spec in specs:
+        bad = next(((path, w) for path, w in widths.items() if spec.group_size != -1 and w % spec.group_size), None)
+        if bad is not None:
+            fits = [str(g) for g in sorted(GROUP_SIZES, reverse=True)
+                    if g > 0 and all(w % g == 0 for w in widths.values())]
+            raise UserError(f"{bad[0]}: input width {bad[1]} is not a multiple of {flag} {spec.group_size}; use "
+                            f"{', '.join([*fits, ''])}-1 (one group per output channel), which fit every target")
+
+
+def check_targets(options: Options, layout) -> None:
+    """On the loaded model, before heavy work: group sizes against widths, and a budget against the menu's bits
+    on the targets' shapes (one line each)."""
+    check_widths(options, layout.all_targets)
+    if getattr(options, "bits_budget", None) is not None:
+        check_budget(menu_of(layout, options), options.bits_budget)
+
+
+def plan_budget(quantizer: Quantizer, options: Options, ctx, dense: Mapping[str, Mapping[str, torch.Tensor]],
+                grad_scale: float) -> tuple[dict[str, Assignment], dict]:
+    """``--bits-budget``: each target's grid and the run's allocation record, planned on the dense model before
+    the engine (nothing without a budget)."""
+    if getattr(options, "bits_budget", None) is None:
+        return {}, {}
+    return plan_bits(ctx, options, quantizer.planner(options), dense, grad_scale, "hessian" in quantizer.statistics)
 
 
 def summarize(linears: list[dict], kind: str = "quantize") -> dict:
-    """The run's quantization over every quantized linear: bits per weight with scales and zero points counted."""
+    """The run's quantization over every quantized linear: bits per weight with scales and zero points counted
+    (with ``--bits-budget``: also how many linears took each configuration, and the summed per-linear predicted and
+    measured loss changes)."""
     done = [(lin, lin[kind]) for lin in linears if isinstance(lin.get(kind), dict)]
     numel = sum(lin["numel"] for lin, _ in done)
     bits = sum(q["bits_per_weight"] * lin["numel"] for lin, q in done)
     off = [lin["name"] for lin, q in done if not q["exact_in_model_dtype"]]
     schemes = sorted({(q["wbits"], q["group_size"], q["symmetric"]) for _, q in done})
-    return {"linears": len(done), "weights": numel, "bits_per_weight": bits / numel if numel else None,
-            "bytes": round(bits / 8), "schemes": [{"wbits": b, "group_size": g, "symmetric": s} for b, g, s in schemes],
-            "rounded_to_zero": sum(q["rounded_to_zero"] for _, q in done), "off_grid_in_model_dtype": len(off)}
+    out = {"linears": len(done), "weights": numel, "bits_per_weight": bits / numel if numel else None,
+           "bytes": round(bits / 8), "schemes": [{"wbits": b, "group_size": g, "symmetric": s} for b, g, s in schemes],
+           "rounded_to_zero": sum(q["rounded_to_zero"] for _, q in done), "off_grid_in_model_dtype": len(off)}
+    placed = [q for _, q in done if "choice" in q]
+    if placed:
+        counts: dict[str, int] = {}
+        for q in placed:
+            counts[q["choice"]] = counts.get(q["choice"], 0) + 1
+        out["configurations"] = counts
+        out["predicted_loss_change_sum"] = sum(q["predicted_loss_change"] for q in placed)
+        if all("measured_loss_change" in q for q in placed):
+            out["measured_loss_change_sum"] = sum(q["measured_loss_change"] for q in placed)
+    return out
 
 
 NONE = Quantizer("none", "keep float weights")

@@ -8,6 +8,8 @@ mask (a merged low-rank update is dense), casts back and leaves the model frozen
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +17,8 @@ from torch import nn
 
 from taylorprune.errors import UserError
 from taylorprune.modeling.layout import Layout
+from taylorprune.quantize.stage import QuantizedLinear
+from taylorprune.quantize.train import on_grid
 from taylorprune.recover.distill import RecoverOptions, Student
 
 
@@ -83,3 +87,33 @@ def finish(prepared: Prepared, model: nn.Module, layout: Layout) -> nn.Module:
     if prepared.home_dtype != torch.float32:
         model.to(prepared.home_dtype)
     return model
+
+
+@contextlib.contextmanager
+def on_its_grid(prepared: Prepared, layout: Layout, quantized: Mapping[str, QuantizedLinear], mode: str
+                ) -> Iterator[None]:
+    """A quantized student trains on its grid (``quantize.train.on_grid``, ``--quant-train``): each quantized
+    linear's weight is replaced in the trained parameters by what the mode trains (its latent weight, or its scale
+    multipliers), masked by the pruning mask itself, not by its zeros (a kept weight rounded to 0 may move), and
+    ``finish`` re-applies that mask only. On exit the weights hold exact grid values."""
+    if prepared.peft is not None:
+        raise UserError("--recover-weights lora cannot keep a quantized model on its grid; use "
+                        "--recover-weights all")
+    paths = [t.path for t in layout.all_targets if t.path in quantized]
+    linears = [t.module for t in layout.all_targets if t.path in quantized]
+    index = {id(lin.weight): k for k, lin in enumerate(linears)}
+    for path in paths:
+        keep = quantized[path].keep
+        if keep is None:
+            prepared.masks.pop(path, None)
+        else:
+            prepared.masks[path] = keep
+    student = prepared.student
+    with on_grid(linears, [quantized[p] for p in paths], mode) as (params, masks):
+        old = list(zip(student.params, student.masks, strict=True))
+        pairs = [(params[index[id(p)]], masks[index[id(p)]]) if id(p) in index else (p, m) for p, m in old]
+        student.params[:], student.masks[:] = [p for p, _ in pairs], [m for _, m in pairs]
+        try:
+            yield
+        finally:
+            student.params[:], student.masks[:] = [p for p, _ in old], [m for _, m in old]

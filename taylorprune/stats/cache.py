@@ -8,8 +8,6 @@ file is rewritten (atomically) with the union.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,21 +17,8 @@ import taylorprune
 from taylorprune import distributed
 from taylorprune.errors import UserError
 from taylorprune.export.save import write_tensors
+from taylorprune.modeling.fingerprint import model_fingerprint  # noqa: F401 (callers read it here)
 from taylorprune.stats.source import Stats
-
-
-def model_fingerprint(model) -> str:
-    """Identity of the dense model: its config plus name, shape, dtype and fp64 sum / abs-sum of every parameter
-    and buffer (norms, embeddings and the head change what is cached as much as the pruned linears do)."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    seen: set[int] = set()
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if id(t) in seen or t.is_meta:
-            continue
-        seen.add(id(t))
-        x = t.detach().double()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}{x.sum().item():.12e}{x.abs().sum().item():.12e}".encode())
-    return h.hexdigest()
 
 
 def _read(path: Path) -> tuple[dict[str, str], Stats]:

@@ -28,11 +28,14 @@ def _loss_fn(model: nn.Module, names: list[str], ids: torch.Tensor) -> Callable[
     return loss
 
 
-def model_hvp(model: nn.Module, targets: list[Target], ids: torch.Tensor, mode: str = "fwd-rev"):
-    """(g, H·δθ) of one window's loss w.r.t. the target weights, δθ = −W; tuples in target order."""
+def model_hvp(model: nn.Module, targets: list[Target], ids: torch.Tensor, mode: str = "fwd-rev",
+              tangents: tuple[torch.Tensor, ...] | None = None):
+    """(g, H·δθ) of one window's loss w.r.t. the target weights, δθ = −W unless ``tangents`` gives it (one per
+    target: ``--bits-budget`` takes each quantization's ΔW); tuples in target order."""
     weights = [t.module.weight for t in targets]
     primals = tuple(w.detach() for w in weights)
-    tangents = tuple(-w.detach() for w in weights)
+    if tangents is None:
+        tangents = tuple(-w.detach() for w in weights)
     if mode == "fwd-rev":
         names = [f"{t.path}.weight" for t in targets]
         return jvp(grad(_loss_fn(model, names, ids), argnums=tuple(range(len(names)))), primals, tangents)

@@ -11,6 +11,8 @@ lower it). Masks are checked afterwards: every pruned weight is still zero.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
@@ -21,12 +23,13 @@ from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.modeling.layout import find_layout
 from taylorprune.modeling.placement import GIB, USABLE, device_budget, model_bytes, training_bytes
 from taylorprune.modeling.sweep import forward
-from taylorprune.pipeline.phases.calibration import calibration_corpus
+from taylorprune.pipeline import sources
 from taylorprune.pipeline.state import Phase, RunState
-from taylorprune.recover import windows
+from taylorprune.quantize.train import resync_all, settled
+from taylorprune.recover import heldout, windows
 from taylorprune.recover.distill import distill
 from taylorprune.recover.head_kl import CHUNK
-from taylorprune.recover.student import finish, prepare
+from taylorprune.recover.student import finish, on_its_grid, prepare
 from taylorprune.recover.teacher import Teacher, pair, resident
 
 
@@ -39,13 +42,16 @@ def teacher_source(plan) -> str:
     return _stage(plan).options.recover_teacher or plan.opts.model
 
 
-def recovery_windows(state: RunState, options) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training windows, held-out windows) of the calibration source, sequential and non-overlapping
-    (``recover.windows``: every window the source holds by default; a count beyond it is an error)."""
+def recovery_windows(state: RunState, options) -> tuple[torch.Tensor, torch.Tensor, list[dict] | None]:
+    """(training windows, held-out windows, per-source records of a mix) of the calibration sources, sequential
+    and non-overlapping (``recover.windows``: every window the source holds by default; a count beyond it is an
+    error; a mix's held-out windows come from every source)."""
     tokenizer = state.loaded.tokenizer
-    return windows.recovery_windows(tokenizer, calibration_corpus(state.opts.calib), options,
-                                    options.recover_seqlen or state.plan.seqlen,
-                                    loading.window_start(state.model.config, tokenizer))
+    seqlen, bos = options.recover_seqlen or state.plan.seqlen, loading.window_start(state.model.config, tokenizer)
+    made = sources.corpora(state)
+    if state.opts.calib.calib_mix is not None:
+        return windows.mixed_windows(tokenizer, made, options, seqlen, bos)
+    return (*windows.recovery_windows(tokenizer, made[0][1], options, seqlen, bos), None)
 
 
 def _trained_numel(model: nn.Module, layout, options) -> int:
@@ -94,8 +100,21 @@ def _teacher(state: RunState, options) -> tuple[Teacher, str, nn.Module]:
     return Teacher(streamed), "stream", model
 
 
+def _quant_train(plan) -> str | None:
+    """The quantized run's ``--quant-train`` (None without ``--quantize``)."""
+    stage = plan.parts.stage("quantize")
+    return None if stage is None or stage.off else settled(stage.options.quant_train, "recover")
+
+
 def _check_masks(state: RunState, before: dict[str, int]) -> None:
+    """Every pruned weight is still 0: a quantized linear's by its mask (a kept weight rounded to 0 may move off
+    it), the others by their count of zeros."""
     for t in state.layout.all_targets:
+        q = state.quantized.get(t.path)
+        if q is not None:
+            if q.keep is not None and bool((t.module.weight.detach().cpu()[~q.keep] != 0).any()):
+                raise RunError(f"recovery moved a pruned weight of {t.path} off 0")
+            continue
         zeros = int((t.module.weight == 0).sum())
         if zeros < before[t.path]:
             raise RunError(f"recovery changed the mask of {t.path} ({before[t.path]} zeros before, {zeros} after)")
@@ -105,6 +124,9 @@ class Recover(Phase):
     name = "recover"
 
     def check(self, plan) -> None:
+        if _quant_train(plan) and _stage(plan).options.recover_weights == "lora":
+            raise UserError("--recover-weights lora cannot keep a quantized model on its grid (merged adapters "
+                            "are dense updates); use --recover-weights all with --quantize")
         source = teacher_source(plan)
         if source != plan.opts.model:
             config = loading.load_config(source, plan.opts.load.trust_remote_code)
@@ -119,7 +141,7 @@ class Recover(Phase):
         plan, hooks = state.plan, state.hooks
         stage = _stage(plan)
         options = stage.options
-        train, held = state.prepared["recover"]
+        train, held, per_source = state.prepared["recover"]
         if state.placement is not None and state.placement.stream:
             raise UserError("recovery trains the whole student on the device, and it does not fit there "
                             f"({state.placement.reason}); use --recover-weights lora, or a device with more memory")
@@ -131,14 +153,31 @@ class Recover(Phase):
             state.model.to(plan.device)
             prepared = prepare(state.model, state.layout, options)
             tick = hooks.task("recovery steps", options.recover_steps)
+            mode = _quant_train(plan)
             try:
-                record, heldout = distill(prepared.student, teacher, train, held, options, plan.device,
-                                          plan.opts.calib.seed, on_step=lambda s: tick(s - 1))
+                if per_source is not None:  # each source's held-out KL, before and after (``recover.heldout``)
+                    kl_before = heldout.per_source(prepared.student.model, teacher, held, per_source,
+                                                   options.recover_temperature, plan.device)
+                with on_its_grid(prepared, state.layout, state.quantized, mode) if mode else nullcontext():
+                    record, measure = distill(prepared.student, teacher, train, held, options, plan.device,
+                                              plan.opts.calib.seed, on_step=lambda s: tick(s - 1))
                 state.loaded.model = finish(prepared, prepared.student.model, state.layout)
                 if prepared.peft is not None:
-                    record["kl_after_merged"] = heldout()
+                    record["kl_after_merged"] = measure()
+                if mode == "round":  # the fit's kl_after is of the float weights; this of the rounded ones
+                    record["kl_after_rounded"] = measure()
+                if per_source is not None:
+                    kl_after = heldout.per_source(state.model, teacher, held, per_source, options.recover_temperature,
+                                                  plan.device)
+                    record["sources"] = [{**r, "kl_before": kl_before[r["source"]], "kl_after": kl_after[r["source"]]}
+                                         for r in per_source]
             finally:
                 del teacher_model
+        if mode:  # the writer's codes (or scales) follow the trained weights, checked exact
+            record["on_grid"] = {"quant_train": mode, **resync_all(state.quantized, {
+                t.path: t.module for t in state.layout.all_targets if t.path in state.quantized})}
+        if "generated" in state.prepared:  # how the teacher-written text was made
+            record["generated"] = state.prepared["generated"]
         _check_masks(state, before)
         for lin in state.linears:  # the same masks; the records follow the weights as they are now
             weight = state.model.get_submodule(lin["name"]).weight

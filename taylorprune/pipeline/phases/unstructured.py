@@ -78,6 +78,8 @@ class Unstructured(Phase):
         for stage in plan.parts.active("linear"):
             if stage.kind.report is not None:
                 state.records[stage.kind.name] = stage.kind.report(stage, state.linears)
+                if result.planned.get(stage.kind.name):
+                    state.records[stage.kind.name]["plan"] = result.planned[stage.kind.name]
         return {"pattern": plan.pattern.describe() if plan.pattern else "no masks",
                 "achieved_sparsity": result.sparsity, "allocation": result.allocation, "blocks": block_report(result),
                 **recon_summary(result.blocks)}
@@ -100,14 +102,20 @@ def _prune(state: RunState, ctx: ModelContext, dense_stats, scores) -> PruneResu
     patterns, allocated = {}, {}
     for stage in plan.parts.active("model"):
         patterns, allocated = stage.kind.step(stage, layout, dense_stats, plan.pattern)
+    assigned, planned = {}, {}
+    for stage in plan.parts.active("linear"):  # a final stage's plan on the dense model (--bits-budget)
+        if stage.kind.plan is not None:
+            chosen, planned[stage.kind.name] = stage.kind.plan(stage, ctx, dense_stats, plan.parts.options_of)
+            assigned.update(chosen)
     try:
         result = prune_layers(runner, layout, plan.parts, plan.pattern, state.calib_ids, dense_stats,
                               on_block=state.hooks.task("pruning blocks", len(layout.blocks)), scores=scores,
-                              block_cache=block_cache.stats, patterns=patterns, seed=plan.opts.calib.seed)
+                              block_cache=block_cache.stats, patterns=patterns, seed=plan.opts.calib.seed,
+                              assigned=assigned)
     finally:
         runner.streamer.close()
     block_cache.save()
-    result.allocation = allocated
+    result.allocation, result.planned = allocated, planned
     return result
 
 
