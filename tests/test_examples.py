@@ -1,4 +1,5 @@
-"""The README's 'Adding a stage' and 'Adding an evaluator' snippets build, register and run as written."""
+"""The README's "Adding a stage", "Adding an evaluator" and "Adding an output format" snippets build, register and
+run as written."""
 
 from __future__ import annotations
 
@@ -73,3 +74,28 @@ def test_the_readme_example_evaluator_is_a_valid_evaluator(tmp_path):
     ctx.model = noisy
     assert run_evaluators(ctx, [(evaluator, options)], hooks)["agree"]["top1_agreement"] < 1.0
     assert evaluator.metrics(record) == {"top1_agreement": 1.0}
+
+
+def test_the_readme_example_format_writes_verifies_and_is_read(tmp_path, monkeypatch):
+    """The format of 'Adding an output format', registered as its one line would, on a run's result: it writes,
+    verifies by reading back, and `inspect`'s reader sees the run's sparsity through it."""
+    from taylorprune.export import formats
+    from taylorprune.pipeline.phases.write import output_of
+    from taylorprune.report.weights import scan
+
+    fmt = snippet("Adding an output format")["FORMAT"]
+    monkeypatch.setitem(formats.FORMATS, fmt.name, fmt)
+    opts = pipeline.RunOptions(model=str(DEMO), output=str(tmp_path / "o"), method="wanda", sparsity=0.5,
+                               calib_file=str(VALID), nsamples=4, seqlen=32)
+    state = pipeline.prune(pipeline.validate(opts))
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    output = output_of(state, fmt)
+    fmt.write(output, folder)
+    fmt.verify(folder, output)
+    assert formats.format_of(folder) is fmt and fmt.size(folder) > 4 * 250_000
+    rows = scan(folder)
+    assert len(rows) == 35 and all(abs(r.sparsity - 0.5) < 1e-6 for r in rows)
+    state.linears[0]["sparsity"] = 0.75  # a record the file does not match
+    with pytest.raises(Exception, match="verification failed"):
+        fmt.verify(folder, output)
