@@ -10,10 +10,11 @@ from taylorprune.calib.text import EVAL_DATASETS
 from taylorprune.cli import options as opt
 from taylorprune.cli.console import guarded, out, progress
 from taylorprune.errors import UserError
+from taylorprune.evaluate.llamacpp import RuntimeOptions
 from taylorprune.pipeline.run_options import PlacementOptions
 
 
-@opt.with_run_options("zeroshot", stages=False)
+@opt.with_run_options("zeroshot", RuntimeOptions, stages=False)
 def eval_cmd(
     model: opt.Model,
     dataset: str = typer.Option(None, help=f"Test split (default wikitext2 unless --text-file): "
@@ -33,7 +34,8 @@ def eval_cmd(
     run_values: dict | None = None,
 ) -> None:
     """Perplexity with the papers' protocol (text tokenized once, non-overlapping windows), and zero-shot accuracy
-    of lm-eval tasks with --tasks."""
+    of lm-eval tasks with --tasks; with --runtime llamacpp, a .gguf file's perplexity in llama.cpp (llama-perplexity's
+    protocol)."""
     from taylorprune import pipeline
     from taylorprune.evaluate import zeroshot
     from taylorprune.evaluate.perplexity import EVALUATOR, short_options
@@ -46,26 +48,39 @@ def eval_cmd(
             targets.check_file(json_out, "--json")
         chosen = [(EVALUATOR, short_options(dataset, text_file, seqlen, max_windows))] if perplexity else []
         tasks = zeroshot.ZeroShotOptions.build(run_values)
-        if tasks.tasks:
-            zeroshot.EVALUATOR.check(tasks, None)
-            chosen.append((zeroshot.EVALUATOR, tasks))
-        if not chosen:
-            raise UserError("nothing to evaluate: --no-perplexity needs --tasks")
-        placement = PlacementOptions.build({"device": device, "stream": stream, "max_gpu_memory": max_gpu_memory,
-                                            "stream_batch": stream_batch})
-        pipeline.check_placement(stream, max_gpu_memory, device_map)
-        dev = pipeline.resolve_device(device)
-        config = loading.load_config(model, trust_remote_code)
-        loading.resolve_seqlen(seqlen, config)
-        with progress() as bar:
-            hooks = session.hooks(bar)
-            hooks.current = "loading model"
-            loaded = loading.load(model, dtype, device_map, None, trust_remote_code, config=config)
-            records = pipeline.evaluate_model(loaded.model, loaded.tokenizer, model, chosen, dev, hooks,
-                                              placement.stream, placement.max_gpu_memory, placement.stream_batch)
-        for evaluator, _ in chosen:
-            for what, value in evaluator.rows(records[evaluator.name]):
-                out.print(f"{what}: {value}", highlight=False)
+        runtime = RuntimeOptions.build(run_values)
+        if runtime.runtime == "llamacpp":
+            from taylorprune.evaluate import llamacpp
+
+            llamacpp.refuse({"--tasks": tasks.tasks, "--no-perplexity": not perplexity, "--dtype": dtype != "auto",
+                             "--device": device not in ("auto", "cpu"), "--device-map": device_map, "--stream": stream,
+                             "--max-gpu-memory": max_gpu_memory})
+            with progress() as bar:
+                hooks = session.hooks(bar)
+                hooks.current = "evaluating perplexity in llama.cpp"
+                records = {"perplexity": llamacpp.perplexity(model, chosen[0][1], runtime, hooks.windows)}
+            rows = llamacpp.rows(records["perplexity"])
+        else:
+            if tasks.tasks:
+                zeroshot.EVALUATOR.check(tasks, None)
+                chosen.append((zeroshot.EVALUATOR, tasks))
+            if not chosen:
+                raise UserError("nothing to evaluate: --no-perplexity needs --tasks")
+            placement = PlacementOptions.build({"device": device, "stream": stream, "max_gpu_memory": max_gpu_memory,
+                                                "stream_batch": stream_batch})
+            pipeline.check_placement(stream, max_gpu_memory, device_map)
+            dev = pipeline.resolve_device(device)
+            config = loading.load_config(model, trust_remote_code)
+            loading.resolve_seqlen(seqlen, config)
+            with progress() as bar:
+                hooks = session.hooks(bar)
+                hooks.current = "loading model"
+                loaded = loading.load(model, dtype, device_map, None, trust_remote_code, config=config)
+                records = pipeline.evaluate_model(loaded.model, loaded.tokenizer, model, chosen, dev, hooks,
+                                                  placement.stream, placement.max_gpu_memory, placement.stream_batch)
+            rows = [row for evaluator, _ in chosen for row in evaluator.rows(records[evaluator.name])]
+        for what, value in rows:
+            out.print(f"{what}: {value}", highlight=False)
         if json_out:
             jsonio.dump({**records.get("perplexity", {}), "evaluation": records, "metrics": pipeline.metrics(records)},
                         json_out, "--json")

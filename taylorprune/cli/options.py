@@ -84,17 +84,21 @@ def _generated(fn: Callable[..., Any], receiver: str, generated: list[inspect.Pa
     return command
 
 
-def group_parameters(groups: Iterable[str], exclude: Iterable[str] = (), stages: bool = True,
+def group_parameters(groups: Iterable[str | type[Options]], exclude: Iterable[str] = (), stages: bool = True,
                      defaults: dict[str, Any] | None = None) -> list[inspect.Parameter]:
-    """One parameter per option of the named run groups (and evaluator groups), and per stage kind."""
+    """One parameter per option of the named run groups (and evaluator groups) or of an ``Options`` class a command
+    takes beside them (``RuntimeOptions``: panel named after the class), and per stage kind."""
     declared = option_groups()
     skip, defaults = set(exclude), defaults or {}
     params = []
     if "write" in groups:  # a command that writes takes every output format's own flags
         groups = (*groups, *(g for g in format_groups() if g not in groups))
     for group in groups:
-        cls: type[Options] = declared[group]
-        panel = PANELS.get(group, f"Output format: {group}" if group in format_groups() else f"Evaluation: {group}")
+        if isinstance(group, type):
+            cls, panel = group, group.__name__.removesuffix("Options")
+        else:
+            cls = declared[group]
+            panel = PANELS.get(group, f"Output format: {group}" if group in format_groups() else f"Evaluation: {group}")
         for spec in cls.specs():
             if spec.name in skip:
                 continue
@@ -107,7 +111,7 @@ def group_parameters(groups: Iterable[str], exclude: Iterable[str] = (), stages:
     return params
 
 
-def with_run_options(*groups: str, exclude: Iterable[str] = (), stages: bool = True,
+def with_run_options(*groups: str | type[Options], exclude: Iterable[str] = (), stages: bool = True,
                      defaults: dict[str, Any] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a command the flags of run option ``groups`` (and the stage kinds); ``fn`` receives ``run_values``."""
     if not groups:

@@ -10,8 +10,10 @@ from rich.table import Table
 from taylorprune.cli import options as opt
 from taylorprune.cli.console import guarded, out
 from taylorprune.errors import UserError
+from taylorprune.evaluate.llamacpp import RuntimeOptions
 
 
+@opt.with_run_options(RuntimeOptions, stages=False)
 def speed_cmd(
     model: opt.Model,
     baseline: str = typer.Option(..., help="The model to compare with (e.g. the dense source): folder, hub id, .gguf."),
@@ -23,9 +25,10 @@ def speed_cmd(
     device: opt.Device = "auto",
     json_out: Path = typer.Option(None, "--json", help="Write the measurements as JSON here."),
     trust_remote_code: opt.TrustRemoteCode = False,
+    run_values: dict | None = None,
 ) -> None:
     """Time prefill and decode of --model and --baseline in interleaved rounds (same process, device, threads);
-    print the median ratios and their spread."""
+    print the median ratios and their spread. --runtime llamacpp times two .gguf files in llama.cpp."""
     from taylorprune import pipeline
     from taylorprune.evaluate.speed import check_positions, compare
     from taylorprune.export import targets
@@ -38,14 +41,21 @@ def speed_cmd(
         for flag, value, least in (("--prefill", prefill, 1), ("--decode", decode, 1), ("--repeats", repeats, 1)):
             if value < least:
                 raise UserError(f"{flag} {value}: must be at least {least}")
-        dev = pipeline.resolve_device(device)
-        sides = ((baseline, "--baseline"), (model, "--model"))
-        configs = [_config(loading, m, flag, trust_remote_code) for m, flag in sides]
-        for name, config in zip((baseline, model), configs, strict=True):
-            check_positions(config, prefill, decode, name)
-        loaded = [loading.load(m, dtype, None, None, trust_remote_code, config=c).model
-                  for m, c in zip((baseline, model), configs, strict=True)]
-        result = compare(loaded[0], loaded[1], dev, prefill, decode, repeats)
+        runtime = RuntimeOptions.build(run_values)
+        if runtime.runtime == "llamacpp":
+            from taylorprune.evaluate import llamacpp, llamacpp_speed
+
+            llamacpp.refuse({"--dtype": dtype != "auto", "--device": device not in ("auto", "cpu")})
+            result = llamacpp_speed.compare(baseline, model, prefill, decode, repeats, runtime)
+        else:
+            dev = pipeline.resolve_device(device)
+            sides = ((baseline, "--baseline"), (model, "--model"))
+            configs = [_config(loading, m, flag, trust_remote_code) for m, flag in sides]
+            for name, config in zip((baseline, model), configs, strict=True):
+                check_positions(config, prefill, decode, name)
+            loaded = [loading.load(m, dtype, None, None, trust_remote_code, config=c).model
+                      for m, c in zip((baseline, model), configs, strict=True)]
+            result = compare(loaded[0], loaded[1], dev, prefill, decode, repeats)
         result["models"] = {"dense": baseline, "pruned": model}
         out.print(speed_table(result))
         if json_out:

@@ -1,16 +1,16 @@
 """``--format gguf``: the model as one llama.cpp GGUF file (``model.gguf`` in the output folder, beside the report).
 
 Written by our own writer and block packers (``export.gguf_writer``, ``export.gguf_blocks``): llama architecture,
-Q/K rows permuted to GGML's RoPE layout, compact widths and head counts as llama.cpp reads them (per-layer arrays
-when the layers differ), SentencePiece or HF-vocabulary tokenizer metadata. ``--gguf-type`` picks the type of the
-2-D tensors, or ``Q4_K_M``: llama.cpp's per-tensor mix of Q4_K and Q6_K (``export.gguf_mix``). When the run
-quantizes (``--quantize``) to a grid a GGUF block type holds exactly — 4-bit symmetric in groups of 32 with fp16
-scales is Q4_0, 8-bit symmetric is Q8_0 — those linears are packed from the run's own codes and scales (no second
-rounding), and ``auto`` (the default) writes every other 2-D tensor as F16; without a grid ``auto`` is F16, and a
-block type rounds as llama.cpp does. What the file cannot hold is refused before any
-work, in one line: another architecture, another grid, a type whose blocks hold no exact 0 (Q4_1's d·q + m) with
-pruned weights. Q4_K (d·s·q − dmin·m) holds no exact 0 either, but is llama.cpp's standard 4-bit mix: it is
-written, pruned weights come back as small values near 0, and the run's warnings say so.
+Q/K rows permuted to GGML's RoPE layout, compact widths and head counts as llama.cpp reads them (llama.cpp's
+``deci`` architecture when the layers differ), SentencePiece or byte-level BPE tokenizer metadata. ``--gguf-type``
+picks the type of the 2-D tensors, or ``Q4_K_M``: llama.cpp's per-tensor mix of Q4_K and Q6_K (``export.gguf_mix``).
+When the run quantizes (``--quantize``) to a grid a GGUF block type holds exactly — 4-bit symmetric in groups of 32
+with fp16 scales is Q4_0, 8-bit symmetric is Q8_0 — those linears are packed from the run's own codes and scales (no
+second rounding), and ``auto`` (the default) writes every other 2-D tensor as F16; without a grid ``auto`` is F16,
+and a block type rounds as llama.cpp does. What the file cannot hold is refused before any work, in one line:
+another architecture, another grid, a type whose blocks hold no exact 0 (Q4_1's d·q + m) with pruned weights. Q4_K
+(d·s·q − dmin·m) holds no exact 0 either, but is llama.cpp's standard 4-bit mix: it is written, pruned weights come
+back as small values near 0, and the run's warnings say so.
 
 Reading back (``verify``): every linear's shape and sparsity from our decoder of the written blocks, and every
 grid-packed linear's values bit for bit against the model in memory (in GGUF row order).

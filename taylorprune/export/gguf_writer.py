@@ -13,10 +13,15 @@ packers (:mod:`taylorprune.export.gguf_blocks`), including blocks packed from GP
   mix, :mod:`taylorprune.export.gguf_mix`: ``Q4_K_M``), except that a block type needs the row width (``ne[0]`` =
   the input dimension, HF's last dim) to be a multiple of its block (32; 256 for Q4_K/Q6_K), else llama.cpp's
   fallback (Q4_K -> Q5_0, Q6_K -> Q8_0; F16 when 32 does not divide it either) with a warning naming the tensor;
-* SentencePiece (``tokenizer.ggml.model = "llama"``) tokenizer metadata: tokens, scores, token types, special ids.
+* SentencePiece (``tokenizer.ggml.model = "llama"``) tokenizer metadata: tokens, scores, token types, special ids;
+  a byte-level BPE vocabulary (GPT-2 style, SmolLM2's) as ``gpt2`` with its merges and llama.cpp's pre-tokenizer name.
 
-Per-layer widths that differ (pruned FFNs/heads) are written as per-layer arrays, as llama.cpp reads them; note that
-transformers' GGUF loader only understands the scalar form.
+Per-layer widths that differ (pruned FFNs/heads) are written as per-layer arrays under llama.cpp's ``deci``
+architecture (the same tensors and graph, one width per layer): llama.cpp's ``llama`` reads a single FFN width and
+head count for every layer and refuses such a file (``check_tensor_dims: tensor 'blk.1.ffn_gate.weight' has wrong
+shape``). Transformers' GGUF loader reads neither ``deci`` nor per-layer arrays. The head size is written as
+``attention.key_length``/``value_length``: llama.cpp otherwise takes it as embedding / heads, which a model pruned to
+fewer heads no longer satisfies (``invalid n_rot``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from gguf import GGMLQuantizationType as QT
 
 from taylorprune.export import gguf_blocks as gb
 from taylorprune.export import gguf_mix as mix
+from taylorprune.export.gguf_tokenizer import add_tokenizer
 
 FILE_TYPES = {
     QT.F32: gguf.LlamaFileType.ALL_F32, QT.F16: gguf.LlamaFileType.MOSTLY_F16, QT.BF16: gguf.LlamaFileType.MOSTLY_BF16,
@@ -46,8 +52,6 @@ _LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn
           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
           "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-# SentencePiece piece kinds -> GGUF token types
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 def as_qtype(t) -> QT:
@@ -127,65 +131,6 @@ def _scalar_or_list(values: list[int]):
     return values[0] if len(set(values)) == 1 else values
 
 
-def tokenizer_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
-    """tokens, scores, token types: from the SentencePiece model file when the tokenizer has one (as the converter
-    does), else from the HF vocabulary (scores −id, types from the special/added tokens and ``<0xXX>`` pieces).
-    Padded to ``vocab_size`` with ``[PAD{i}]`` unused tokens, as the converter does."""
-    vocab_file = getattr(tokenizer, "vocab_file", None)
-    if vocab_file and Path(vocab_file).is_file() and str(vocab_file).endswith(".model"):
-        import sentencepiece
-
-        sp = sentencepiece.SentencePieceProcessor(model_file=str(vocab_file))
-        tokens, scores, types = [], [], []
-        for i in range(sp.vocab_size()):
-            tokens.append(sp.id_to_piece(i))
-            scores.append(float(sp.get_score(i)))
-            types.append(UNKNOWN if sp.is_unknown(i) else CONTROL if sp.is_control(i) else
-                         UNUSED if sp.is_unused(i) else BYTE if sp.is_byte(i) else NORMAL)
-        for piece, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):  # added tokens
-            if i >= len(tokens) and i < vocab_size:
-                tokens += [f"[PAD{j}]" for j in range(len(tokens), i)]
-                scores += [-1000.0] * (i - len(scores))
-                types += [UNUSED] * (i - len(types))
-                tokens.append(piece), scores.append(-1000.0), types.append(USER_DEFINED)
-    else:
-        by_id = {i: piece for piece, i in tokenizer.get_vocab().items()}
-        special = set(getattr(tokenizer, "all_special_ids", []))
-        added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-        tokens, scores, types = [], [], []
-        for i in range(max(by_id) + 1 if by_id else 0):
-            piece = by_id.get(i, f"[PAD{i}]")
-            tokens.append(piece)
-            scores.append(-float(i))
-            types.append(UNKNOWN if i == tokenizer.unk_token_id else CONTROL if i in special else
-                         USER_DEFINED if i in added else UNUSED if i not in by_id else
-                         BYTE if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece) else NORMAL)
-    n = len(tokens)
-    tokens += [f"[PAD{i}]" for i in range(n, vocab_size)]
-    scores += [-1000.0] * (vocab_size - n)
-    types += [UNUSED] * (vocab_size - n)
-    return tokens, scores, types
-
-
-def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
-    tokens, scores, types = tokenizer_vocab(tokenizer, vocab_size)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    for kind in ("bos", "eos", "unk", "pad"):
-        tid = getattr(tokenizer, f"{kind}_token_id", None)
-        if tid is not None:
-            {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id,
-             "unk": writer.add_unk_token_id, "pad": writer.add_pad_token_id}[kind](int(tid))
-    init = getattr(tokenizer, "init_kwargs", {}) or {}
-    if "add_bos_token" in init:
-        writer.add_add_bos_token(bool(init["add_bos_token"]))
-    if "add_eos_token" in init:
-        writer.add_add_eos_token(bool(init["add_eos_token"]))
-
-
 def write_llama_gguf(path, config, state_dict, tokenizer=None, *, qtype="F32", overrides: dict | None = None,
                      importance: dict | None = None, packed: dict | None = None, name: str | None = None) -> GGUFReport:
     """Write ``state_dict`` (HF LLaMA names, any torch/numpy floats) as a llama GGUF at ``path``.
@@ -215,7 +160,8 @@ def write_llama_gguf(path, config, state_dict, tokenizer=None, *, qtype="F32", o
     n_head_kv = [rows_of(f"model.layers.{i}.self_attn.k_proj.weight") // head_dim for i in range(n_layer)]
     n_ff = [rows_of(f"model.layers.{i}.mlp.gate_proj.weight") for i in range(n_layer)]
 
-    writer = gguf.GGUFWriter(str(path), "llama")
+    uneven = any(len(set(widths)) > 1 for widths in (n_ff, n_head, n_head_kv))
+    writer = gguf.GGUFWriter(str(path), "deci" if uneven else "llama")
     writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or "llama")).name)
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
@@ -224,13 +170,15 @@ def write_llama_gguf(path, config, state_dict, tokenizer=None, *, qtype="F32", o
     writer.add_head_count(_scalar_or_list(n_head))
     writer.add_head_count_kv(_scalar_or_list(n_head_kv))
     writer.add_rope_dimension_count(int(head_dim))
+    writer.add_key_length(int(head_dim))
+    writer.add_value_length(int(head_dim))
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(int(config.vocab_size))
     writer.add_file_type(int(preset.file_type if preset else FILE_TYPES[requested]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if tokenizer is not None:
-        _add_tokenizer(writer, tokenizer, int(config.vocab_size))
+        add_tokenizer(writer, tokenizer, int(config.vocab_size))
 
     report = GGUFReport(path, requested)
     names = list(sd) + [k for k in packed if k not in sd]
