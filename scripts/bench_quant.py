@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_quality import TEST, dense_folder, row_parser  # noqa: E402
 from bench_recover import second_domain  # noqa: E402
+from bench_recover_speed import cli  # noqa: E402
 
 DOCS = ROOT / "docs"
 JSON, MD, BENCH = DOCS / "bench_quant.json", DOCS / "bench_quant.md", DOCS / "BENCHMARKS.md"
@@ -105,20 +106,6 @@ json.dump({"oneshot_s": seconds, "llmcompressor": llmcompressor.__version__, "to
            "transformers": transformers.__version__, "compressed_tensors": compressed_tensors.__version__,
            "windows": list(ids.shape)}, open(timing, "w"))
 '''
-
-
-def cli(*args: str) -> None:
-    """A taylorprune command, run in this process (as the console script runs it)."""
-    import typer
-
-    from taylorprune.cli import app
-
-    print("+ taylorprune", " ".join(args), flush=True)
-    try:
-        typer.main.get_command(app).main(args=list(args), standalone_mode=False)
-    except SystemExit as exc:
-        if exc.code:
-            raise
 
 
 def calib_args(nsamples: int) -> list[str]:
