@@ -13,6 +13,7 @@ from rich.table import Table
 from taylorprune.cli import options as opt
 from taylorprune.cli.console import guarded, out, progress
 from taylorprune.evaluate.registry import EVALUATORS
+from taylorprune.pipeline.run_options import RunKind
 
 
 @opt.with_component_options
@@ -26,7 +27,8 @@ def run(
     from taylorprune import pipeline
 
     with guarded() as session:
-        opts = pipeline.RunOptions(**run_values, method_options=opt.component_values(component_options or {}, option))
+        opts = pipeline.RunOptions(**run_values, kind=RunKind.RUN,
+                                   method_options=opt.component_values(component_options or {}, option))
         with progress() as bar:
             report = pipeline.run(opts, session.hooks(bar))
         show_summary(report)

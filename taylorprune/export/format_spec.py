@@ -103,6 +103,7 @@ class Format:
     linears: Callable[[Path], Iterator[StoredLinear]]
     options: type[Options] = NoOptions  # the format's own flags (the CLI derives them)
     refuses: Callable[[Contents, Any], str | None] | None = None  # what its options cannot go with
+    width_unit: Callable[[Any], int] = lambda options: 1  # weights its blocks need along a row, for its options
 
     def refusal(self, contents: Contents, options: Any = None) -> str | None:
         """Why this format cannot hold ``contents`` with its ``options`` (None: it can)."""

@@ -168,10 +168,21 @@ def linears(folder: Path) -> Iterator[StoredLinear]:
                            lambda t=tensor: torch.from_numpy(_decoded(t)), grid)
 
 
+def width_unit(options: GgufOptions) -> int:
+    """Weights along a row that the blocks of ``--gguf-type`` need (32 legacy, 256 K-quants, 1 floats; ``auto``
+    writes floats besides a grid, whose group the quantize stage already declares): a structured run keeps its
+    widths multiples of this, so no tensor falls back to another type."""
+    wanted = options.gguf_type
+    if wanted == "auto":
+        return 1
+    qtype = mix.PRESETS[wanted].base if wanted in mix.PRESETS else QT[wanted]
+    return gguf.GGML_QUANT_SIZES[qtype][0]
+
+
 def size(folder: Path) -> int:
     return (Path(folder) / FILE).stat().st_size
 
 
 GGUF = Format("gguf", "one llama.cpp GGUF file, model.gguf (--gguf-type; Q4_0/Q8_0 exactly from a --quantize grid)",
               Holds(codes=True, grid=refuse_grid), write, verify, size, lambda folder: (Path(folder) / FILE).is_file(),
-              linears, options=GgufOptions, refuses=refuses)
+              linears, options=GgufOptions, refuses=refuses, width_unit=width_unit)

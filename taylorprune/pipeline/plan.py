@@ -1,9 +1,10 @@
 """``RunOptions`` (what the user asked for) checked and resolved into a ``Plan`` (what will run).
 
-``validate`` resolves the components and the pattern, picks the phases the run needs, and runs every check
-that needs no weights (each phase's own checks among them): components and their options, pattern, device,
-dtype, calibration and evaluation inputs, output folder, free disk, and the model's config (sequence lengths,
-the widths a structured run leaves). The phases then work from the plan alone, so nothing is parsed twice.
+``validate`` resolves the components and the pattern, settles the run's facts (its declared kind and what it asks
+for, ``RunFacts``), keeps the phases of the one ordered registry ``PHASES`` that declare they are wanted, and runs
+every check that needs no weights (each phase's own checks among them): components and their options, pattern,
+device, dtype, calibration and evaluation inputs, output folder, free disk, and the model's config (sequence
+lengths, the widths a structured run leaves). The phases then work from the plan alone, so nothing is parsed twice.
 """
 
 from __future__ import annotations
@@ -21,15 +22,25 @@ from taylorprune.pipeline.phases.recover import Recover
 from taylorprune.pipeline.phases.structured import Structured, head_mode
 from taylorprune.pipeline.phases.unstructured import Unstructured
 from taylorprune.pipeline.phases.write import Write
-from taylorprune.pipeline.run_options import RunOptions
+from taylorprune.pipeline.run_options import RunKind, RunOptions
 from taylorprune.pipeline.stages import KINDS, STAGE_KINDS
 from taylorprune.pipeline.stages import UNSTRUCTURED as MASKING
-from taylorprune.pipeline.state import Phase, Plan, StructuredPlan
+from taylorprune.pipeline.state import Phase, Plan, RunFacts, StructuredPlan
 from taylorprune.prune.masks import parse_pattern
 from taylorprune.prune.structures import Shape, check_config, removal_counts
 
-LOAD, CALIBRATION, STRUCTURED, UNSTRUCTURED, RECOVER, EVALUATION, WRITE = (
-    Load(), Calibration(), Structured(), Unstructured(), Recover(), Evaluation(), Write())
+# Every phase, in run order: a run has those that declare they are wanted (``Phase.wanted``). A new phase is
+# one line here.
+PHASES: tuple[Phase, ...] = (
+    Load(),
+    Calibration(),
+    Structured(),
+    Unstructured(),
+    Recover(),
+    Evaluation(),
+    Write(),
+)
+WRITE = next(p for p in PHASES if isinstance(p, Write))  # what ``pipeline.write`` runs on a pruned state
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,7 +55,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-AMOUNT = ("structure_ratio", "target_params")
+AMOUNT = ("structure_ratio", "target_params", "width_multiple")
 
 
 def _no_structures(opts: RunOptions) -> None:
@@ -89,10 +100,9 @@ def _structured_plan(kinds: tuple[str, ...], parts: Components, config) -> Struc
     return StructuredPlan(kinds, ratio, target, counts)
 
 
-def phases_of(structured: bool, unstructured: bool, recover: bool, evaluators) -> tuple[Phase, ...]:
-    """The phases of a run, in order: each only when the run asks for it."""
-    asked = ((STRUCTURED, structured), (UNSTRUCTURED, unstructured), (RECOVER, recover), (EVALUATION, evaluators))
-    return (LOAD, CALIBRATION, *(phase for phase, wanted in asked if wanted), WRITE)
+def derive_phases(facts: RunFacts) -> tuple[Phase, ...]:
+    """The phases of a run with ``facts``, in registry order: those that declare they are wanted."""
+    return tuple(phase for phase in PHASES if phase.wanted(facts))
 
 
 def _recovers(opts: RunOptions) -> bool:
@@ -105,20 +115,29 @@ def _maskless(opts: RunOptions) -> bool:
                for k in STAGE_KINDS)
 
 
+def _check_kind(opts: RunOptions, prunes: bool) -> None:
+    """What the declared kind of run does not do: an export writes the model as it is, a recovery trains it as it
+    is (both from their commands, which offer no pruning flags: this guards the Python API)."""
+    if opts.kind == RunKind.EXPORT and (prunes or _recovers(opts)):
+        raise UserError("export writes the model as it is; prune, quantize or recover with `taylorprune run`")
+    if opts.kind == RunKind.RECOVER and (prunes or not _recovers(opts)):
+        raise UserError("recover trains the model as it is (--recover distill); prune or quantize with "
+                        "`taylorprune run`")
+
+
 def validate(opts: RunOptions, convert: bool = False) -> Plan:
     """Everything that can be checked before loading weights; returns the plan the phases follow. ``convert``:
-    the model is written as it is (``taylorprune export``): load, evaluate if asked, write."""
+    the former spelling of ``kind=export`` (the model written as it is: load, evaluate if asked, write)."""
+    if convert and opts.kind != RunKind.EXPORT:
+        opts = opts.replace(kind=RunKind.EXPORT)
     kinds = KINDS["structure"].parse(opts.stages.get("structure"))
     t = opts.target
     if not kinds:
         _no_structures(opts)
     masks = t.sparsity is not None or t.pattern is not None
     maskless = not masks and _maskless(opts)
-    if convert and (kinds or masks or maskless or _recovers(opts)):
-        raise UserError("export writes the model as it is; prune, quantize or recover with `taylorprune run`")
-    recover_only = not kinds and not masks and not maskless and _recovers(opts) and "recover_teacher" in \
-        opts.method_options
-    unstructured = (not kinds or masks or maskless) and not recover_only and not convert
+    _check_kind(opts, bool(kinds) or masks or maskless)
+    unstructured = (not kinds or masks or maskless) and opts.kind == RunKind.RUN
     parts = resolve(t.method, opts.stages, opts.method_options, unstructured=unstructured, masks=not maskless)
     if kinds:
         _check_structured(opts, kinds, parts)
@@ -132,8 +151,9 @@ def validate(opts: RunOptions, convert: bool = False) -> Plan:
     config = loading.load_config(opts.model, opts.load.trust_remote_code)
     seqlen = loading.resolve_seqlen(opts.calib.seqlen, config)
     structured = _structured_plan(kinds, parts, config) if kinds else None
-    phases = (LOAD, *((EVALUATION,) if evaluators else ()), WRITE) if convert else \
-        phases_of(bool(kinds), unstructured, _recovers(opts), evaluators)
+    facts = RunFacts(opts.kind, structured=bool(kinds), unstructured=unstructured, recovers=_recovers(opts),
+                     evaluators=bool(evaluators))
+    phases = derive_phases(facts)
     plan = Plan(opts, parts, pattern, device, dtype, config, seqlen, structured, evaluators, phases)
     for phase in plan.phases:
         phase.check(plan)

@@ -10,11 +10,15 @@
 ``RunOptions`` takes them all as one flat mapping (``RunOptions(model=..., sparsity=0.5, alpha=0.5)``), as the
 CLI does, and routes each name to its group; the CLI flags of ``run`` and ``sweep`` are generated from the same
 declarations, and each group validates its own values (bounds, choices, files that must exist).
+
+Beside the options, ``kind`` (``RunKind``) says which command the run is: set by the command that builds the
+options, never guessed from which options are present, so the plan derives its phases from a declared fact.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -129,14 +133,30 @@ def option_groups() -> dict[str, type[Options]]:
     return {**GROUPS_OF_RUN, **evaluator_groups(), **format_groups()}
 
 
+class RunKind(StrEnum):
+    """Which command a run is, declared by that command: ``run`` prunes (and may quantize and recover), ``recover``
+    trains a model pruned earlier toward its teacher, ``export`` writes a model as it is. The plan's phases and
+    refusals follow from it (``pipeline.plan``) instead of from which option keys happen to be present."""
+
+    RUN = "run"
+    RECOVER = "recover"
+    EXPORT = "export"
+
+
 class RunOptions:
-    """Every option of ``taylorprune run`` (recorded verbatim in the report), from one flat mapping.
+    """Every option of a run (recorded verbatim in the report), from one flat mapping, and the run's ``kind``.
 
     Names of a group go to that group (validated there), stage kinds to ``stages``, ``method_options`` and any
-    other name to the component values (checked against the run's components when it is planned).
+    other name to the component values (checked against the run's components when it is planned). ``kind`` is
+    keyword-only and not an option: the command that builds the options says what the run is.
     """
 
-    def __init__(self, method_options: dict[str, Any] | None = None, **values: Any) -> None:
+    def __init__(self, method_options: dict[str, Any] | None = None, *, kind: RunKind | str = RunKind.RUN,
+                 **values: Any) -> None:
+        try:
+            self.kind = RunKind(kind)
+        except ValueError:
+            raise ValueError(f"run kind {kind!r}: one of {', '.join(k.value for k in RunKind)}") from None
         self.stages: dict[str, str | None] = {k: values.pop(k) for k in list(values) if k in KINDS}
         self.groups: dict[str, Options] = {}
         claimed: set[str] = set()
@@ -167,11 +187,12 @@ class RunOptions:
         return [(e, self.groups[e.name]) for e in EVALUATORS.values() if e.enabled(self.groups[e.name])]
 
     def flat(self) -> dict[str, Any]:
-        """Every option by name, as given or defaulted (the report's ``options``; ``RunOptions(**flat)`` again)."""
+        """Every option by name, as given or defaulted, and the kind (the report's ``options``; ``RunOptions(**flat)``
+        again, the same kind of run)."""
         out: dict[str, Any] = {}
         for group in self.groups.values():
             out.update(group.as_dict())
-        return {**out, **self.stages, "method_options": dict(self.method_options)}
+        return {**out, **self.stages, "method_options": dict(self.method_options), "kind": self.kind.value}
 
     def replace(self, **changes: Any) -> RunOptions:
         return RunOptions(**{**self.flat(), **changes})

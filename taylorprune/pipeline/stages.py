@@ -68,7 +68,9 @@ class StageKind:
     excludes: tuple[str, ...] = ()  # kinds that cannot run with this one (said with ``note``)
     stores: Callable[[Stage], Any] | None = None  # what the output must hold for this stage (a grid), or None
     check: Callable[[Stage, Any], None] | None = None  # checks against the run's pattern (None: no masks), unloaded
-    prepare: Callable[[Stage, Any], None] | None = None  # checks on the loaded model's targets, before heavy work
+    # checks on the loaded model's targets, before heavy work (skipping the named linears, whose input widths a
+    # structured phase changes first; they are checked again on the compact model)
+    prepare: Callable[[Stage, Any, frozenset[str]], None] | None = None
     report: Callable[[Stage, list[dict]], dict] | None = None  # the run's record of this stage, over the linears
     # linear kinds: a plan on the dense model before the engine (model context, dense model-scope statistics, the
     # options of a statistic source) -> ({target path: what the step gets as work.assigned}, the run's record)
@@ -189,7 +191,7 @@ QUANTIZE = StageKind("quantize", "Weight quantization of every target linear, la
                      "codes written follow the trained weights.",
                      stores=lambda stage: stage.choice.grid_kind(stage.options),
                      check=_quantize_check, plan=_quantize_plan,
-                     prepare=lambda stage, layout: check_targets(stage.options, layout),
+                     prepare=lambda stage, layout, resized: check_targets(stage.options, layout, resized),
                      report=lambda stage, linears: {"method": stage.name, **stage.options.as_dict(),
                                                     **summarize(linears, "quantize")})
 RECON = StageKind("recon", "Block stage after a block is pruned (its masks, or its structures when no masks follow)",

@@ -1,9 +1,10 @@
 """One run's plan and state, and what a phase of the run is.
 
 A run is an ordered list of phases over one ``RunState`` (``Plan.phases``: load → calibration → structured →
-unstructured → evaluation → write, each only when the run asks for it). A phase declares its checks (run by
-``validate`` before any weight is loaded), whether it needs calibration windows, and what it does; the record
-its ``run`` returns goes into the report under the phase's name.
+unstructured → recover → evaluation → write). A phase declares whether a run wants it (``wanted``, a predicate
+over the run's ``RunFacts``: the plan filters its one ordered registry with it, so no list of phases is built by
+hand), its checks (run by ``validate`` before any weight is loaded), whether it needs calibration windows, and
+what it does; the record its ``run`` returns goes into the report under the phase's name.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from taylorprune.options import Options
 from taylorprune.pipeline.components import Components
 from taylorprune.pipeline.evaluation import metrics
 from taylorprune.pipeline.hooks import Hooks
-from taylorprune.pipeline.run_options import RunOptions
+from taylorprune.pipeline.run_options import RunKind, RunOptions
 from taylorprune.prune.masks import Pattern
 
 
@@ -43,6 +44,18 @@ class StructuredPlan:
     def describe(self) -> str:
         how = f"ratio {self.ratio:g}" if self.ratio is not None else f"{self.target_params:g} of the parameters"
         return f"structured {'+'.join(self.kinds)}, {how}"
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What decides which phases a run has, settled by ``validate`` from the options: the declared kind of run
+    and what it asks for. Phases decide from these alone (``Phase.wanted``), never from raw option keys."""
+
+    kind: RunKind
+    structured: bool  # --structure: structures are removed
+    unstructured: bool  # masks, or a stage that works without them (--quantize alone)
+    recovers: bool  # --recover distill
+    evaluators: bool  # at least one evaluator is on
 
 
 @dataclass(frozen=True)
@@ -90,10 +103,14 @@ class Plan:
 
 
 class Phase:
-    """A step of the run: ``name`` (its report key), ``label`` (what progress says), the three hooks below."""
+    """A step of the run: ``name`` (its report key), ``label`` (what progress says), the hooks below."""
 
     name = ""
     label = ""
+
+    def wanted(self, facts: RunFacts) -> bool:
+        """Whether a run with ``facts`` has this phase; every phase declares it (the plan's only selection)."""
+        raise NotImplementedError(f"{type(self).__name__} must declare wanted(facts)")
 
     def check(self, plan: Plan) -> None:
         """Everything that can be refused before any weight is loaded."""

@@ -34,6 +34,7 @@ from taylorprune.quantize.gptq import GptqOptions, gptq
 from taylorprune.quantize.grid import GROUP_SIZES, SCALE_DTYPES, ZERO_POINTS, Grid, GridSpec
 from taylorprune.quantize.result import QuantizedWeight
 from taylorprune.quantize.rtn import rtn
+from taylorprune.quantize.search import search_grid
 from taylorprune.quantize.sensitivity import GRAD_NEEDS, Assignment, menu_of, plan_bits
 
 # ``--quant-train`` (declared here with the grid's options; the modes live in ``quantize.train``)
@@ -45,6 +46,15 @@ QUANT_TRAIN_HELP = ("How --recover distill and --recon block train a quantized m
                     "round for block fits (stories260K, SparseGPT 50% + GPTQ W3 per channel, PPL 221.97 without "
                     "training; recovery ste 105.11, scales 129.48, round 209.54; block fits round 142.30, scales "
                     "160.46, ste 168.56; quantize/train.py).")
+
+
+# ``--observer``: how each group's scale (and zero point) is chosen before rounding (``quantize.search``)
+OBSERVERS = ("minmax", "mse", "imatrix")
+OBSERVER_HELP = ("How each group's grid is chosen: minmax (the group's range; GPTQ's and llm-compressor's default), "
+                 "mse (the scale among 19 shrink/stretch candidates and their least-squares refits with the lowest "
+                 "squared rounding error, llama.cpp's search), imatrix (the same search weighted per input by the "
+                 "calibration's diag(XX^T): llama.cpp's importance matrix; GPTQ reads it from its H). With gptq the "
+                 "grids are fixed before the loop (static groups).")
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,7 @@ class GridOptions(BitsOptions, ProbeOptions):
     scale_dtype: str = option("float16", "Precision scales are stored and rounded to inside the loop.",
                               choices=tuple(SCALE_DTYPES))
     quant_train: str = option("auto", QUANT_TRAIN_HELP, choices=QUANT_TRAIN_MODES)
+    observer: str = option("minmax", OBSERVER_HELP, choices=OBSERVERS)
 
     def check(self) -> None:
         self.spec()  # GridSpec refuses a group size it does not know, and a float minimum on a symmetric grid
@@ -143,8 +154,11 @@ class Quantizer:
     options: type[Options] = NoOptions
 
     def needs(self, options: Options) -> frozenset[str]:
-        """The engine's statistics, and with ``--bits-budget`` the dense gradient pass the allocation uses."""
-        return self.statistics | (GRAD_NEEDS if getattr(options, "bits_budget", None) is not None else frozenset())
+        """The engine's statistics, the inputs' Σx² for ``--observer imatrix`` when it has no H, and with
+        ``--bits-budget`` the dense gradient pass the allocation uses."""
+        weighted = getattr(options, "observer", "minmax") == "imatrix" and "hessian" not in self.statistics
+        return (self.statistics | (frozenset({"act_norm_sq"}) if weighted else frozenset())
+                | (GRAD_NEEDS if getattr(options, "bits_budget", None) is not None else frozenset()))
 
     def grid_kind(self, options: Options) -> GridKind | None:
         """What the output has to hold for this choice, known before any weight is loaded."""
@@ -179,12 +193,27 @@ class Quantizer:
         return lambda weight, stats, spec, name: self.quantize(weight, None, stats, options, name, spec).values
 
 
+def _importance(weight: torch.Tensor, stats: Mapping[str, torch.Tensor], observer: str) -> torch.Tensor | None:
+    """Per-input weights of the grid search: none (minmax), ones (mse), or the inputs' Σx² (imatrix: diag H)."""
+    if observer == "minmax":
+        return None
+    if observer == "mse":
+        return torch.ones(weight.shape[1], dtype=torch.float32, device=weight.device)
+    h = stats.get("hessian")
+    return torch.diagonal(h).float() if h is not None else stats["act_norm_sq"].float()
+
+
 def _rtn(weight, keep, stats, options: GridOptions, name, spec: GridSpec):
-    return rtn(weight, spec, keep=keep, name=name)
+    return rtn(weight, spec, importance=_importance(weight, stats, options.observer), keep=keep, name=name)
 
 
 def _gptq(weight, keep, stats, options: GptqStageOptions, name, spec: GridSpec):
-    return gptq(weight, stats["hessian"], spec, options, keep=keep, name=name)
+    importance, grid = _importance(weight, stats, options.observer), None
+    if importance is not None:  # the searched grid of the weights GPTQ starts from (masked and dead inputs at 0)
+        start = weight if keep is None else torch.where(keep.to(weight.device, torch.bool), weight, 0)
+        start = torch.where(torch.diagonal(stats["hessian"]).to(weight.device) == 0, 0, start)
+        grid = search_grid(start, spec, importance.to(weight.device), name=name)
+    return gptq(weight, stats["hessian"], spec, options, keep=keep, grid=grid, name=name)
 
 
 def check_widths(options: Options, targets) -> None:
@@ -204,10 +233,10 @@ def check_widths(options: Options, targets) -> None:
                             f"{', '.join([*fits, ''])}-1 (one group per output channel), which fit every target")
 
 
-def check_targets(options: Options, layout) -> None:
-    """On the loaded model, before heavy work: group sizes against widths, and a budget against the menu's bits
-    on the targets' shapes (one line each)."""
-    check_widths(options, layout.all_targets)
+def check_targets(options: Options, layout, resized: frozenset[str] = frozenset()) -> None:
+    """On the loaded model, before heavy work: group sizes against widths (but of ``resized``, the linears whose
+    input a structured phase shrinks first), and a budget against the menu's bits on the targets' shapes."""
+    check_widths(options, [t for t in layout.all_targets if t.path not in resized])
     if getattr(options, "bits_budget", None) is not None:
         check_budget(menu_of(layout, options), options.bits_budget)
 

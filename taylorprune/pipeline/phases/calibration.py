@@ -15,7 +15,8 @@ from taylorprune import distributed
 from taylorprune.calib import sampling, text
 from taylorprune.modeling.loading import window_start
 from taylorprune.pipeline import sources
-from taylorprune.pipeline.state import Phase, RunState
+from taylorprune.pipeline.run_options import RunKind
+from taylorprune.pipeline.state import Phase, RunFacts, RunState
 
 
 def calibration_corpus(calib) -> text.Corpus:
@@ -33,6 +34,10 @@ def load_calibration(calib, tokenizer, seqlen: int, bos: int | None = None):
 class Calibration(Phase):
     name = "calibration"
     label = "tokenizing calibration and evaluation text"
+
+    def wanted(self, facts: RunFacts) -> bool:
+        """Every run that changes the weights (an export writes them as they are, and reads no calibration text)."""
+        return facts.kind != RunKind.EXPORT
 
     def check(self, plan) -> None:
         sources.check(plan)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from taylorprune.modeling import loading
 from taylorprune.pipeline.evaluation import context, prepare, run_evaluators
-from taylorprune.pipeline.state import Phase, RunState
+from taylorprune.pipeline.state import Phase, RunFacts, RunState
 
 
 def dense_loader(state: RunState):
@@ -24,6 +24,10 @@ def dense_loader(state: RunState):
 
 class Evaluation(Phase):
     name = "evaluation"
+
+    def wanted(self, facts: RunFacts) -> bool:
+        """At least one evaluator is on."""
+        return facts.evaluators
 
     def check(self, plan) -> None:
         for evaluator, options in plan.evaluators:

@@ -14,7 +14,7 @@ from taylorprune.modeling import loading
 from taylorprune.modeling.layout import find_layout
 from taylorprune.modeling.placement import Placement, choose_placement, engine_bytes
 from taylorprune.pipeline.evaluation import working_bytes
-from taylorprune.pipeline.state import Phase, RunState
+from taylorprune.pipeline.state import Phase, RunFacts, RunState
 
 
 def check_placement(stream: bool, max_gpu_memory: float | None, device_map: str | None) -> None:
@@ -28,6 +28,10 @@ def check_placement(stream: bool, max_gpu_memory: float | None, device_map: str 
 class Load(Phase):
     name = "source"
     label = "loading model"
+
+    def wanted(self, facts: RunFacts) -> bool:
+        """Every run starts from a loaded model."""
+        return True
 
     def check(self, plan) -> None:
         opts = plan.opts

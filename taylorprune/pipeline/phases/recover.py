@@ -24,7 +24,7 @@ from taylorprune.modeling.layout import find_layout
 from taylorprune.modeling.placement import GIB, USABLE, device_budget, model_bytes, training_bytes
 from taylorprune.modeling.sweep import forward
 from taylorprune.pipeline import sources
-from taylorprune.pipeline.state import Phase, RunState
+from taylorprune.pipeline.state import Phase, RunFacts, RunState
 from taylorprune.quantize.train import resync_all, settled
 from taylorprune.recover import heldout, windows
 from taylorprune.recover.distill import distill
@@ -122,6 +122,10 @@ def _check_masks(state: RunState, before: dict[str, int]) -> None:
 
 class Recover(Phase):
     name = "recover"
+
+    def wanted(self, facts: RunFacts) -> bool:
+        """``--recover distill`` (after a run's pruning, or alone in ``taylorprune recover``)."""
+        return facts.recovers
 
     def check(self, plan) -> None:
         if _quant_train(plan) and _stage(plan).options.recover_weights == "lora":

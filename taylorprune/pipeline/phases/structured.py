@@ -23,14 +23,18 @@ from taylorprune.modeling.layout import find_layout
 from taylorprune.modeling.sweep import forward
 from taylorprune.pipeline.components import Components
 from taylorprune.pipeline.phases.unstructured import model_context
+from taylorprune.pipeline.phases.write import width_unit
 from taylorprune.pipeline.stages import STRUCTURED
-from taylorprune.pipeline.state import Phase, RunState, linear_records
+from taylorprune.pipeline.state import Phase, RunFacts, RunState, linear_records
 from taylorprune.prune.recon import Trail, recon_summary
 from taylorprune.prune.structures import (
     CONSUMER_STATS,
     WIDTH_KINDS,
     Groups,
+    Shape,
+    aligned_counts,
     all_groups,
+    check_config,
     choose,
     count_parameters,
     counts_for_target,
@@ -48,6 +52,24 @@ from taylorprune.stats.source import Scope
 def head_mode(parts: Components) -> str:
     heads = parts.structure_options("heads")
     return heads.head_mode if heads is not None else "kv-groups"
+
+
+def width_multiple(plan) -> int:
+    """``--width-multiple``, or what the output needs (the grid's group, the format's blocks)."""
+    given = plan.parts.structures[0][1].width_multiple
+    return given if given is not None else width_unit(plan)
+
+
+def ratio_counts(plan) -> dict[str, int] | None:
+    """A ``--structure-ratio`` run's counts with widths aligned (None: counts come from ``--target-params``)."""
+    sp = plan.structured
+    if not sp.counts:
+        return None
+    shape, mode = Shape.of(plan.config), head_mode(plan.parts)
+    counts = aligned_counts(sp.counts, shape, mode, width_multiple(plan))
+    if counts != sp.counts:
+        check_config(plan.config, counts, shape, mode, f"--structure-ratio {sp.ratio:g} with --width-multiple")
+    return counts
 
 
 def _statistics(runner: BlockRunner, i: int, hidden, groups: Groups, needs: frozenset[str]) -> dict:
@@ -143,7 +165,12 @@ def _widths(state: RunState, counts: dict[str, int]) -> list[dict]:
 class Structured(Phase):
     name = "structured"
 
+    def wanted(self, facts: RunFacts) -> bool:
+        """``--structure``: blocks, heads or neurons are removed."""
+        return facts.structured
+
     def check(self, plan) -> None:
+        ratio_counts(plan)  # aligned widths the config refuses: one line before loading
         if plan.pattern is None and plan.parts.active("block", STRUCTURED) and plan.structured.kinds == ("blocks",):
             stage = plan.parts.active("block", STRUCTURED)[0]
             raise UserError(f"{stage.kind.flag} {stage.name} re-fits blocks whose heads or neurons were removed (or "
@@ -158,10 +185,11 @@ class Structured(Phase):
         sp, model = plan.structured, state.model
         before = {"parameters": count_parameters(model), "decoder": count_parameters(state.layout.blocks),
                   "bytes": loading.input_bytes(plan.opts.model) or save.estimate_bytes(model)}
-        counts = sp.counts or counts_for_target(sp.kinds[0], sp.target_params, model, state.layout,
-                                                head_mode(plan.parts))
+        counts = ratio_counts(plan) or counts_for_target(sp.kinds[0], sp.target_params, model, state.layout,
+                                                         head_mode(plan.parts), width_multiple(plan))
         record: dict = {"kinds": list(sp.kinds), "ratio": sp.ratio, "target_params": sp.target_params,
-                        "counts": counts, "group_score": plan.parts.group.summary if plan.parts.group else None,
+                        "counts": counts, "width_multiple": width_multiple(plan),
+                        "group_score": plan.parts.group.summary if plan.parts.group else None,
                         "ranking": "within each block (uniform widths)"}
         if "blocks" in counts:
             with hooks.timed(state.phases_s, "blocks", "ranking and removing decoder blocks"):

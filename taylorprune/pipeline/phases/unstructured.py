@@ -18,8 +18,9 @@ from taylorprune import distributed
 from taylorprune.export import save
 from taylorprune.modeling.blocks import BlockRunner
 from taylorprune.pipeline.engine import PruneResult, prune_layers
-from taylorprune.pipeline.state import Phase, RunState, linear_records
+from taylorprune.pipeline.state import Phase, RunFacts, RunState, linear_records
 from taylorprune.prune.recon import recon_summary
+from taylorprune.prune.structures import WIDTH_KINDS, all_groups
 from taylorprune.stats.collect import BlockCache, model_statistics
 from taylorprune.stats.registry import of_scope
 from taylorprune.stats.source import ModelContext, Scope
@@ -40,8 +41,22 @@ def pruning_label(state: RunState) -> str:
     return f"pruning with {parts.method.name}{stages} ({pattern.describe()})"
 
 
+def _resized(state: RunState) -> frozenset[str]:
+    """The linears whose input width a structured phase changes before this one (the consumers of removed heads and
+    neurons: o_proj, down_proj), which widths checks skip until the compact model exists."""
+    sp = state.plan.structured
+    if sp is None:
+        return frozenset()
+    return frozenset(g.consumer.path for kind in sp.kinds if kind in WIDTH_KINDS
+                     for g in all_groups(state.layout, kind, "kv-groups"))
+
+
 class Unstructured(Phase):
     name = "unstructured"
+
+    def wanted(self, facts: RunFacts) -> bool:
+        """Masks, or a stage that needs none (``--quantize`` alone)."""
+        return facts.unstructured
 
     def check(self, plan) -> None:
         for stage in plan.parts.active("model"):
@@ -50,16 +65,19 @@ class Unstructured(Phase):
             if stage.kind.check is not None:
                 stage.kind.check(stage, plan.pattern)
 
-    def prepare(self, state: RunState) -> None:
+    def prepare(self, state: RunState, after_structures: bool = False) -> None:
+        resized = _resized(state) if not after_structures else frozenset()
         for stage in state.plan.parts.active("linear"):
             if stage.kind.prepare is not None:
-                stage.kind.prepare(stage, state.layout)
+                stage.kind.prepare(stage, state.layout, resized)
 
     def calibrated(self, plan) -> bool:
         return bool(plan.parts.unstructured_needs) or plan.whole_model is not None
 
     def run(self, state: RunState) -> dict:
         plan, hooks, opts = state.plan, state.hooks, state.opts
+        if plan.structured is not None:  # the linears the structures resized, now on the compact model
+            self.prepare(state, after_structures=True)
         ctx = model_context(state)
         dense_stats = {}
         needs = plan.parts.unstructured_needs

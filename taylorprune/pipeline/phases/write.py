@@ -11,6 +11,7 @@ format and file bytes).
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from taylorprune.export.formats import get_format
 from taylorprune.export.plots import plot_layer_sparsity
 from taylorprune.modeling import loading
 from taylorprune.pipeline.evaluation import metrics
-from taylorprune.pipeline.state import Phase, RunState, process_seconds, versions
+from taylorprune.pipeline.state import Phase, RunFacts, RunState, process_seconds, versions
 from taylorprune.stats.collect import cache_path
 
 
@@ -49,6 +50,15 @@ def contents(plan) -> Contents:
     stored = [s.kind.stores(s) for s in plan.parts.stages if not s.off and s.kind.stores is not None]
     return Contents(next((g for g in stored if g is not None), None), plan.pattern is not None,
                     plan.structured is not None, getattr(plan.config, "model_type", None))
+
+
+def width_unit(plan) -> int:
+    """Weights along a row every linear's input width must be a multiple of for the output to hold it as asked:
+    the stored grid's group and the format's blocks (structured runs keep their widths multiples of it)."""
+    fmt = get_format(plan.opts.write.format)
+    grid = contents(plan).grid
+    units = [fmt.width_unit(plan.opts.groups.get(fmt.name) or fmt.options())]
+    return math.lcm(*units, *([grid.group_size] if grid is not None and grid.group_size > 0 else []))
 
 
 def output_of(state: RunState, fmt) -> Output:
@@ -90,6 +100,10 @@ def build_report(state: RunState) -> dict:
 
 class Write(Phase):
     name = "write"
+
+    def wanted(self, facts: RunFacts) -> bool:
+        """Every run ends with its folder (``pipeline.prune`` leaves this phase out to keep the model in memory)."""
+        return True
 
     def check(self, plan) -> None:
         opts = plan.opts

@@ -17,6 +17,7 @@ from taylorprune.prune.structures.groups import (
 )
 from taylorprune.prune.structures.shape import (
     Shape,
+    aligned_counts,
     check_config,
     counts_for_target,
     removal_counts,
@@ -40,6 +41,6 @@ from taylorprune.prune.structures.surgery import (
 )
 
 __all__ = ["CONSUMER_STATS", "KINDS", "STRUCTURES", "WIDTH_KINDS", "Groups", "Member", "Shape", "Structure",
-           "all_groups", "attention_of", "check_config", "choose", "compensate", "count_parameters",
+           "aligned_counts", "all_groups", "attention_of", "check_config", "choose", "compensate", "count_parameters",
            "counts_for_target", "groups_of", "groups_to_remove", "parse_structures", "reduce_groups",
            "removal_counts", "remove", "take_out", "update_config", "widths_after", "zero"]

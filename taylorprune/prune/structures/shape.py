@@ -79,6 +79,33 @@ def widths_after(counts: Mapping[str, int], shape: Shape, head_mode: str) -> dic
             "intermediate_size": shape.intermediate - counts.get("neurons", 0)}
 
 
+def aligned_counts(counts: Mapping[str, int], shape: Shape, head_mode: str, multiple: int) -> dict[str, int]:
+    """``counts`` removing more where needed so every kept width a linear reads is a multiple of ``multiple``
+    weights: the FFN width (down_proj's input) and the attention width (o_proj's input, query heads × head size).
+    Why: a quantization group or a GGUF block that does not divide a row cannot hold it (llama.cpp silently falls
+    back to another type). Only ever more removal, so ``--target-params``' "at least" still holds."""
+    out = dict(counts)
+    if multiple <= 1:
+        return out
+    if "neurons" in out:
+        kept = shape.intermediate - out["neurons"]
+        kept -= kept % multiple
+        if kept <= 0:
+            raise UserError(f"--width-multiple {multiple}: removing {counts['neurons']} of {shape.intermediate} MLP "
+                            "neurons leaves no width that is a multiple of it; lower it or remove fewer")
+        out["neurons"] = shape.intermediate - kept
+    if "heads" in out:
+        step = shape.heads // shape.kv_heads if head_mode == "kv-groups" else shape.kv_heads
+        heads = out["heads"]
+        while (shape.heads - heads) * shape.head_dim % multiple:
+            heads += step
+            if heads >= shape.heads:
+                raise UserError(f"--width-multiple {multiple}: no head count below {shape.heads} keeps the attention "
+                                f"width (heads × {shape.head_dim}) a multiple of it; lower it")
+        out["heads"] = heads
+    return out
+
+
 def set_widths(config, widths: Mapping[str, int]) -> None:
     """Write ``widths`` into ``config`` (its text config), per-layer lists cut to the new depth."""
     text = getattr(config, "text_config", None) or config
@@ -119,8 +146,10 @@ def _checked(count: int, total: int, ratio: float, what: str, all_gone: str, hin
     return count
 
 
-def counts_for_target(kind: str, fraction: float, model, layout: Layout, head_mode: str) -> dict[str, int]:
-    """Per-block count of ``kind`` (blocks: in the model) removing at least ``fraction`` of all parameters."""
+def counts_for_target(kind: str, fraction: float, model, layout: Layout, head_mode: str,
+                      multiple: int = 1) -> dict[str, int]:
+    """Per-block count of ``kind`` (blocks: in the model) removing at least ``fraction`` of all parameters, every
+    kept width a multiple of ``multiple`` (``aligned_counts``)."""
     total = count_parameters(model)
     shape = Shape.of(model.config)
     if kind == "blocks":
@@ -140,5 +169,6 @@ def counts_for_target(kind: str, fraction: float, model, layout: Layout, head_mo
     else:
         total_units = {"blocks": shape.layers, "neurons": shape.intermediate, "heads": shape.heads}[kind]
         counts = removal_counts((kind,), ratio_units / total_units, shape, head_mode)
+    counts = aligned_counts(counts, shape, head_mode, multiple)
     check_config(model.config, counts, shape, head_mode, f"--target-params {fraction:g}")
     return counts

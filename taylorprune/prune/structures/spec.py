@@ -48,6 +48,11 @@ class AmountOptions(Options):
                                            "the model's blocks).", above=0, below=1)
     target_params: float | None = option(None, "Instead of --structure-ratio: fraction of all parameters to remove "
                                          "(the smallest uniform count reaching it).", above=0, below=1)
+    width_multiple: int | None = option(None, "Keep every FFN width and attention width (query heads x head size) a "
+                                        "multiple of N weights, removing more where needed, so a quantization group "
+                                        "or GGUF block divides every row (default: what the output needs: the "
+                                        "--quantize group size, and for --format gguf the blocks of --gguf-type: 32, "
+                                        "or 256 for K-quants; 1 for float output).", minimum=1)
 
 
 @dataclass(frozen=True)
