@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Recovery by distillation on SmolLM2-135M (issue #23): each pruned configuration before and after
-`taylorprune recover`, on WikiText-2 and on a second text domain neither calibration nor recovery saw.
+`taylorprune recover`, on WikiText-2 and on two text domains neither calibration nor recovery saw.
 
 Protocol: calibration 128 × 512 sequential windows of WikiText-2 validation (as scripts/bench_quality.py);
 recovery on the same WikiText-2 validation text: all of its 534 windows of 512 tokens, 8 held out, 260 steps of
@@ -8,9 +8,12 @@ recovery on the same WikiText-2 validation text: all of its 534 windows of 512 t
 perplexity on the first 40 × 512 windows of the WikiText-2 raw test split, and on the first 40 × 512 windows of
 Python's own language reference (the ``pydoc_data.topics`` text every CPython ships, joined in sorted topic
 order: technical prose with code, a domain no WikiText window holds; its sha256 and the Python version are
-recorded), plus the bundled `wikitext_lastword` accuracy. Every pruned model is written once, evaluated, then
-recovered with
-`taylorprune recover` (equal to `run --recover`, tests/test_recover.py) and evaluated again. Dense tokens/s of a
+recorded), on the first 40 × 512 windows of legal prose (the licence texts of /usr/share/common-licenses, joined
+by ``third_domain``: a third domain, issue #38; rows measured before it show "—"), plus the bundled
+`wikitext_lastword` accuracy. Every pruned model is written once, evaluated, then recovered with
+`taylorprune recover` (equal to `run --recover`, tests/test_recover.py) and evaluated again. The rows named
+``*-rec-generated`` and ``*-rec-mix`` (issue #38's data-source axis) recover the same pruned model on the dense
+teacher's own text or on half WikiText-2 validation, half that text, at the same recovery tokens. Dense tokens/s of a
 plain forward (batch 4 × 512, no grad) is measured in this process for the cost ratio. Results accumulate in
 docs/bench_recover.json (``--resume``); the table goes to docs/bench_recover.md and docs/BENCHMARKS.md.
 
@@ -28,9 +31,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -64,6 +69,19 @@ RECON_ROWS: dict[str, tuple[str, list[str]]] = {
                           "--recon-span", "3", "--recon-steps", "100", "--recon-lr", str(SPAN_LR),
                           "--recon-patience", "10"]),
 }
+# The data-source axis (issue #38): a base row's pruned model recovered on another text, at the same 260 × 4 × 512
+# tokens over 526 training + 8 held-out windows of 512. Generated text: --seqlen 512 tokens a sequence, one window
+# each, sampled from the dense teacher (temperature 1, top-p 1, seed 0); the mix holds 263 + 4 windows of each.
+SOURCES: dict[str, tuple[str, list[str]]] = {
+    "generated": ("the dense teacher's own text (534 sequences × 512)", ["--calib", "generated", "--gen-samples",
+                                                                         "534"]),
+    "mix": ("WikiText-2 validation 0.5 + the teacher's own text 0.5 (267 sequences × 512)",
+            ["--calib-mix", "wikitext2-valid:0.5,generated:0.5", "--gen-samples", "267"]),
+}
+SOURCE_ROWS: dict[str, tuple[str, str]] = {f"{base}-rec-{key}": (base, key) for base in ("sparsegpt-50", "neurons-20")
+                                           for key in SOURCES}  # row → (base row, source)
+ROWS |= {name: (f"{ROWS[base][0]}, recovered on {SOURCES[key][0]}", ROWS[base][1])
+         for name, (base, key) in SOURCE_ROWS.items()}
 TARGETS = {"neurons-20": (None, 1.30), "sparsegpt-50": (None, 1.20), "sparsegpt-2of4": (None, 1.50),
            "neurons-20-span3": (1.50, None)}
 PLAN = Plan(ROWS, RECON_ROWS, TARGETS)
@@ -81,6 +99,50 @@ def second_domain(work: Path) -> tuple[Path, dict]:
                   "chars": len(body)}
 
 
+LICENCES = Path("/usr/share/common-licenses")
+
+
+def _base_files() -> str | None:
+    """The version of the Debian package that ships the licence texts (None off Debian)."""
+    try:
+        done = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "base-files"], capture_output=True, text=True)
+    except OSError:
+        return None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+
+def third_domain(work: Path) -> tuple[Path, dict]:
+    """Legal prose as one text file (the third domain), and what identifies it: the licence texts of
+    /usr/share/common-licenses (Debian's base-files) in name order, joined by a blank line, symlinks (GPL → GPL-3)
+    and byte-identical files skipped so no text counts twice. Why: English in a register (defined terms, long
+    conditional sentences) that neither WikiText-2, the model's own text nor the Python reference resembles, on any
+    Debian or Ubuntu machine offline. Debian 12: 14 files, 237,332 bytes, 52,424 SmolLM2 tokens (102 windows of
+    512), dense SmolLM2-135M PPL 15.4 on the first 8 (not memorised, despite licences in pre-training data)."""
+    import platform
+
+    used, skipped, seen, parts = [], {}, {}, []
+    for file in sorted(LICENCES.iterdir(), key=lambda f: f.name):
+        if file.is_symlink() or not file.is_file():
+            skipped[file.name] = f"link to {file.resolve().name}" if file.is_symlink() else "not a file"
+            continue
+        raw = file.read_bytes()
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest in seen:
+            skipped[file.name] = f"same bytes as {seen[digest]}"
+            continue
+        seen[digest] = file.name
+        used.append(str(file))
+        parts.append(raw.decode("utf-8").rstrip("\n"))
+    body = "\n\n".join(parts)
+    path = work / "third-domain.txt"
+    path.write_text(body, encoding="utf-8")
+    os_name = platform.freedesktop_os_release().get("PRETTY_NAME") if sys.platform == "linux" else platform.platform()
+    return path, {"what": "licence texts", "files": used, "skipped": skipped, "joined_by": "\\n\\n (each file's "
+                  "trailing newlines dropped), sorted by name", "os": os_name, "base_files": _base_files(),
+                  "python": platform.python_version(), "bytes": len(body.encode()),
+                  "sha256": hashlib.sha256(body.encode()).hexdigest()}
+
+
 def evaluate(model: Path, text: Path, work: Path, tasks: bool, resume: bool = False) -> dict:
     out = work / f"eval-{model.name}-{text.stem}.json"
     if resume and out.is_file():
@@ -92,10 +154,18 @@ def evaluate(model: Path, text: Path, work: Path, tasks: bool, resume: bool = Fa
     return json.loads(out.read_text())["metrics"]
 
 
-def measured(model: Path, work: Path, other: Path, resume: bool = False) -> dict:
-    wiki, second = evaluate(model, TEST, work, True, resume), evaluate(model, other, work, False, resume)
+class Domains(NamedTuple):
+    """The evaluation texts besides WikiText-2 test: Python's reference (``second_domain``), licences (``third``)."""
+
+    second: Path
+    third: Path
+
+
+def measured(model: Path, work: Path, domains: Domains, resume: bool = False) -> dict:
+    wiki = evaluate(model, TEST, work, True, resume)
+    second, third = (evaluate(model, text, work, False, resume) for text in domains)
     return {"ppl": wiki["perplexity"], "lastword": wiki["zeroshot.wikitext_lastword"],
-            "ppl_second": second["perplexity"]}
+            "ppl_second": second["perplexity"], "ppl_third": third["perplexity"]}
 
 
 def forward_tokens_per_s(model: Path) -> float:
@@ -120,7 +190,7 @@ def _written(folder: Path) -> bool:
     return (folder / "taylorprune_report.json").is_file() and any(folder.glob("*.safetensors"))
 
 
-def pruned_row(what: str, args: list[str], pruned: Path, model: Path, work: Path, other: Path,
+def pruned_row(what: str, args: list[str], pruned: Path, model: Path, work: Path, other: Domains,
                resume: bool = False) -> dict:
     """Prune into ``pruned`` (unless ``resume`` finds it written) and evaluate it: the row's pruned half."""
     if not (resume and _written(pruned)):
@@ -139,15 +209,27 @@ def _drop_weights(*folders: Path) -> None:
             weights.unlink()
 
 
-def measure(name: str, model: Path, work: Path, other: Path, resume: bool = False) -> dict:
+def recovery_source(name: str) -> list[str]:
+    """The text row ``name`` recovers on: WikiText-2 validation, or its data-source variant's."""
+    return SOURCES[SOURCE_ROWS[name][1]][1] if name in SOURCE_ROWS else ["--calib-file", str(CALIB)]
+
+
+def pruned_folder(work: Path, name: str) -> Path:
+    """Where row ``name``'s pruned model is written: a data-source variant shares its base row's."""
+    return work / f"recover-bench-{SOURCE_ROWS.get(name, (name,))[0]}"
+
+
+def measure(name: str, model: Path, work: Path, other: Domains, resume: bool = False, keep_pruned: bool = False
+            ) -> dict:
     """One row; with ``resume`` every stage already finished in ``work`` (pruned folder, recovered folder, each
-    evaluation) is reused, so a row of ~85 minutes can span two sessions on a machine that keeps ``work``."""
-    pruned, recovered = work / f"recover-bench-{name}", work / f"recover-bench-{name}-recovered"
+    evaluation) is reused, so a row of ~85 minutes can span two sessions on a machine that keeps ``work``;
+    ``keep_pruned``: a later row recovers the same pruned model (its weights stay)."""
+    pruned, recovered = pruned_folder(work, name), work / f"recover-bench-{name}-recovered"
     wall_file = work / f"recover-bench-{name}-wall.json"
     row = pruned_row(*ROWS[name], pruned, model, work, other, resume)
     if not (resume and _written(recovered) and wall_file.is_file()):
         t0 = time.perf_counter()
-        taylorprune("recover", "--model", str(pruned), "--teacher", str(model), "--calib-file", str(CALIB),
+        taylorprune("recover", "--model", str(pruned), "--teacher", str(model), *recovery_source(name),
                     "--seqlen", "512", *RECOVER, "--recover-lr", str(lr_of(name)), "--device", "cpu",
                     "--output", str(recovered), "--overwrite")
         wall_file.write_text(json.dumps({"recover_wall_s": time.perf_counter() - t0}))
@@ -156,11 +238,11 @@ def measure(name: str, model: Path, work: Path, other: Path, resume: bool = Fals
     report = json.loads((recovered / "taylorprune_report.json").read_text())
     row |= {"recovered": measured(recovered, work, other, resume), "recover": report["recover"],
             "recover_wall_s": json.loads(wall_file.read_text())["recover_wall_s"]}
-    _drop_weights(pruned, recovered)
+    _drop_weights(*([] if keep_pruned else [pruned]), recovered)
     return row
 
 
-def measure_recon(name: str, model: Path, work: Path, other: Path, resume: bool = False) -> dict:
+def measure_recon(name: str, model: Path, work: Path, other: Domains, resume: bool = False) -> dict:
     """A row pruned with block reconstruction and evaluated, not recovered."""
     pruned = work / f"recover-bench-{name}"
     row = pruned_row(*RECON_ROWS[name], pruned, model, work, other, resume)
@@ -189,20 +271,23 @@ def main() -> None:
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
         model = dense_folder(work)
-        other, results["second_domain"] = second_domain(work)
+        (second, results["second_domain"]), (third, results["third_domain"]) = second_domain(work), third_domain(work)
+        other = Domains(second, third)
         wanted = args.only.split(",") if args.only else ["dense", *ROWS, *RECON_ROWS]
         if "dense" in wanted and not (args.resume and "dense" in results):
             results["dense"] = measured(model, work, other, args.resume)
             results["forward_tokens_per_s"] = forward_tokens_per_s(model)
+        if "dense" in results and "ppl_third" not in results["dense"]:  # measured before the third domain existed:
+            results["dense"]["ppl_third"] = evaluate(model, third, work, False, args.resume)["perplexity"]  # its ratios
         for name in (n for n in wanted if n in RECON_ROWS and not (args.resume and n in results)):
             results[name] = measure_recon(name, model, work, other, args.resume)
             JSON.write_text(json.dumps(results, indent=2) + "\n")
-        for name in (n for n in wanted if n in ROWS):
-            if args.resume and name in results and _same_settings(name, results[name]):
-                continue
+        todo = [n for n in wanted if n in ROWS and not (args.resume and n in results and _same_settings(n, results[n]))]
+        for k, name in enumerate(todo):
             if name in results and not _same_settings(name, results[name]):
                 results.setdefault("superseded", []).append(results.pop(name))
-            results[name] = measure(name, model, work, other, args.resume)
+            later = {pruned_folder(work, n) for n in todo[k + 1:]}
+            results[name] = measure(name, model, work, other, args.resume, pruned_folder(work, name) in later)
             JSON.write_text(json.dumps(results, indent=2) + "\n")
             MD.write_text(table(PLAN, results))
         JSON.write_text(json.dumps(results, indent=2) + "\n")

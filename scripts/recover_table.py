@@ -1,5 +1,6 @@
 """The tables of scripts/bench_recover.py: recovered rows (pruned → recovered, with their targets), the rows
-measured before under other settings, and the rows of block reconstruction alone (no recovery)."""
+measured before under other settings, and the rows of block reconstruction alone (no recovery). The third domain
+(licence texts, ``ppl_third``) came later than the rows first measured: a row without it shows "—"."""
 
 from __future__ import annotations
 
@@ -18,6 +19,15 @@ class Plan:
 
 def _ratio(value: float, dense: float) -> str:
     return f"{value / dense:.3f}"
+
+
+def _third(dense: dict, *measured: dict) -> str:
+    """Licence-text PPL of the pruned (→ recovered) model with its ratios to dense; "—" for a row measured before
+    the third domain existed."""
+    if "ppl_third" not in dense or any("ppl_third" not in m for m in measured):
+        return "—"
+    ppl = " → ".join(f"{m['ppl_third']:.2f}" for m in measured)
+    return f"{ppl} ({' → '.join(_ratio(m['ppl_third'], dense['ppl_third']) for m in measured)})"
 
 
 def _verdict(label: str, value: float | None, limit: float, below: bool = True) -> str:
@@ -56,7 +66,9 @@ def _superseded(rows: list[dict], dense: dict, fwd: float | None) -> list[str]:
         q, rec = r["recovered"], r["recover"]
         out.append(f"- {r['what']} ({_settings(rec)}): recovered WikiText {q['ppl']:.2f} "
                    f"({_ratio(q['ppl'], dense['ppl'])}×), Python reference "
-                   f"{_ratio(q['ppl_second'], dense['ppl_second'])}×, held-out KL {rec['kl_after']:.3f}, "
+                   f"{_ratio(q['ppl_second'], dense['ppl_second'])}×, "
+                   + ("" if _third(dense, q) == "—" else f"licences {_ratio(q['ppl_third'], dense['ppl_third'])}×, ")
+                   + f"held-out KL {rec['kl_after']:.3f}, "
                    f"{rec['tokens_per_s']:.0f} tok/s"
                    + (f" ({rec['tokens_per_s'] / fwd:.2f})" if fwd else "")
                    + (f"; {r['note']}" if r.get("note") else ""))
@@ -69,17 +81,19 @@ def _recon_only(plan: Plan, results: dict, dense: dict) -> list[str]:
     if not done:
         return []
     out = ["", "Block reconstruction alone (no recovery; same calibration and evaluation):", "",
-           "| configuration | WikiText PPL (× dense) | Python-reference PPL (× dense) | last-word acc | prune s |",
-           "| --- | --- | --- | --- | ---: |"]
+           "| configuration | WikiText PPL (× dense) | Python-reference PPL (× dense) | licence-text PPL (× dense) "
+           "| last-word acc | prune s |",
+           "| --- | --- | --- | --- | --- | ---: |"]
     for r in done:
         p = r["pruned"]
         out.append(f"| {r['what']} | **{p['ppl']:.2f}** ({_ratio(p['ppl'], dense['ppl'])}) | {p['ppl_second']:.2f} "
-                   f"({_ratio(p['ppl_second'], dense['ppl_second'])}) | {p['lastword']:.4f} | {r['prune_s']:.0f} |")
+                   f"({_ratio(p['ppl_second'], dense['ppl_second'])}) | {_third(dense, p)} | {p['lastword']:.4f} | "
+                   f"{r['prune_s']:.0f} |")
     return out
 
 
 def table(plan: Plan, results: dict) -> str:
-    dense, second = results.get("dense"), results.get("second_domain", {})
+    dense, second, third = results.get("dense"), results.get("second_domain", {}), results.get("third_domain")
     if dense is None:
         return ""
     fwd = results.get("forward_tokens_per_s")
@@ -92,13 +106,19 @@ def table(plan: Plan, results: dict) -> str:
              "(random, the rows measured before `--recover-sampling` existed)). "
              "PPL on 40 × 512 windows of WikiText-2 test and, as "
              "a second domain neither calibration nor recovery saw, of Python's language reference (`pydoc_data."
-             f"topics` of CPython {second.get('python', '?')}, sha256 {second.get('sha256', '?')[:12]}…). "
+             f"topics` of CPython {second.get('python', '?')}, sha256 {second.get('sha256', '?')[:12]}…)"
+             + (f" and, as a third, legal prose: the {len(third['files'])} licence texts of /usr/share/common-licenses "
+                f"({third['os']}, base-files {third['base_files']}; {third['bytes']:,} bytes, sha256 "
+                f"{third['sha256'][:12]}…; — for rows measured before it)" if third else "")
+             + ". Rows recovered on another source (issue #38's data-source axis) say so, at the same tokens. "
              "Made by `python scripts/bench_recover.py` (raw numbers in `docs/bench_recover.json`).", "",
-             f"Dense: WikiText-2 PPL {dense['ppl']:.2f}, Python-reference PPL {dense['ppl_second']:.2f}, last-word "
+             f"Dense: WikiText-2 PPL {dense['ppl']:.2f}, Python-reference PPL {dense['ppl_second']:.2f}, "
+             + (f"licence-text PPL {dense['ppl_third']:.2f}, " if "ppl_third" in dense else "") + "last-word "
              f"acc {dense['lastword']:.4f}; plain forward {fwd:.0f} tokens/s (batch 4 × 512)." if fwd else "", "",
              "| configuration | WikiText PPL pruned → recovered (× dense) | Python-reference PPL pruned → recovered "
-             "(× dense) | last-word acc | held-out KL | recovery tok/s (÷ forward) | recovery s (process wall s) |",
-             "| --- | --- | --- | --- | --- | --- | ---: |"]
+             "(× dense) | licence-text PPL pruned → recovered (× dense) | last-word acc | held-out KL | recovery tok/s "
+             "(÷ forward) | recovery s (process wall s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | ---: |"]
     for name in plan.rows:
         r = results.get(name)
         if r is None:
@@ -109,7 +129,8 @@ def table(plan: Plan, results: dict) -> str:
             f"({_ratio(p['ppl'], dense['ppl'])} → "
             f"{_ratio(q['ppl'], dense['ppl'])}) | {p['ppl_second']:.2f} → {q['ppl_second']:.2f} "
             f"({_ratio(p['ppl_second'], dense['ppl_second'])} → {_ratio(q['ppl_second'], dense['ppl_second'])}) | "
-            f"{p['lastword']:.4f} → {q['lastword']:.4f} | {rec['kl_before']:.3f} → {rec['kl_after']:.3f} | "
+            f"{_third(dense, p, q)} | {p['lastword']:.4f} → {q['lastword']:.4f} | "
+            f"{rec['kl_before']:.3f} → {rec['kl_after']:.3f} | "
             f"{rec['tokens_per_s']:.0f} ({rec['tokens_per_s'] / fwd:.2f}) | {rec['seconds']:.0f} "
             f"({r['recover_wall_s']:.0f}) |")
     lines += _superseded(results.get("superseded", []), dense, fwd)

@@ -18,6 +18,12 @@ Grids (``GridSpec``): per channel, or groups of 32/64/128 input columns,
   the group size so a group never straddles two blocks). With activation order, dynamic groups are contiguous in
   the *permuted* order: ``group_index`` then plays GPTQ's ``g_idx`` (llm-compressor deprecated that mode).
 
+A grid may also be given (``grid=``): ``--observer mse|imatrix`` searches each group's scale before the loop
+(``quantize.search``: the minimum squared rounding error of the starting weights, weighted by diag(H) for imatrix),
+which fixes the grids like static groups. llm-compressor's counterpart is its ``mse`` observer (the min-max
+range shrunk by 1% steps down to 80%, unweighted Σ|w − q|^2.4, stopping after 5 steps without gain); GPTQ's
+reference has only min-max.
+
 Activation order (default on, llm-compressor's ``actorder="static"``): columns in descending diag(H) (stable sort,
 so ties keep their order), un-permuted at the end. A fixed mask ``keep`` makes this quantization sparsity-aware:
 a masked weight's code is the zero point (value exactly 0) and its error is propagated like a rounding error, so
