@@ -5,7 +5,20 @@ from __future__ import annotations
 import typer
 
 from taylorprune import distributed
-from taylorprune.cli import check, console, evaluate, export, generate, inspection, methods, recover, run, speed, sweep
+from taylorprune.cli import (
+    check,
+    console,
+    evaluate,
+    export,
+    generate,
+    imatrix,
+    inspection,
+    methods,
+    recover,
+    run,
+    speed,
+    sweep,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -23,6 +36,7 @@ app.command("speed")(speed.speed_cmd)
 app.command("recover")(recover.recover)
 app.command("export")(export.export)
 app.command("generate")(generate.generate_cmd)
+app.command("imatrix")(imatrix.imatrix_cmd)
 
 
 def main() -> None:

@@ -112,6 +112,23 @@ def write_imatrix(path, imatrix: Imatrix) -> Path:
     return path
 
 
+def write_legacy(path, imatrix: Imatrix) -> Path:
+    """Write the legacy ``.dat`` format at ``path`` (what llama.cpp before the GGUF format reads): per entry the
+    mean x² times ``ncall`` = the chunk count, then the chunk count and the first dataset's name."""
+    path = Path(path)
+    ncall = max(int(imatrix.chunk_count), 1)
+    mean = imatrix.mean_sq()
+    blob = bytearray(struct.pack("<i", len(mean)))
+    for name in sorted(mean):
+        raw = name.encode("utf-8")
+        values = np.ascontiguousarray(mean[name] * np.float32(ncall), "<f4")
+        blob += struct.pack("<i", len(raw)) + raw + struct.pack("<ii", ncall, values.size) + values.tobytes()
+    dataset = (imatrix.datasets[0] if imatrix.datasets else "taylorprune").encode("utf-8")
+    blob += struct.pack("<i", ncall) + struct.pack("<i", len(dataset)) + dataset
+    path.write_bytes(bytes(blob))
+    return path
+
+
 def read_imatrix(path) -> Imatrix:
     """Read either format (GGUF by its magic, else legacy ``.dat``); ValueError in one line when it is neither."""
     path = Path(path)
