@@ -29,7 +29,7 @@ DOC = ROOT / "docs" / "BENCHMARKS.md"
 SECTIONS = [ROOT / "docs" / name for name in ("bench_recover.md", "bench_distributed.md", "bench_zeroshot.md",
                                               "bench_gemma.md",
                                               "bench_stack.md", "bench_recon.md", "bench_structured.md",
-                                              "bench_quant.md")]
+                                              "bench_quant.md", "bench_gguf.md")]
 
 CALIB_ARGS = ["--calib-file", str(CALIB), "--calib-sampling", "sequential", "--seqlen", "512"]
 EVAL_ARGS = ["--eval-text-file", str(TEST), "--eval-seqlen", "512", "--max-windows", "40"]
