@@ -20,6 +20,12 @@ def _speed(s: dict, which: str) -> str:
     return f"{s[f'{which}_tok_s']:.0f} ({s[f'{which}_ratio']:.2f}×, {low:.2f}–{high:.2f})"
 
 
+def _load(s: dict) -> str:
+    """The 1-minute load average before and after the row's ``speed`` call (2 cores: above 2, others were running)."""
+    before, after = s.get("load") or (None, None)
+    return "—" if before is None else f"{before:.1f}/{after:.1f}"
+
+
 def _types(types: dict) -> str:
     """``TYPE×n`` over all tensors, then the roles whose tensors are not all of one type as the block linears."""
     total: dict[str, int] = {}
@@ -114,7 +120,9 @@ def table(results: dict, rows: dict, baseline: dict) -> str:
              "spread in the brackets; the F32 and F16 rows are timed against themselves, which shows the noise). "
              "The timings ran with `nice -n 5` on a shared 2-core machine on which other sessions' pruning runs and "
              "tests ran at the same time (load average recorded per row in `docs/bench_gguf.json`): read tokens/s "
-             "as rough, and only ratios from one `speed` call as comparable. Importance matrix: `taylorprune "
+             "as rough, and only ratios from one `speed` call as comparable; the load column gives the 1-minute "
+             "load average before/after each row's `speed` call (all rows were re-timed together once the machine "
+             "was quiet). Importance matrix: `taylorprune "
              f"imatrix` on {env.get('imatrix_windows', 128)} × 512 sequential windows of the bundled WikiText-2 "
              "validation text; GPTQ calibrates on "
              f"{env.get('gptq_nsamples', '?')} × 512 windows of the same text"
@@ -129,23 +137,24 @@ def table(results: dict, rows: dict, baseline: dict) -> str:
              "too) included, where llama-quantize's Q4_0 file type gives the output tensor (here the tied "
              "embedding) Q6_K, which the 576 columns turn into Q8_0: the `*-embd-q8_0` rows are our files with "
              "llama.cpp's Q8_0 `token_embd` put in (`graft` in the script; every other tensor and key as written), "
-             "which compares the linears alone.", ""]
+             "which compares the linears alone (llama.cpp's Q4_0 with an imatrix also gives the first eighth of "
+             "the ffn_down tensors Q4_1, three here; ours keeps Q4_0).", ""]
     if f32:
         lines += [f"F32: WikiText-2 PPL {f32['ppl']['ppl']:.2f}, Python-reference PPL {f32['ppl_second']['ppl']:.2f}; "
                   f"bf16 size {_mb(env.get('bf16_bytes', 0))} MB.", ""]
     lines += ["| row | file | MB | × bf16 | WikiText-2 PPL (× F32) | Python-ref PPL (× F32) | prefill tok/s (× base) "
-              "| decode tok/s (× base) | speed baseline |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+              "| decode tok/s (× base) | speed baseline | load |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for name in rows:
         r = results.get(name)
         if not r:
             lines.append(f"| {rows[name].what} | {name} | — | — | not measured | not measured | — | — | "
-                         f"{baseline[rows[name].gguf_type]} |")
+                         f"{baseline[rows[name].gguf_type]} | — |")
             continue
         share = f"{r['file_bytes'] / env['bf16_bytes']:.3f}" if env.get("bf16_bytes") else "—"
         lines.append(f"| {r['what']} | {name} | {_mb(r['file_bytes'])} | {share} | {_ppl(r, 'ppl', f32)} | "
                      f"{_ppl(r, 'ppl_second', f32)} | {_speed(r['speed'], 'prefill')} | "
-                     f"{_speed(r['speed'], 'decode')} | {r['speed']['baseline']} |")
+                     f"{_speed(r['speed'], 'decode')} | {r['speed']['baseline']} | {_load(r['speed'])} |")
     lines += ["", "Targets:", ""] + [f"- {t}" for t in targets(results)]
     lines += ["", "Tensor types read back with the `gguf` package (all tensors, then per role):", ""]
     lines += [f"- {n}: {_types(r['tensor_types'])}" for n in rows if (r := results.get(n))]
