@@ -14,7 +14,9 @@ or of a compact pruned folder (``--compact``), measured the same way whoever wro
 llama.cpp's rows run ``llama_model_quantize`` (what llama-quantize runs; ``taylorprune.export.llamacpp_quantize``)
 on our F32 GGUF, without and with the importance matrix ``taylorprune imatrix`` writes (128 × 512 sequential
 windows of the bundled WikiText-2 validation text). Ours: GPTQ W4 g32 packed as Q4_0 (``taylorprune run``), our
-Q4_K_M packer with the same imatrix, our Q4_0 round-to-nearest with it (``taylorprune export``).
+Q4_K_M packer with the same imatrix, our Q4_0 round-to-nearest with it (``taylorprune export``); and each of our
+Q4_0 files again with llama.cpp's Q8_0 ``token_embd`` put in (``graft``: our Q4_0 type rounds the tied embedding,
+SmolLM2's output head, to Q4_0 where llama.cpp's Q4_0 file type keeps it at Q8_0), which compares the linears alone.
 
     nice -n 5 python scripts/bench_gguf.py                     # every row whose inputs exist, in order
     nice -n 5 python scripts/bench_gguf.py --only gptq-q4_0 --resume
@@ -27,7 +29,6 @@ docs/BENCHMARKS.md.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -35,15 +36,13 @@ import shlex
 import subprocess
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from bench_gguf_files import graft, llama_quantize, tensor_types  # noqa: E402
 from bench_gguf_table import table  # noqa: E402
 from bench_quality import TEST, row_parser  # noqa: E402
 from bench_quant import splice  # noqa: E402
@@ -199,73 +198,6 @@ class Bench:
         return {"what": row.what, "tool": row.tool, "type": row.gguf_type, "imatrix": row.imatrix, **built,
                 "file_bytes": self.file(name).stat().st_size, "ppl": wiki, "ppl_second": second,
                 "speed": self.speed(name), "tensor_types": tensor_types(self.file(name))}
-
-
-def llama_quantize(source: Path, out: Path, kind: str, imatrix: Path | None, threads: int) -> dict:
-    """llama.cpp's quantizer into a temporary name, renamed when done; its log (on the C stderr) kept beside."""
-    from taylorprune.export.llamacpp_quantize import quantize
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, log = out.with_name("model.gguf.tmp"), out.parent / "llama-quantize.log"
-    with open(log, "w") as f, _stderr_to(f):
-        quantize(source, tmp, kind, imatrix, threads)
-    os.replace(tmp, out)
-    lines = log.read_text().splitlines()
-    return {"fallbacks": [ln.strip() for ln in lines if "falling back" in ln],
-            "summary": [ln.strip() for ln in lines if "llama_model_quantize_impl:" in ln and "size" in ln
-                        or "required fallback" in ln]}
-
-
-def graft(ours: Path, donor: Path, out: Path, name: str) -> None:
-    """``ours`` with tensor ``name`` replaced by the donor file's (same shape, another type): every key and every
-    other tensor copied as it is. Why: our ``--gguf-type Q4_0`` rounds the tied embedding (SmolLM2's output head
-    too) to Q4_0 where llama.cpp's Q4_0 file type keeps it at Q6_K (Q8_0 by the 576-column fallback), so this row
-    compares GPTQ's linears with llama.cpp's at the same head."""
-    import gguf
-
-    reader, taken = gguf.GGUFReader(str(ours)), {t.name: t for t in gguf.GGUFReader(str(donor)).tensors}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name("model.gguf.tmp")
-    writer = gguf.GGUFWriter(str(tmp), reader.fields["general.architecture"].contents())
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.alignment"):
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
-    for t in reader.tensors:
-        src = taken[name] if t.name == name else t
-        writer.add_tensor(src.name, np.asarray(src.data), raw_dtype=src.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, out)
-
-
-@contextlib.contextmanager
-def _stderr_to(f):
-    sys.stderr.flush()
-    saved = os.dup(2)
-    os.dup2(f.fileno(), 2)
-    try:
-        with contextlib.redirect_stderr(f):
-            yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def tensor_types(path: Path) -> dict:
-    """{tensor role (``attn_q``, ``ffn_down``, ``token_embd``...): {type: count}} read back from the file."""
-    import gguf
-
-    roles: dict[str, Counter] = {}
-    for t in gguf.GGUFReader(str(path)).tensors:
-        role = t.name.split(".")[2] if t.name.startswith("blk.") else t.name.rsplit(".", 1)[0]
-        roles.setdefault(role, Counter())[t.tensor_type.name] += 1
-    return {role: dict(c) for role, c in sorted(roles.items())}
 
 
 def environment(bench: Bench) -> dict:
