@@ -72,6 +72,15 @@ def _llama(path: Path, n_ctx: int = 128):
                          type_k=lib.GGML_TYPE_F32, type_v=lib.GGML_TYPE_F32)
 
 
+
+def _llamacpp_logits(path, ids: list[int]):
+    """llama.cpp's logits of ``ids`` for the file at ``path`` (the model closed afterwards)."""
+    llm = _llama(path)
+    try:
+        return llamacpp.logits(llm, ids).copy()
+    finally:
+        llm.close()
+
 def _relative(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
@@ -155,11 +164,7 @@ def test_per_layer_widths_load_in_llamacpp(tmp_path, lib):
     ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         want = model(input_ids=ids).logits[0].numpy()
-    llm = _llama(path)
-    try:
-        got = llamacpp.logits(llm, ids[0].tolist()).copy()
-    finally:
-        llm.close()
+    got = _llamacpp_logits(path, ids[0].tolist())
     assert _relative(got, want) < TOLERANCE["F32"], _relative(got, want)
 
 
@@ -175,11 +180,7 @@ def test_a_compact_model_loads_in_llamacpp_with_the_logits_of_transformers(tmp_p
     ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         want = loaded.model(input_ids=ids).logits[0].float().numpy()
-    llm = _llama(path)
-    try:
-        got = llamacpp.logits(llm, ids[0].tolist()).copy()
-    finally:
-        llm.close()
+    got = _llamacpp_logits(path, ids[0].tolist())
     assert _relative(got, want) < TOLERANCE["F32"], _relative(got, want)
 
 

@@ -9,7 +9,6 @@ the transformers runtime uses) for both prefill and decode.
 
 from __future__ import annotations
 
-import statistics
 import time
 
 from taylorprune.errors import UserError
@@ -22,7 +21,7 @@ from taylorprune.evaluate.llamacpp import (
     last_logits,
     load,
 )
-from taylorprune.evaluate.speed import PROMPT, _ids, _summary
+from taylorprune.evaluate.speed import PROMPT, _ids, interleaved_summary
 
 
 def _round(llm, prefill: int, decode: int) -> tuple[float, float]:
@@ -69,12 +68,7 @@ def compare(baseline: str, model: str, prefill: int = 512, decode: int = 128, ro
     finally:
         for llm in models.values():
             llm.close()
-    ratios = {kind: [d[k] / p[k] for d, p in zip(times["dense"], times["pruned"], strict=True)]
-              for k, kind in enumerate(("prefill", "decode"))}
-    out = {key: _summary(t, prefill, decode) for key, t in times.items()}
-    for kind, values in ratios.items():
-        out[f"{kind}_ratio"] = statistics.median(values)
-        out[f"{kind}_ratio_spread"] = [min(values), max(values)]
+    out = interleaved_summary(times, prefill, decode)
     gpu = runtime.llamacpp_gpu_layers
     return {**out, "prefill_tokens": prefill, "decode_tokens": decode, "rounds": rounds,
             "order": "one warm-up each, then rounds alternating AB / BA",

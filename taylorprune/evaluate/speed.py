@@ -99,12 +99,7 @@ def compare(dense, pruned, device: torch.device, prefill: int = 512, decode: int
     for r in range(rounds):
         for name in ("dense", "pruned") if r % 2 == 0 else ("pruned", "dense"):
             times[name].append(_round(models[name], device, prefill, decode))
-    ratios = {kind: [d[k] / p[k] for d, p in zip(times["dense"], times["pruned"], strict=True)]
-              for k, kind in enumerate(("prefill", "decode"))}
-    out = {name: _summary(t, prefill, decode) for name, t in times.items()}
-    for kind, values in ratios.items():
-        out[f"{kind}_ratio"] = statistics.median(values)
-        out[f"{kind}_ratio_spread"] = [min(values), max(values)]
+    out = interleaved_summary(times, prefill, decode)
     return {**out, "prefill_tokens": prefill, "decode_tokens": decode, "rounds": rounds,
             "order": "one warm-up each, then rounds alternating AB / BA", "device": str(device),
             "threads": threads or torch.get_num_threads()}
@@ -154,3 +149,15 @@ EVALUATOR = Evaluator("speed", "prefill and decode tokens/s against the dense mo
                       check=lambda o, config: check_positions(config, o.speed_prefill, o.speed_decode),
                       settings=("prefill_tokens", "decode_tokens", "device", "threads"),
                       label="timing prefill and decode (dense and pruned, interleaved)", rows=summary_rows)
+
+
+def interleaved_summary(times: dict[str, list[tuple[float, float]]], prefill: int, decode: int) -> dict:
+    """Per model tokens/s, and per round the dense ÷ pruned time ratios (median and spread) of prefill and decode:
+    the one summary of interleaved rounds, whichever runtime timed them."""
+    ratios = {kind: [d[k] / p[k] for d, p in zip(times["dense"], times["pruned"], strict=True)]
+              for k, kind in enumerate(("prefill", "decode"))}
+    out: dict = {name: _summary(t, prefill, decode) for name, t in times.items()}
+    for kind, values in ratios.items():
+        out[f"{kind}_ratio"] = statistics.median(values)
+        out[f"{kind}_ratio_spread"] = [min(values), max(values)]
+    return out
