@@ -68,6 +68,7 @@ class Row:
     imatrix: bool = False
     compact: bool = False
     graft: str | None = None  # build "graft": this row's file with llama.cpp Q4_0's token_embd (Q8_0)
+    run_args: tuple[str, ...] = ()  # build "run": GPTQ options beyond W4 g32
 
 
 ROWS: dict[str, Row] = {
@@ -80,6 +81,16 @@ ROWS: dict[str, Row] = {
     "gptq-q4_0": Row("ours: GPTQ W4 g32 as Q4_0", "taylorprune run", "Q4_0", "run"),
     "gptq-q4_0-embd-q8_0": Row("ours: GPTQ W4 g32 as Q4_0, token_embd Q8_0 as llama.cpp's", "taylorprune run + graft",
                                "Q4_0", "graft", graft="gptq-q4_0"),
+    "gptq-imatrix-q4_0": Row("ours: GPTQ W4 g32 --observer imatrix as Q4_0", "taylorprune run", "Q4_0", "run",
+                             run_args=("--observer", "imatrix")),
+    "gptq-imatrix-q4_0-embd-q8_0": Row("ours: GPTQ W4 g32 --observer imatrix as Q4_0, token_embd Q8_0 as llama.cpp's",
+                                       "taylorprune run + graft", "Q4_0", "graft", graft="gptq-imatrix-q4_0"),
+    "gptq-dyn-imatrix-q4_0": Row("ours: GPTQ W4 g32 dynamic groups, --observer imatrix, no act-order, as Q4_0",
+                                 "taylorprune run", "Q4_0", "run",
+                                 run_args=("--no-static-groups", "--no-act-order", "--observer", "imatrix")),
+    "gptq-dyn-imatrix-q4_0-embd-q8_0": Row("ours: GPTQ W4 g32 dynamic groups, --observer imatrix, no act-order, as "
+                                           "Q4_0, token_embd Q8_0 as llama.cpp's", "taylorprune run + graft", "Q4_0",
+                                           "graft", graft="gptq-dyn-imatrix-q4_0"),
     "ours-q4_k_m-imatrix": Row("ours: Q4_K_M packer + imatrix", "taylorprune export", "Q4_K_M", "export",
                                imatrix=True),
     "ours-q4_0-rtn-imatrix": Row("ours: Q4_0 RTN + imatrix", "taylorprune export", "Q4_0", "export", imatrix=True),
@@ -150,7 +161,8 @@ class Bench:
         else:
             if row.build == "run":
                 args = ["run", "--model", str(source), "--quantize", "gptq", "--wbits", "4", "--group-size", "32",
-                        *CALIB, "--nsamples", str(self.gptq_n), "--format", "gguf", "--gguf-type", row.gguf_type]
+                        *CALIB, "--nsamples", str(self.gptq_n), "--format", "gguf", "--gguf-type", row.gguf_type,
+                        *row.run_args]
             else:
                 args = ["export", "--model", str(source), "--format", "gguf", "--gguf-type", row.gguf_type,
                         *(["--imatrix", str(imatrix)] if imatrix else [])]

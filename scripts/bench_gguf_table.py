@@ -81,9 +81,9 @@ def targets(results: dict) -> list[str]:
         else "not measured: the compact folder was not there when this ran"))
     f32 = results.get("dense-f32")
     if f32 and env.get("bf16_bytes"):
-        ok = [(r["file_bytes"], n) for n, r in results.items() if isinstance(r, dict) and "ppl" in r
+        ok = [(r["file_bytes"], r["ppl"]["ppl"], n) for n, r in results.items() if isinstance(r, dict) and "ppl" in r
               and r["ppl"]["ppl"] <= 1.30 * f32["ppl"]["ppl"]]
-        size, name = min(ok)
+        size, _, name = min(ok)  # the smallest file, and of equal sizes the lowest PPL
         share = size / env["bf16_bytes"]
         out.append(f"(d) the smallest GGUF with WikiText-2 PPL ≤ 1.30× F32 is ≤ 0.25× the bf16 size "
                    f"({_mb(env['bf16_bytes'])} MB = 2 bytes × {env['parameters']:,} parameters) — {name}, "

@@ -87,7 +87,20 @@ ROWS: dict[str, tuple[str, str, int, list[str]]] = {
                                     []),
     "sparsegpt50": ("ours: SparseGPT 50%, unquantized", "taylorprune", 16, ["--method", "sparsegpt", "--sparsity",
                                                                              "0.5"]),
+    # --compact: 20% fewer parameters (neurons, oba + recon block, --width-multiple 64), recovered (see COMPACT)
+    "compact20-rec": ("ours: 20% fewer parameters, recovered, unquantized", "taylorprune", 16, []),
+    "compact20-rec-gptq-imatrix-w4g64": ("ours: 20% fewer parameters, recovered, then GPTQ --observer imatrix, "
+                                         "written at bf16", "taylorprune", 4,
+                                         ["--quantize", "gptq", "--observer", "imatrix", *_grid(4)]),
 }
+# How the compact rows' model was made (on the fp32 dense folder; WikiText-2 validation as in bench_recover.py):
+COMPACT = Path("/tmp/tp-q20/recovered")
+COMPACT_MADE = ("taylorprune run --model $DENSE --structure neurons --target-params 0.2 --width-multiple 64 "
+                "--method oba --recon block --calib-file valid.txt --calib-sampling sequential --seqlen 512 "
+                "--nsamples 128 --device cpu --output $PRUNED; "
+                "taylorprune recover --model $PRUNED --teacher $DENSE --calib-file valid.txt --seqlen 512 "
+                "--recover-windows 534 --recover-heldout 8 --recover-steps 260 --recover-batch 4 --recover-lr 5e-4 "
+                "--device cpu --output $COMPACT")
 TARGET = ("our GPTQ's WikiText-2 PPL ≤ llm-compressor's GPTQModifier's at W4 and at W3 (the issue says group 128; "
           "measured at group 64, see above)")
 
@@ -179,11 +192,17 @@ def measured(folder: Path, work: Path, other: Path) -> dict:
             "zeros": zero_fraction(folder, work)}
 
 
-def ours(name: str, dense: Path, work: Path, other: Path, nsamples: int) -> dict:
+def ours(name: str, dense: Path, work: Path, other: Path, nsamples: int, compact: Path = COMPACT) -> dict:
+    if name.startswith("compact20"):
+        return compact_row(name, compact, work, other, nsamples)
+    return _run(name, dense, work / f"quant-{name}", work, other, nsamples)
+
+
+def _run(name: str, model: Path, out: Path, work: Path, other: Path, nsamples: int) -> dict:
+    """``taylorprune run`` of row ``name`` on ``model`` into ``out`` (reused when finished), measured."""
     what, _, bits, extra = ROWS[name]
-    out = work / f"quant-{name}"
     calibrated = "rtn" not in extra or "imatrix" in extra  # plain RTN needs no calibration windows
-    args = ["run", "--model", str(dense), *extra, *(calib_args(nsamples) if calibrated else []),
+    args = ["run", "--model", str(model), *extra, *(calib_args(nsamples) if calibrated else []),
             *(["--format", "compressed-tensors"] if "--quantize" in extra else []),
             "--device", "cpu", "--output", str(out), "--overwrite"]
     wall = None
@@ -195,8 +214,26 @@ def ours(name: str, dense: Path, work: Path, other: Path, nsamples: int) -> dict
     return {"what": what, "tool": "taylorprune", "bits": bits, "nsamples": nsamples if calibrated else 0,
             "wall_s": wall,
             "phases_s": report["phases_s"], "run_s": _top_phases(report["phases_s"]),
-            "command": "taylorprune " + shlex.join(args).replace(str(work), "$WORK"),
+            "command": "taylorprune " + shlex.join(args).replace(str(work), "$WORK").replace(str(model), "$MODEL"),
             **measured(out, work, other)}
+
+
+def compact_row(name: str, compact: Path, work: Path, other: Path, nsamples: int) -> dict:
+    """The recovered compact model as it is, or quantized (fp32, as every row) and then written again at bf16 by
+    ``taylorprune export`` (same codes and scales; embedding and norms at 16 bits, as a shipped folder holds them)."""
+    what, _, bits, _ = ROWS[name]
+    made = {"what": what, "tool": "taylorprune", "bits": bits, "model_made_by": COMPACT_MADE}
+    if not bits < 16:
+        return {**made, "nsamples": 0, "command": "(the recovered folder itself)", **measured(compact, work, other)}
+    fp32, out = work / f"quant-{name}-fp32", work / f"quant-{name}"
+    row = _run(name, compact, fp32, work, other, nsamples)
+    args = ["export", "--model", str(fp32), "--dtype", "bfloat16", "--format", "compressed-tensors", "--device", "cpu",
+            "--output", str(out), "--overwrite"]
+    if not (out / "taylorprune_report.json").is_file():
+        cli(*args)
+    shown = "taylorprune " + shlex.join(args).replace(str(work), "$WORK")
+    return {**row, **made, "command": row["command"].replace("$MODEL", "$COMPACT") + "; " + shown,
+            "fp32": {k: row[k] for k in ("ppl", "ppl_second", "file_bytes")}, **measured(out, work, other)}
 
 
 def llmc(name: str, dense: Path, work: Path, other: Path, nsamples: int, windows: Path, python: str) -> dict:
@@ -259,6 +296,20 @@ def _sparse_verdict(results: dict) -> str:
             f"zero kept: {'; '.join(parts)} — {'met' if met else 'not met'}")
 
 
+def _compact_verdict(results: dict) -> str:
+    """20% fewer parameters + recovery + W4: ≤ 1.40× dense WikiText-2 PPL at ≤ 0.40× the dense bf16 file."""
+    dense, r = results.get("dense"), results.get("compact20-rec-gptq-imatrix-w4g64")
+    head = "20% fewer parameters + recovery + W4 ≤ 1.40× dense WikiText-2 PPL at ≤ 0.40× the dense bf16 file"
+    if not (dense and r):
+        return f"{head}: not measured yet"
+    bf16 = dense["file_bytes"] / 2  # the dense folder is fp32
+    ratio, share = r["ppl"] / dense["ppl"], r["file_bytes"] / bf16
+    met = ratio <= 1.40 and share <= 0.40
+    return (f"{head} ({_mb(int(bf16))} MB): {r['ppl']:.2f} = {ratio:.3f}× (Python reference "
+            f"{r['ppl_second'] / dense['ppl_second']:.3f}×) at {_mb(r['file_bytes'])} MB = {share:.3f}× — "
+            f"{'met' if met else 'not met'}")
+
+
 def table(results: dict) -> str:
     dense = results.get("dense")
     env = results.get("environment", {})
@@ -306,7 +357,7 @@ def table(results: dict) -> str:
         if not r:
             continue
         grid = ("fp32" if r["bits"] == 16 else f"W{r['bits']} g{GROUP}") + (" + 50% sparse" if name.startswith(
-            "sparsegpt") else "")
+            "sparsegpt") else " + 20% fewer params" if name.startswith("compact20") else "")
         wiki = f"{r['ppl']:.2f}" + (f" ({r['ppl'] / dense['ppl']:.3f})" if dense else "")
         second = f"{r['ppl_second']:.2f}" + (f" ({r['ppl_second'] / dense['ppl_second']:.3f})" if dense else "")
         secs = (f"{_top_phases(r['phases_s']):.0f}" if "phases_s" in r else
@@ -316,7 +367,7 @@ def table(results: dict) -> str:
         lines.append(f"| {grid} | {r['what']} | {calib} | {wiki} | {second} | {zeros} | "
                      f"{_mb(r['file_bytes'])} | {secs} |")
     lines += ["", f"Target ({TARGET}):", "", f"- {_verdict(results, 4)}", f"- {_verdict(results, 3)}",
-              f"- {_sparse_verdict(results)}", "",
+              f"- {_sparse_verdict(results)}", f"- {_compact_verdict(results)}", "",
               "Commands (`$WORK`: the scratch folder; `$WORK/smollm2-135m-dense` the fp32 folder of the GGUF, "
               "`$WORK/calib-N×512.safetensors` our calibration ids; each folder then evaluated by `taylorprune eval "
               "--model FOLDER --text-file TEXT --seqlen 512 --max-windows 40 --dtype float32 --device cpu`):", ""]
@@ -346,6 +397,7 @@ def main() -> None:
     ap.add_argument("--llmc-python", default=LLMC_PYTHON, help="python of the llm-compressor venv")
     ap.add_argument("--results", default=str(JSON), help="raw results file (a second process beside the first "
                     "writes its own; --merge folds it in)")
+    ap.add_argument("--compact", default=str(COMPACT), help="recovered compact folder of the compact20 rows")
     ap.add_argument("--merge", help="a --results file of another process whose rows join this one's")
     args = ap.parse_args()
     path = Path(args.results)
@@ -382,7 +434,7 @@ def main() -> None:
                 results[name] = llmc(name, dense, work, other, args.nsamples, windows, args.llmc_python)
                 results["environment"]["llmcompressor"] = results[name]["versions"]["llmcompressor"]
             else:
-                results[name] = ours(name, dense, work, other, args.nsamples)
+                results[name] = ours(name, dense, work, other, args.nsamples, Path(args.compact))
             path.write_text(json.dumps(results, indent=2) + "\n")
             MD.write_text(table(results))
             splice(MD.read_text())

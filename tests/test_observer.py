@@ -65,6 +65,33 @@ def test_gptq_on_a_searched_grid_lowers_the_layer_error_and_keeps_masks():
     assert not torch.equal(searched.grid.scale, compute_grid(torch.where(keep, w, 0), spec).scale)
 
 
+def test_gptq_dynamic_groups_search_each_group_on_the_updated_weights():
+    """--no-static-groups --observer imatrix: each group's grid is searched when the loop reaches it (not given
+    before the loop), the values stay on the stored grid, masks stay at 0, and the layer's output error is below
+    dynamic min-max GPTQ's."""
+    w, h = _layer(3)
+    spec = GridSpec(3, 32)
+    keep = build_mask(w.abs(), Pattern(0.25))
+    stats = {"hessian": h}
+
+    def output_error(q: torch.Tensor) -> float:
+        d = q - w
+        return float(torch.einsum("oi,ij,oj->", d, h, d))
+
+    def run(observer: str):
+        opts = GptqStageOptions(wbits=3, group_size=32, observer=observer, static_groups=False, act_order=False)
+        return GPTQ.quantize(w, keep, stats, opts, "w", spec)
+
+    plain, searched = run("minmax"), run("imatrix")
+    assert searched.info["static_groups"] is False
+    assert bool((searched.values[~keep] == 0).all())
+    assert torch.equal(searched.values, dequantize_weight(searched.codes, searched.grid, spec, searched.group_index))
+    assert output_error(searched.values) < output_error(plain.values)
+    static = GPTQ.quantize(w, keep, stats, GptqStageOptions(wbits=3, group_size=32, observer="imatrix",
+                                                             act_order=False), "w", spec)
+    assert not torch.equal(searched.grid.scale, static.grid.scale)  # searched on other weights than the start
+
+
 def test_gptq_with_a_given_grid_uses_it_unchanged():
     w, h = _layer(2)
     spec = GridSpec(4, 32)

@@ -39,7 +39,7 @@ def show_summary(report: dict) -> None:
     title = report["pattern"] + (f" ({report['method']} scores)" if structured else "")
     if not structured and isinstance(quantized, dict) and report.get("sparsity") is None:
         title = f"quantize {quantized['method']} · {title}"  # no method ran: it masked nothing
-    elif not structured:
+    elif not structured and report["pattern"] not in ("recovery only", "written as it is"):  # no method ran
         title = f"{report['method']} · {title}"
     table = Table(title=f"taylorprune {title}")
     table.add_column("what")

@@ -47,6 +47,7 @@ class Contents:
     masks: bool = False
     compact: bool = False
     architecture: str | None = None  # config.json's model_type (None: not known)
+    config: Any = None  # the source's config (None: not known), for what a format's runtime would compute otherwise
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Output:
     grids: Mapping[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what the format could write only with a caveat
     options: Any = None  # the format's own options (``Format.options``), None for a format without any
+    source_gguf: str | None = None  # the GGUF the model and its tokenizer were read from (its tokenizer is copied)
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,18 @@
 """``--format gguf``: the model as one llama.cpp GGUF file (``model.gguf`` in the output folder, beside the report).
 
-Written by our own writer and block packers (``export.gguf_writer``, ``export.gguf_blocks``): llama architecture,
-Q/K rows permuted to GGML's RoPE layout, compact widths and head counts as llama.cpp reads them (llama.cpp's
-``deci`` architecture when the layers differ), SentencePiece or byte-level BPE tokenizer metadata. ``--gguf-type``
+Written by our own writer and block packers (``export.gguf_writer``, ``export.gguf_blocks``): llama or gemma3
+architecture (``export.gguf_arch``; llama's Q/K rows permuted to GGML's RoPE layout), compact widths and head counts
+as llama.cpp reads them (llama.cpp's ``deci`` architecture when a llama's layers differ; refused for gemma3),
+SentencePiece or byte-level BPE tokenizer metadata (copied from the GGUF the model was loaded from). ``--gguf-type``
 picks the type of the 2-D tensors, or ``Q4_K_M``: llama.cpp's per-tensor mix of Q4_K and Q6_K (``export.gguf_mix``).
 When the run quantizes (``--quantize``) to a grid a GGUF block type holds exactly — 4-bit symmetric in groups of 32
 with fp16 scales is Q4_0, 8-bit symmetric is Q8_0 — those linears are packed from the run's own codes and scales (no
 second rounding), and ``auto`` (the default) writes every other 2-D tensor as F16; without a grid ``auto`` is F16,
 and a block type rounds as llama.cpp does. What the file cannot hold is refused before any work, in one line:
-another architecture, another grid, a type whose blocks hold no exact 0 (Q4_1's d·q + m) with pruned weights. Q4_K
+another architecture, a Gemma 3 that llama.cpp's graph would compute otherwise (``gguf_arch``: attention pattern,
+local RoPE base, attention scale, soft-capping), another grid, a type whose blocks hold no exact 0 (Q4_1's d·q + m)
+with pruned weights; what only the pruned model shows (uneven widths, a Gemma 3's layer pattern after removing
+blocks) is the writer's one-line error when writing. Q4_K
 (d·s·q − dmin·m) holds no exact 0 either, but is llama.cpp's standard 4-bit mix: it is written, pruned weights come
 back as small values near 0, and the run's warnings say so.
 
@@ -29,17 +33,18 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from taylorprune.errors import RunError
+from taylorprune.export import gguf_arch as ga
 from taylorprune.export import gguf_blocks as gb
 from taylorprune.export import gguf_mix as mix
 from taylorprune.export import imatrix, save
 from taylorprune.export.format_spec import Contents, Format, GridKind, Holds, Output, StoredLinear
-from taylorprune.export.gguf_writer import FILE_TYPES, gguf_name, hf_name, permute_rows, write_llama_gguf
+from taylorprune.export.gguf_writer import FILE_TYPES, gguf_name, hf_name, permute_rows, write_gguf
 from taylorprune.options import Options, option
 
 FILE = "model.gguf"
 TYPES = ("auto", *(t.name for t in FILE_TYPES), *mix.PRESETS)
 NO_ZERO = ("Q4_1",)  # block types whose values d·q + m hold no exact 0
-ARCHITECTURES = ("llama",)
+ARCHITECTURES = tuple(ga.BY_MODEL_TYPE)  # config.json model_types written
 _QK = re.compile(r"\.self_attn\.(q|k)_proj$")
 
 
@@ -73,6 +78,12 @@ def refuses(contents: Contents, options: GgufOptions) -> str | None:
     """What the options and the run's contents cannot go together with (before any work)."""
     if contents.architecture is not None and contents.architecture not in ARCHITECTURES:
         return f"writes the {', '.join(ARCHITECTURES)} architecture, not {contents.architecture}"
+    if contents.config is not None and contents.architecture is not None:
+        config, arch = contents.config, ga.for_model_type(contents.architecture)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        reason = arch.refuses(config, int(head_dim), int(config.num_attention_heads))
+        if reason:  # the same line the writer raises, before any work rather than after the run
+            return f"llama.cpp's {arch.name} cannot run this model: {reason}"
     wanted = options.gguf_type
     if options.imatrix:
         if wanted in ("auto", "F32", "F16", "BF16"):
@@ -110,8 +121,8 @@ def write(output: Output, folder: Path) -> None:
     try:
         importance = imatrix.importance_for(path, {k: v.shape[-1] for k, v in state.items() if v.ndim == 2}) if (
             path) else None
-        report = write_llama_gguf(folder / FILE, output.model.config, state, output.tokenizer, qtype=qtype,
-                                  packed=packed, importance=importance)
+        report = write_gguf(folder / FILE, output.model.config, state, output.tokenizer, qtype=qtype, packed=packed,
+                            importance=importance, tokenizer_source=output.source_gguf)
     except (NotImplementedError, ValueError) as exc:
         raise RunError(f"writing GGUF failed: {exc}") from None
     output.warnings.extend(report.fallbacks)
@@ -122,8 +133,8 @@ def write(output: Output, folder: Path) -> None:
 
 
 def _heads(config, name: str, rows: int) -> int | None:
-    """Heads to permute a Q/K weight's rows by (None: not Q or K)."""
-    if not _QK.search(name):
+    """Heads to permute a Q/K weight's rows by (None: not Q or K, or an architecture that keeps HF's order)."""
+    if not _QK.search(name) or not ga.for_model_type(getattr(config, "model_type", None) or "llama").permute_qk:
         return None
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return rows // head_dim
@@ -140,9 +151,10 @@ def verify(folder: Path, output: Output) -> None:
     """Every linear's shape and sparsity, and every grid-packed linear's values bit for bit."""
     tensors = {t.name: t for t in gguf.GGUFReader(str(folder / FILE)).tensors}
     tied = getattr(output.model.config, "tie_word_embeddings", False)
+    arch = ga.for_model_type(getattr(output.model.config, "model_type", None) or "llama")
     for record in output.linears:
         name = record["name"]
-        gname = gguf_name(f"{name}.weight")
+        gname = gguf_name(f"{name}.weight", arch)
         if gname not in tensors and not (tied and gname == "output.weight"):
             raise RunError(f"verification failed: {name} is missing from the written GGUF")
         values = _decoded(tensors[gname])
@@ -158,14 +170,19 @@ def verify(folder: Path, output: Output) -> None:
 
 
 def linears(folder: Path) -> Iterator[StoredLinear]:
-    """Every tensor of ``model.gguf`` under its HF name, in GGUF row order (Q/K rows permuted: shapes and
-    sparsity are what ``inspect`` reads), decoded by our decoder when loaded; block types show as their name."""
-    for tensor in gguf.GGUFReader(str(Path(folder) / FILE)).tensors:
+    """Every tensor of ``model.gguf`` under its HF name, in GGUF row order (llama's Q/K rows permuted: shapes and
+    sparsity are what ``inspect`` reads), decoded by our decoder when loaded (Gemma's norms less the 1 the file
+    adds); block types show as their name."""
+    reader = gguf.GGUFReader(str(Path(folder) / FILE))
+    field = reader.fields.get("general.architecture")
+    arch = ga.for_file(field.contents() if field is not None else None)
+    for tensor in reader.tensors:
         qtype = QT(tensor.tensor_type)
         shape = tuple(int(n) for n in reversed(tensor.shape))
         grid = None if qtype in gb.FLOAT_TYPES else {"type": qtype.name}
-        yield StoredLinear(hf_name(tensor.name), shape, qtype.name,
-                           lambda t=tensor: torch.from_numpy(_decoded(t)), grid)
+        offset = arch.norm_offset if tensor.name.endswith("norm.weight") else 0.0
+        yield StoredLinear(hf_name(tensor.name, arch), shape, qtype.name,
+                           lambda t=tensor, o=offset: torch.from_numpy(_decoded(t) - np.float32(o)), grid)
 
 
 def width_unit(options: GgufOptions) -> int:

@@ -13,7 +13,8 @@ dense (non-MoE, non-Falcon) model, without user overrides:
 
 Then, as llama.cpp's ``tensor_type_fallback``: a K-quant on a row width that is no multiple of 256 becomes Q5_0
 (from Q4_K) or Q8_0 (from Q6_K), and a 32-weight type on a width that is no multiple of 32 becomes F16.
-Not reproduced: the 70B-only bump of attn_v to Q5_K and the MoE rules (the writer covers dense LLaMA only).
+Not reproduced: the 70B-only bump of attn_v to Q5_K and the MoE rules (the writer covers dense LLaMA and Gemma 3,
+whose tensors the rule names alike).
 """
 
 from __future__ import annotations

@@ -108,3 +108,19 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
         writer.add_add_bos_token(bool(init["add_bos_token"]))
     if "add_eos_token" in init:
         writer.add_add_eos_token(bool(init["add_eos_token"]))
+
+
+def copy_tokenizer(writer: gguf.GGUFWriter, source, vocab_size: int) -> bool:
+    """Copy every ``tokenizer.*`` key of the GGUF ``source`` (the file the model was loaded from) with its types;
+    False, copying nothing, when it holds no vocabulary of ``vocab_size`` tokens. Why not rebuild it: transformers
+    rebuilds a GGUF's tokenizer without the file's scores and token types (Gemma's from its token order, multi-space
+    pieces respelled), so a rebuilt vocabulary would tokenize differently in llama.cpp than the source did."""
+    fields = gguf.GGUFReader(str(source)).fields
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if "tokenizer.ggml.model" not in fields or tokens is None or len(tokens.data) != vocab_size:
+        return False
+    for key, f in fields.items():
+        if key.startswith("tokenizer."):
+            sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY and len(f.types) > 1 else None
+            writer.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+    return True

@@ -1,27 +1,33 @@
-"""Write a llama-architecture GGUF from an HF ``LlamaForCausalLM`` (config + state dict + tokenizer).
+"""Write a GGUF from an HF ``LlamaForCausalLM`` or ``Gemma3ForCausalLM`` (config + state dict + tokenizer).
 
-What llama.cpp's HF→GGUF converter does for LLaMA, redone here so that the weights can be quantized by our own block
-packers (:mod:`taylorprune.export.gguf_blocks`), including blocks packed from GPTQ grids:
+What llama.cpp's HF→GGUF converter does for them, redone here so that the weights can be quantized by our own block
+packers (:mod:`taylorprune.export.gguf_blocks`), including blocks packed from GPTQ grids. What differs between the
+architectures (tensor names of the norms, Q/K permutation, Gemma's norm + 1, their own metadata and refusals) is
+declared in :mod:`taylorprune.export.gguf_arch`; everything else is common:
 
-* ``llama.*`` metadata (context/embedding/feed-forward length, block count, head counts incl. KV, rope dimension
-  count and freq base, RMS eps, vocab size), ``general.file_type`` and ``general.quantization_version`` (2);
-* converter tensor names (``token_embd``, ``blk.N.attn_q/k/v/output``, ``ffn_gate/up/down``, ``attn_norm``,
-  ``ffn_norm``, ``output_norm``, ``output``);
-* the row permutation of ``attn_q`` (by ``n_head``) and ``attn_k`` (by ``n_head_kv``) from HF's rotate-half layout to
-  GGML's interleaved RoPE: ``w.reshape(n, 2, rows/n/2, cols).swapaxes(1, 2).reshape(rows, cols)``;
+* ``<arch>.*`` metadata (context/embedding/feed-forward length, block count, head counts incl. KV, rope dimension
+  count, key/value length, RMS eps, vocab size, and the architecture's own keys: llama's rope freq base, Gemma 3's
+  global base, linear rope scaling and sliding window), ``general.file_type`` and ``general.quantization_version``;
+* converter tensor names (``token_embd``, ``blk.N.attn_q/k/v/output``, ``ffn_gate/up/down``, the norms,
+  ``output_norm``, ``output``; none for tied embeddings);
+* for llama, the row permutation of ``attn_q`` (by ``n_head``) and ``attn_k`` (by ``n_head_kv``) from HF's
+  rotate-half layout to GGML's interleaved RoPE: ``w.reshape(n, 2, rows/n/2, cols).swapaxes(1, 2).reshape(rows,
+  cols)``;
 * a per-tensor type map: 1-D tensors (norms) F32, everything else the requested type (or a preset's per-tensor
   mix, :mod:`taylorprune.export.gguf_mix`: ``Q4_K_M``), except that a block type needs the row width (``ne[0]`` =
   the input dimension, HF's last dim) to be a multiple of its block (32; 256 for Q4_K/Q6_K), else llama.cpp's
   fallback (Q4_K -> Q5_0, Q6_K -> Q8_0; F16 when 32 does not divide it either) with a warning naming the tensor;
 * SentencePiece (``tokenizer.ggml.model = "llama"``) tokenizer metadata: tokens, scores, token types, special ids;
-  a byte-level BPE vocabulary (GPT-2 style, SmolLM2's) as ``gpt2`` with its merges and llama.cpp's pre-tokenizer name.
+  a byte-level BPE vocabulary (GPT-2 style, SmolLM2's) as ``gpt2`` with its merges and llama.cpp's pre-tokenizer name;
+  copied from the GGUF the model was loaded from, when there is one (:func:`gguf_tokenizer.copy_tokenizer`).
 
-Per-layer widths that differ (pruned FFNs/heads) are written as per-layer arrays under llama.cpp's ``deci``
-architecture (the same tensors and graph, one width per layer): llama.cpp's ``llama`` reads a single FFN width and
-head count for every layer and refuses such a file (``check_tensor_dims: tensor 'blk.1.ffn_gate.weight' has wrong
-shape``). Transformers' GGUF loader reads neither ``deci`` nor per-layer arrays. The head size is written as
-``attention.key_length``/``value_length``: llama.cpp otherwise takes it as embedding / heads, which a model pruned to
-fewer heads no longer satisfies (``invalid n_rot``).
+Per-layer widths that differ (pruned FFNs/heads) are refused for Gemma 3 (llama.cpp's ``gemma3`` reads one width)
+and written for llama as per-layer arrays under llama.cpp's ``deci`` architecture (the same tensors and graph, one
+width per layer): llama.cpp's ``llama`` reads a single FFN width and head count for every layer and refuses such a
+file (``check_tensor_dims: tensor 'blk.1.ffn_gate.weight' has wrong shape``). Transformers' GGUF loader reads
+neither ``deci`` nor per-layer arrays. The head size is written as ``attention.key_length``/``value_length``:
+llama.cpp otherwise takes it as embedding / heads, which a model pruned to fewer heads no longer satisfies
+(``invalid n_rot``).
 """
 
 from __future__ import annotations
@@ -35,9 +41,10 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from taylorprune.export import gguf_arch as ga
 from taylorprune.export import gguf_blocks as gb
 from taylorprune.export import gguf_mix as mix
-from taylorprune.export.gguf_tokenizer import add_tokenizer
+from taylorprune.export.gguf_tokenizer import add_tokenizer, copy_tokenizer
 
 FILE_TYPES = {
     QT.F32: gguf.LlamaFileType.ALL_F32, QT.F16: gguf.LlamaFileType.MOSTLY_F16, QT.BF16: gguf.LlamaFileType.MOSTLY_BF16,
@@ -46,11 +53,6 @@ FILE_TYPES = {
     # llama-quantize's plain "Q4_K" is its Q4_K_M file type (also with --pure, every tensor Q4_K)
     QT.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_M, QT.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K,
 }
-_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight"}
-_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-          "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
@@ -58,24 +60,24 @@ def as_qtype(t) -> QT:
     return t if isinstance(t, QT) else QT[str(t).upper()]
 
 
-def gguf_name(hf_name: str) -> str | None:
-    """Converter tensor name for an HF LLaMA parameter; None for what GGUF does not store (rotary buffers)."""
-    if hf_name in _TOP:
-        return _TOP[hf_name]
+def gguf_name(hf_name: str, arch: ga.Arch = ga.LLAMA) -> str | None:
+    """Converter tensor name for an HF parameter of ``arch``; None for what GGUF does not store (rotary buffers)."""
+    if hf_name in ga.TOP:
+        return ga.TOP[hf_name]
     m = _LAYER_RE.match(hf_name)
-    if m and m.group(2) in _LAYER:
-        return f"blk.{m.group(1)}.{_LAYER[m.group(2)]}.{m.group(3)}"
-    if hf_name.endswith("rotary_emb.inv_freq"):
+    if m and m.group(2) in arch.layer:
+        return f"blk.{m.group(1)}.{arch.layer[m.group(2)]}.{m.group(3)}"
+    if ".rotary_emb." in hf_name and hf_name.endswith("inv_freq"):
         return None
     raise ValueError(f"{hf_name}: no GGUF name for this tensor")
 
 
-def hf_name(name: str) -> str:
-    """The HF LLaMA parameter name of a converter tensor name (the inverse of ``gguf_name``; unknown names as
+def hf_name(name: str, arch: ga.Arch = ga.LLAMA) -> str:
+    """The HF parameter name of a converter tensor name of ``arch`` (the inverse of ``gguf_name``; unknown names as
     given)."""
-    top = {v: k for k, v in _TOP.items()}
+    top = {v: k for k, v in ga.TOP.items()}
     m = re.match(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$", name)
-    layer = {v: k for k, v in _LAYER.items()}
+    layer = {v: k for k, v in arch.layer.items()}
     if m and m.group(2) in layer:
         return f"model.layers.{m.group(1)}.{layer[m.group(2)]}.{m.group(3)}"
     return top.get(name, name)
@@ -119,28 +121,34 @@ def choose_type(
     return chosen, None
 
 
-def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ("default", None):
-        raise NotImplementedError(f"rope type {kind!r} is not written to GGUF yet (llama.cpp needs rope_freqs)")
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-
-
 def _scalar_or_list(values: list[int]):
     return values[0] if len(set(values)) == 1 else values
 
 
-def write_llama_gguf(path, config, state_dict, tokenizer=None, *, qtype="F32", overrides: dict | None = None,
-                     importance: dict | None = None, packed: dict | None = None, name: str | None = None) -> GGUFReport:
-    """Write ``state_dict`` (HF LLaMA names, any torch/numpy floats) as a llama GGUF at ``path``.
+def _uneven(arch: ga.Arch, widths: dict[str, list[int]]) -> bool:
+    """Whether the layers' widths differ; a one-line ValueError naming them for an architecture that holds one."""
+    differ = {key: values for key, values in widths.items() if len(set(values)) > 1}
+    if differ and arch.uneven is None:
+        raise ValueError(f"llama.cpp's {arch.name} reads one width for all layers; this model's differ: "
+                         + "; ".join(f"{key} {values}" for key, values in differ.items()))
+    return bool(differ)
+
+
+def write_gguf(path, config, state_dict, tokenizer=None, *, qtype="F32", overrides: dict | None = None,
+               importance: dict | None = None, packed: dict | None = None, name: str | None = None,
+               tokenizer_source=None) -> GGUFReport:
+    """Write ``state_dict`` (HF names of ``config.model_type``: llama or gemma3_text; any torch/numpy floats) as a
+    GGUF of its architecture (:mod:`gguf_arch`) at ``path``; what llama.cpp cannot run is a one-line ValueError
+    (NotImplementedError for another architecture) before anything is written.
 
     ``qtype``: F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K for every 2-D tensor (see :func:`choose_type`), or a
     preset of :data:`mix.PRESETS` (``Q4_K_M``: its per-tensor map, under ``overrides``); ``overrides``:
     {GGUF name or regex: type}; ``importance``: {HF name: per-input-column importance} for the weighted search;
     ``packed``: {HF name: (type, raw blocks [rows, bytes])} already packed (e.g. by :func:`gb.q4_0_from_sym_grid`
-    from a GPTQ run), in HF row order: the Q/K permutation is applied to them here.
+    from a GPTQ run), in HF row order: the Q/K permutation is applied to them here; ``tokenizer_source``: a GGUF
+    whose tokenizer metadata is copied (the file the model was loaded from), else it is built from ``tokenizer``.
     """
+    arch = ga.for_model_type(getattr(config, "model_type", None) or "llama")
     preset = None if isinstance(qtype, QT) else mix.PRESETS.get(str(qtype).upper())
     requested, path = (preset.base if preset else as_qtype(qtype)), Path(path)
     if requested not in FILE_TYPES:
@@ -149,7 +157,7 @@ def write_llama_gguf(path, config, state_dict, tokenizer=None, *, qtype="F32", o
         overrides = dict(overrides or {})
         overrides.update({k: v for k, v in preset.types(config).items() if k not in overrides})
     packed, importance = packed or {}, importance or {}
-    sd = {k: v for k, v in state_dict.items() if gguf_name(k) is not None}
+    sd = {k: v for k, v in state_dict.items() if gguf_name(k, arch) is not None}
     n_layer = config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -159,10 +167,13 @@ def write_llama_gguf(path, config, state_dict, tokenizer=None, *, qtype="F32", o
     n_head = [rows_of(f"model.layers.{i}.self_attn.q_proj.weight") // head_dim for i in range(n_layer)]
     n_head_kv = [rows_of(f"model.layers.{i}.self_attn.k_proj.weight") // head_dim for i in range(n_layer)]
     n_ff = [rows_of(f"model.layers.{i}.mlp.gate_proj.weight") for i in range(n_layer)]
+    uneven = _uneven(arch, {"feed_forward_length": n_ff, "head_count": n_head, "head_count_kv": n_head_kv})
+    reason = arch.refuses(config, int(head_dim), n_head[0])
+    if reason:
+        raise ValueError(f"llama.cpp's {arch.name} cannot run this model: {reason}")
 
-    uneven = any(len(set(widths)) > 1 for widths in (n_ff, n_head, n_head_kv))
-    writer = gguf.GGUFWriter(str(path), "deci" if uneven else "llama")
-    writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or "llama")).name)
+    writer = gguf.GGUFWriter(str(path), arch.uneven if uneven else arch.name)
+    writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or arch.name)).name)
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
     writer.add_block_count(int(n_layer))
@@ -172,12 +183,12 @@ def write_llama_gguf(path, config, state_dict, tokenizer=None, *, qtype="F32", o
     writer.add_rope_dimension_count(int(head_dim))
     writer.add_key_length(int(head_dim))
     writer.add_value_length(int(head_dim))
-    writer.add_rope_freq_base(_rope_theta(config))
+    arch.metadata(writer, config)
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(int(config.vocab_size))
     writer.add_file_type(int(preset.file_type if preset else FILE_TYPES[requested]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if tokenizer is not None:
+    if not (tokenizer_source and copy_tokenizer(writer, tokenizer_source, int(config.vocab_size))) and tokenizer:
         add_tokenizer(writer, tokenizer, int(config.vocab_size))
 
     report = GGUFReport(path, requested)
@@ -185,10 +196,10 @@ def write_llama_gguf(path, config, state_dict, tokenizer=None, *, qtype="F32", o
     if getattr(config, "tie_word_embeddings", False):
         names = [k for k in names if k != "lm_head.weight"]  # llama.cpp reuses token_embd
     for hf in names:
-        gname = gguf_name(hf)
+        gname = gguf_name(hf, arch)
         layer = _LAYER_RE.match(hf)
         heads = None
-        if layer and layer.group(2) in ("self_attn.q_proj", "self_attn.k_proj"):
+        if arch.permute_qk and layer and layer.group(2) in ("self_attn.q_proj", "self_attn.k_proj"):
             heads = (n_head if layer.group(2) == "self_attn.q_proj" else n_head_kv)[int(layer.group(1))]
         if hf in packed:  # raw block rows: permuting whole rows keeps every block intact
             t, raw = as_qtype(packed[hf][0]), gb._np(packed[hf][1], np.uint8)
@@ -196,6 +207,8 @@ def write_llama_gguf(path, config, state_dict, tokenizer=None, *, qtype="F32", o
         else:
             w = gb._np(sd[hf], np.float32)
             w = permute_rows(w, heads) if heads is not None else w
+            if gname.endswith("norm.weight") and arch.norm_offset:
+                w = w + np.float32(arch.norm_offset)
             t, warning = choose_type(gname, w.shape, requested, overrides)
             if warning:
                 warnings.warn(warning, stacklevel=2)
@@ -210,8 +223,9 @@ def write_llama_gguf(path, config, state_dict, tokenizer=None, *, qtype="F32", o
     return report
 
 
+write_llama_gguf = write_gguf  # its name from when it wrote llama only
+
+
 def write_model_gguf(path, model, tokenizer=None, **kwargs) -> GGUFReport:
-    """:func:`write_llama_gguf` for a loaded ``LlamaForCausalLM``."""
-    if getattr(model.config, "model_type", "llama") != "llama":
-        raise NotImplementedError(f"GGUF export covers the llama architecture only, not {model.config.model_type}")
-    return write_llama_gguf(path, model.config, model.state_dict(), tokenizer, **kwargs)
+    """:func:`write_gguf` for a loaded ``LlamaForCausalLM`` or ``Gemma3ForCausalLM``."""
+    return write_gguf(path, model.config, model.state_dict(), tokenizer, **kwargs)

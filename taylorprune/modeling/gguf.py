@@ -5,7 +5,9 @@ config and again for the tokenizer)."""
 from __future__ import annotations
 
 import copy
+import struct
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,3 +77,61 @@ def metadata_once(read):
 
     once.wrapped = read
     return once
+
+
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def scalar_metadata(path) -> dict[str, Any]:
+    """The scalar and string keys of a GGUF file's header, arrays skipped: gguf-py's reader parses every piece of
+    Gemma's 262k-token vocabulary (seconds) where a config needs two numbers. Stops at an array of arrays."""
+    out: dict[str, Any] = {}
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            return out
+        _version, _tensors, n_kv = struct.unpack("<IQQ", f.read(20))
+
+        def string() -> str:
+            (n,) = struct.unpack("<Q", f.read(8))
+            return f.read(n).decode("utf-8", "replace")
+
+        for _ in range(n_kv):
+            key = string()
+            (vtype,) = struct.unpack("<I", f.read(4))
+            if vtype == _ARRAY:
+                etype, count = struct.unpack("<IQ", f.read(12))
+                if etype == _STRING:
+                    for _ in range(count):
+                        f.seek(struct.unpack("<Q", f.read(8))[0], 1)
+                elif etype in _SCALARS:
+                    f.seek(count * struct.calcsize(_SCALARS[etype]), 1)
+                else:
+                    break
+            elif vtype == _STRING:
+                out[key] = string()
+            else:
+                fmt = "<" + _SCALARS[vtype]
+                (out[key],) = struct.unpack(fmt, f.read(struct.calcsize(fmt)))
+    return out
+
+
+def gemma3_query_scalar(n_layer: int, hidden: int, head_dim: int, n_head: int) -> int:
+    """The ``query_pre_attn_scalar`` llama.cpp's gemma3 computes with (it reads none from the file): head_dim, or
+    n_embd / n_head for the 62-layer 27B (llama.cpp's LLM_TYPE_27B)."""
+    return hidden // n_head if n_layer == 62 else head_dim
+
+
+def complete_config(config, path) -> None:
+    """What transformers' GGUF loader leaves out of a Gemma 3 config, set as llama.cpp reads the same file: the
+    attention scale (transformers keeps ``Gemma3TextConfig``'s ``query_pre_attn_scalar`` 256 whatever the head
+    size; llama.cpp scales by 1/sqrt(head_dim), or n_embd / n_head for the 62-layer 27B) and the global layers'
+    linear RoPE scaling (``gemma3.rope.scaling.*``, which transformers does not read: Gemma-3-4b and larger)."""
+    if getattr(config, "model_type", None) != "gemma3_text":
+        return
+    config.query_pre_attn_scalar = gemma3_query_scalar(int(config.num_hidden_layers), int(config.hidden_size),
+                                                        int(config.head_dim), int(config.num_attention_heads))
+    meta = scalar_metadata(path)
+    factor = meta.get("gemma3.rope.scaling.factor")
+    if meta.get("gemma3.rope.scaling.type") == "linear" and factor and factor != 1.0:
+        config.rope_parameters["full_attention"].update(rope_type="linear", factor=float(factor))

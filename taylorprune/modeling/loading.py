@@ -32,6 +32,7 @@ class Loaded:
     tokenizer: object
     source: str
     gguf_file: str | None = None
+    tokenizer_gguf: str | None = None  # the GGUF the tokenizer was read from: a GGUF we write copies its metadata
 
 
 def demo_dir() -> Path:
@@ -100,6 +101,8 @@ def load_config(model: str, trust_remote_code: bool = False):
             raise
         reason = f"{type(exc).__name__}: {_first_line(exc)}"
         raise UserError(f"--model {model}: not a readable GGUF file ({reason})") from None
+    if gguf_file:
+        gguf.complete_config(config, Path(source) / gguf_file)
     archs = getattr(config, "architectures", None) or []
     # The architecture the checkpoint was saved as decides: a BertModel is not a causal LM even though
     # transformers can build a BertLMHeadModel from its config.
@@ -179,7 +182,7 @@ def load(
     try:
         with _quiet_transformers():
             net = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
-            tokenizer = _load_tokenizer(AutoTokenizer, source, common)
+            tokenizer, from_gguf = _load_tokenizer(AutoTokenizer, source, common)
     except ValueError as exc:
         raise UserError(f"--model {model}: not a causal LM taylorprune can load ({_first_line(exc)})") from None
     except OSError as exc:
@@ -192,18 +195,19 @@ def load(
         net = gguf.strip_quantizer(net, torch_dt)
     net.eval()
     net.requires_grad_(False)
-    return Loaded(net, tokenizer, source, gguf_file)
+    return Loaded(net, tokenizer, source, gguf_file, str(Path(source) / gguf_file) if from_gguf else None)
 
 
 def _load_tokenizer(auto, source: str, common: dict):
-    """The tokenizer of the checkpoint; for a GGUF whose embedded vocabulary transformers cannot read, the
-    tokenizer files beside it (llama2.c conversions carry special-token ids outside their vocabulary)."""
+    """(tokenizer, whether it came from the GGUF file) of the checkpoint; for a GGUF whose embedded vocabulary
+    transformers cannot read, the tokenizer files beside it (llama2.c conversions carry special-token ids outside
+    their vocabulary)."""
     try:
-        return auto.from_pretrained(source, **common)
+        return auto.from_pretrained(source, **common), "gguf_file" in common
     except (IndexError, KeyError, ValueError) as exc:
         beside = Path(source)
         if "gguf_file" in common and ((beside / "tokenizer.json").is_file() or (beside / "tokenizer.model").is_file()):
-            return auto.from_pretrained(source, trust_remote_code=common["trust_remote_code"])
+            return auto.from_pretrained(source, trust_remote_code=common["trust_remote_code"]), False
         raise UserError(f"cannot load the tokenizer of {source} ({_first_line(exc)})") from None
 
 

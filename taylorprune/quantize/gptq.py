@@ -20,9 +20,10 @@ Grids (``GridSpec``): per channel, or groups of 32/64/128 input columns,
 
 A grid may also be given (``grid=``): ``--observer mse|imatrix`` searches each group's scale before the loop
 (``quantize.search``: the minimum squared rounding error of the starting weights, weighted by diag(H) for imatrix),
-which fixes the grids like static groups. llm-compressor's counterpart is its ``mse`` observer (the min-max
-range shrunk by 1% steps down to 80%, unweighted Σ|w − q|^2.4, stopping after 5 steps without gain); GPTQ's
-reference has only min-max.
+which fixes the grids like static groups. With dynamic groups the same search runs when the loop reaches a group
+(``importance=``), on the weights as updated so far: error feedback moves the weights away from those a scale was
+searched for. llm-compressor's counterpart is its ``mse`` observer (the min-max range shrunk by 1% steps down to
+80%, unweighted Σ|w − q|^2.4, stopping after 5 steps without gain); GPTQ's reference has only min-max.
 
 Activation order (default on, llm-compressor's ``actorder="static"``): columns in descending diag(H) (stable sort,
 so ties keep their order), un-permuted at the end. A fixed mask ``keep`` makes this quantization sparsity-aware:
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -57,6 +58,7 @@ from taylorprune.quantize.grid import (
     require_zero,
 )
 from taylorprune.quantize.result import QuantizedWeight
+from taylorprune.quantize.search import search_grid
 
 # (column in block, updated block weights, diag of U's block, pruned flags of the block): may set pruned flags
 Chooser = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -89,6 +91,15 @@ def _static_grid(W: torch.Tensor, spec: GridSpec, grid: Grid | None, groups: int
     return grid
 
 
+def _group_grid(x: torch.Tensor, spec: GridSpec, importance: torch.Tensor | None, name: str) -> Grid:
+    """One group's grid [rows, 1] for dynamic groups: min-max, or the weighted search over its columns."""
+    if importance is None:
+        return group_params(x, spec)
+    found = search_grid(x, replace(spec, group_size=x.shape[1]), importance, name=name)
+    return Grid(found.scale[:, 0], None if found.zero is None else found.zero[:, 0],
+                None if found.minimum is None else found.minimum[:, 0])
+
+
 def _factor(H: torch.Tensor, percdamp: float, name: str) -> tuple[torch.Tensor, dict]:
     """U of (H + λI)⁻¹, or the identity (plain RTN, llm-compressor's fallback) when H stays indefinite."""
     try:
@@ -101,12 +112,13 @@ def _factor(H: torch.Tensor, percdamp: float, name: str) -> tuple[torch.Tensor, 
 
 def obs_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: GridSpec, options: GptqOptions,
                  keep: torch.Tensor | None = None, chooser: Chooser | None = None, grid: Grid | None = None,
-                 mask_unit: int = 1, name: str = "") -> QuantizedWeight:
+                 mask_unit: int = 1, name: str = "", importance: torch.Tensor | None = None) -> QuantizedWeight:
     """The shared loop: GPTQ, GPTQ under a fixed mask, or (with ``chooser``) SparseGPT + GPTQ jointly.
 
     ``chooser`` is called before every column with the block's updated weights and may mark entries of the block
     as pruned (``joint.py``); ``mask_unit`` (N:M's M) keeps its spans inside one block. ``grid``: a precomputed
-    static grid (e.g. from the weighted search), which forces static groups.
+    static grid (e.g. from the weighted search), which forces static groups. ``importance`` [in]: with dynamic
+    groups, each group's grid is searched (``search.search_grid``) with these per-input weights instead of min-max.
     """
     cdtype = compute_dtype(weight, hessian)
     W = weight.detach().to(cdtype).clone()
@@ -134,8 +146,11 @@ def obs_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: GridSpec, op
                              else spec.stored_dtype, device=W.device)
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if options.act_order else None
     position_group = column_groups(cols, spec, W.device)  # group of the column at each loop position
+    if importance is not None:
+        importance = importance.to(device=W.device, dtype=cdtype)
     if perm is not None:
         W, H, pruned = W[:, perm], H[perm][:, perm], pruned[:, perm]
+        importance = None if importance is None else importance[perm]
         if static:
             position_group = position_group[perm]
     U, info = _factor(H, options.percdamp, name)
@@ -155,7 +170,8 @@ def obs_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: GridSpec, op
             gid = group_at[col]
             if not static and col % g == 0:
                 span = slice(i, i + g)
-                fresh = group_params(torch.where(P1[:, span], torch.zeros_like(W1[:, span]), W1[:, span]), spec)
+                fresh = _group_grid(torch.where(P1[:, span], torch.zeros_like(W1[:, span]), W1[:, span]), spec,
+                                    None if importance is None else importance[col:col + g], name)
                 scale[:, gid], offset[:, gid] = fresh.scale, fresh.offset
             w = W1[:, i]
             c = quantize(w, scale[:, gid], offset[:, gid], spec)
@@ -182,11 +198,14 @@ def obs_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: GridSpec, op
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: GridSpec, options: GptqOptions | None = None,
-         keep: torch.Tensor | None = None, grid: Grid | None = None, name: str = "") -> QuantizedWeight:
+         keep: torch.Tensor | None = None, grid: Grid | None = None, name: str = "",
+         importance: torch.Tensor | None = None) -> QuantizedWeight:
     """GPTQ-quantize ``weight`` [out, in] with Hessian ``hessian`` [in, in] (already 2XXᵀ/N).
 
     ``keep``: optional fixed pruning mask (bool [out, in]); masked weights end exactly at 0, kept weights on the
     grid, and the grid must hold 0 (else a one-line ``UserError``). Returns values, codes, grid, group index and
-    the act-order permutation (``QuantizedWeight``).
+    the act-order permutation (``QuantizedWeight``). ``importance``: per-input weights of each dynamic group's
+    grid search (ignored with static groups, whose grid is given).
     """
-    return obs_quantize(weight, hessian, spec, options or GptqOptions(), keep=keep, grid=grid, name=name)
+    return obs_quantize(weight, hessian, spec, options or GptqOptions(), keep=keep, grid=grid, name=name,
+                        importance=importance)

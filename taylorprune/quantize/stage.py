@@ -53,8 +53,9 @@ OBSERVERS = ("minmax", "mse", "imatrix")
 OBSERVER_HELP = ("How each group's grid is chosen: minmax (the group's range; GPTQ's and llm-compressor's default), "
                  "mse (the scale among 19 shrink/stretch candidates and their least-squares refits with the lowest "
                  "squared rounding error, llama.cpp's search), imatrix (the same search weighted per input by the "
-                 "calibration's diag(XX^T): llama.cpp's importance matrix; GPTQ reads it from its H). With gptq the "
-                 "grids are fixed before the loop (static groups).")
+                 "calibration's diag(XX^T): llama.cpp's importance matrix; GPTQ reads it from its H). With gptq each "
+                 "group is searched before the loop (--static-groups) or when the loop reaches it, on the updated "
+                 "weights (--no-static-groups).")
 
 
 @dataclass(frozen=True)
@@ -209,11 +210,12 @@ def _rtn(weight, keep, stats, options: GridOptions, name, spec: GridSpec):
 
 def _gptq(weight, keep, stats, options: GptqStageOptions, name, spec: GridSpec):
     importance, grid = _importance(weight, stats, options.observer), None
-    if importance is not None:  # the searched grid of the weights GPTQ starts from (masked and dead inputs at 0)
+    if importance is not None and options.static_groups and spec.group_size != -1:
+        # the searched grid of the weights GPTQ starts from (masked and dead inputs at 0)
         start = weight if keep is None else torch.where(keep.to(weight.device, torch.bool), weight, 0)
         start = torch.where(torch.diagonal(stats["hessian"]).to(weight.device) == 0, 0, start)
-        grid = search_grid(start, spec, importance.to(weight.device), name=name)
-    return gptq(weight, stats["hessian"], spec, options, keep=keep, grid=grid, name=name)
+        grid, importance = search_grid(start, spec, importance.to(weight.device), name=name), None
+    return gptq(weight, stats["hessian"], spec, options, keep=keep, grid=grid, name=name, importance=importance)
 
 
 def check_widths(options: Options, targets) -> None:

@@ -13,7 +13,9 @@ from taylorprune.export import atomic, save
 from taylorprune.modeling import loading
 from taylorprune.modeling.layout import find_layout
 from taylorprune.modeling.placement import Placement, choose_placement, engine_bytes
+from taylorprune.pipeline import quantized_source
 from taylorprune.pipeline.evaluation import working_bytes
+from taylorprune.pipeline.run_options import RunKind
 from taylorprune.pipeline.state import Phase, RunFacts, RunState
 
 
@@ -36,13 +38,19 @@ class Load(Phase):
     def check(self, plan) -> None:
         opts = plan.opts
         check_placement(opts.placement.stream, opts.placement.max_gpu_memory, opts.load.device_map)
+        if opts.kind == RunKind.RUN:
+            quantized_source.refuse_run(opts.load.model)
 
     def run(self, state: RunState) -> dict:
         plan, opts, hooks = state.plan, state.opts, state.hooks
         with hooks.timed(state.phases_s, "load", self.label):
             lo = opts.load
-            loaded = loading.load(lo.model, lo.dtype, lo.device_map, lo.offload_folder, lo.trust_remote_code,
-                                  config=plan.config)
+            if quantized_source.folder_of(lo.model) is not None:  # packed linears: read by our own unpacker
+                loaded, packed = quantized_source.load(lo, plan.config)
+                state.quantized.update(packed)
+            else:
+                loaded = loading.load(lo.model, lo.dtype, lo.device_map, lo.offload_folder, lo.trust_remote_code,
+                                      config=plan.config)
             layout = find_layout(loaded.model, opts.target.targets)
             if any(t.module.weight.device.type == "meta" for t in layout.all_targets):
                 raise UserError("--device-map placed decoder blocks on disk (offloaded); they cannot be pruned in "

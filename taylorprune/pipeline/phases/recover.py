@@ -157,7 +157,7 @@ class Recover(Phase):
             state.model.to(plan.device)
             prepared = prepare(state.model, state.layout, options)
             tick = hooks.task("recovery steps", options.recover_steps)
-            mode = _quant_train(plan)
+            mode = _quant_train(plan) or (settled("auto", "recover") if state.quantized else None)  # a packed --model
             try:
                 if per_source is not None:  # each source's held-out KL, before and after (``recover.heldout``)
                     kl_before = heldout.per_source(prepared.student.model, teacher, held, per_source,

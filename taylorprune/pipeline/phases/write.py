@@ -22,6 +22,7 @@ from taylorprune.export.format_spec import Contents, Output
 from taylorprune.export.formats import get_format
 from taylorprune.export.plots import plot_layer_sparsity
 from taylorprune.modeling import loading
+from taylorprune.pipeline import quantized_source
 from taylorprune.pipeline.evaluation import metrics
 from taylorprune.pipeline.state import Phase, RunFacts, RunState, process_seconds, versions
 from taylorprune.stats.collect import cache_path
@@ -48,8 +49,9 @@ def check_files(plan, inputs: list[Path]) -> None:
 def contents(plan) -> Contents:
     """What the run will write besides float weights, known from the plan (the grid a stage stores, masks, shapes)."""
     stored = [s.kind.stores(s) for s in plan.parts.stages if not s.off and s.kind.stores is not None]
+    stored.append(quantized_source.grid_kind(plan.config))  # a compressed-tensors --model keeps its grids
     return Contents(next((g for g in stored if g is not None), None), plan.pattern is not None,
-                    plan.structured is not None, getattr(plan.config, "model_type", None))
+                    plan.structured is not None, getattr(plan.config, "model_type", None), plan.config)
 
 
 def width_unit(plan) -> int:
@@ -67,7 +69,7 @@ def output_of(state: RunState, fmt) -> Output:
     grids = {name: q.stored() for name, q in quantized.items()} if fmt.holds.codes else {}
     widths = (state.records.get("structured") or {}).get("config")
     return Output(state.model, state.loaded.tokenizer, state.linears, widths, frozenset(quantized), grids,
-                  options=state.opts.groups.get(fmt.name))
+                  options=state.opts.groups.get(fmt.name), source_gguf=state.loaded.tokenizer_gguf)
 
 
 def build_report(state: RunState) -> dict:
