@@ -30,6 +30,12 @@ def _layer(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(48, 64, generator=g), 2 * x.T @ x / x.shape[0]
 
 
+def _output_error(w: torch.Tensor, h: torch.Tensor, q: torch.Tensor) -> float:
+    """The layer's output error (q − w)ᵀH(q − w) summed over rows."""
+    d = q - w
+    return float(torch.einsum("oi,ij,oj->", d, h, d))
+
+
 def _weighted_error(w: torch.Tensor, q: torch.Tensor, a: torch.Tensor) -> float:
     return float(((w - q).pow(2) * a).sum())
 
@@ -53,15 +59,11 @@ def test_gptq_on_a_searched_grid_lowers_the_layer_error_and_keeps_masks():
     keep = build_mask(w.abs(), Pattern(0.5))
     stats = {"hessian": h}
 
-    def output_error(q: torch.Tensor) -> float:
-        d = q - w
-        return float(torch.einsum("oi,ij,oj->", d, h, d))
-
     plain = GPTQ.quantize(w, keep, stats, GptqStageOptions(wbits=3, group_size=32), "w", spec)
     searched = GPTQ.quantize(w, keep, stats, GptqStageOptions(wbits=3, group_size=32, observer="imatrix"), "w", spec)
     assert bool((searched.values[~keep] == 0).all())
     assert torch.equal(searched.values, dequantize_weight(searched.codes, searched.grid, spec, searched.group_index))
-    assert output_error(searched.values) < output_error(plain.values)
+    assert _output_error(w, h, searched.values) < _output_error(w, h, plain.values)
     assert not torch.equal(searched.grid.scale, compute_grid(torch.where(keep, w, 0), spec).scale)
 
 
@@ -74,10 +76,6 @@ def test_gptq_dynamic_groups_search_each_group_on_the_updated_weights():
     keep = build_mask(w.abs(), Pattern(0.25))
     stats = {"hessian": h}
 
-    def output_error(q: torch.Tensor) -> float:
-        d = q - w
-        return float(torch.einsum("oi,ij,oj->", d, h, d))
-
     def run(observer: str):
         opts = GptqStageOptions(wbits=3, group_size=32, observer=observer, static_groups=False, act_order=False)
         return GPTQ.quantize(w, keep, stats, opts, "w", spec)
@@ -86,7 +84,7 @@ def test_gptq_dynamic_groups_search_each_group_on_the_updated_weights():
     assert searched.info["static_groups"] is False
     assert bool((searched.values[~keep] == 0).all())
     assert torch.equal(searched.values, dequantize_weight(searched.codes, searched.grid, spec, searched.group_index))
-    assert output_error(searched.values) < output_error(plain.values)
+    assert _output_error(w, h, searched.values) < _output_error(w, h, plain.values)
     static = GPTQ.quantize(w, keep, stats, GptqStageOptions(wbits=3, group_size=32, observer="imatrix",
                                                              act_order=False), "w", spec)
     assert not torch.equal(searched.grid.scale, static.grid.scale)  # searched on other weights than the start
