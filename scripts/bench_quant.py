@@ -361,7 +361,8 @@ def table(results: dict) -> str:
         wiki = f"{r['ppl']:.2f}" + (f" ({r['ppl'] / dense['ppl']:.3f})" if dense else "")
         second = f"{r['ppl_second']:.2f}" + (f" ({r['ppl_second'] / dense['ppl_second']:.3f})" if dense else "")
         secs = (f"{_top_phases(r['phases_s']):.0f}" if "phases_s" in r else
-                f"{r['wall_s']:.0f} ({r['quantize_s']:.0f})" if r.get("wall_s") else f"({r['quantize_s']:.0f})")
+                f"{r['wall_s']:.0f} ({r['quantize_s']:.0f})" if r.get("wall_s") else
+                f"({r['quantize_s']:.0f})" if "quantize_s" in r else "—")
         calib = f"{r['nsamples']} × 512" if r["nsamples"] else "none"
         zeros = f"{100 * r['zeros']:.1f}" if "zeros" in r else "—"
         lines.append(f"| {grid} | {r['what']} | {calib} | {wiki} | {second} | {zeros} | "

@@ -22,8 +22,9 @@ A grid may also be given (``grid=``): ``--observer mse|imatrix`` searches each g
 (``quantize.search``: the minimum squared rounding error of the starting weights, weighted by diag(H) for imatrix),
 which fixes the grids like static groups. With dynamic groups the same search runs when the loop reaches a group
 (``importance=``), on the weights as updated so far: error feedback moves the weights away from those a scale was
-searched for. llm-compressor's counterpart is its ``mse`` observer (the min-max range shrunk by 1% steps down to
-80%, unweighted Σ|w − q|^2.4, stopping after 5 steps without gain); GPTQ's reference has only min-max.
+searched for (on SmolLM2 as Q4_0 in llama.cpp this measured worse than the static search, docs/bench_gguf.md,
+so it stays an option). llm-compressor's counterpart is its ``mse`` observer (the min-max range shrunk by 1% steps
+down to 80%, unweighted Σ|w − q|^2.4, stopping after 5 steps without gain); GPTQ's reference has only min-max.
 
 Activation order (default on, llm-compressor's ``actorder="static"``): columns in descending diag(H) (stable sort,
 so ties keep their order), un-permuted at the end. A fixed mask ``keep`` makes this quantization sparsity-aware:
