@@ -3,6 +3,8 @@ how to load each file. Kept apart so the runner stays short; it reads only the r
 
 from __future__ import annotations
 
+from bench_quant import COMPACT_MADE
+
 TITLE = "## GGUF and llama.cpp (issue #37)"
 
 
@@ -161,7 +163,10 @@ def table(results: dict, rows: dict, baseline: dict) -> str:
     lines += ["", "Targets:", ""] + [f"- {t}" for t in targets(results)]
     lines += ["", "Tensor types read back with the `gguf` package (all tensors, then per role):", ""]
     lines += [f"- {n}: {_types(r['tensor_types'])}" for n in rows if (r := results.get(n))]
-    lines += ["", "Commands (`$DENSE`: the fp32 folder, `$WORK`: the scratch folder; each file then measured by "
+    lines += ["", "Commands (`$DENSE`: the fp32 folder, `$WORK`: the scratch folder, `$COMPACT`: the recovered "
+              f"compact folder, made by `{COMPACT_MADE}` (FFN 1536 → 960 in every layer, heads kept; 960 is no "
+              "multiple of 256, so its ffn_down falls back from K-quants as the 576-column tensors do); each file "
+              "then measured by "
               "`taylorprune eval --runtime llamacpp --model $WORK/ROW/model.gguf --text-file TEXT --seqlen 512 "
               "--max-windows 40 --llamacpp-threads N` and `taylorprune speed --runtime llamacpp --model "
               "$WORK/ROW/model.gguf --baseline $WORK/BASE/model.gguf --llamacpp-threads N`):", ""]
