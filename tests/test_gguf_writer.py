@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from taylorprune.export import gguf_blocks as gb
-from taylorprune.export.gguf_writer import choose_type, gguf_name, permute_rows, write_llama_gguf, write_model_gguf
+from taylorprune.export.gguf_writer import choose_type, gguf_name, permute_rows, write_gguf, write_model_gguf
 from taylorprune.modeling.gguf import materialize_buffers
 
 from .conftest import DEMO
@@ -233,7 +233,7 @@ def test_gptq_packed_q_k_blocks_are_permuted_like_float_ones(tmp_path, stories):
         codes, scales = rng.integers(0, 16, (rows, cols)), _fp16_scales(rng, (rows, cols // 32))
         packed[name] = (QT.Q4_0, gb.q4_0_from_sym_grid(codes, scales))
         sd[name] = torch.from_numpy(np.repeat(scales, 32, axis=1) * (codes - 8).astype(np.float32))
-    write_llama_gguf(tmp_path / "g.gguf", model.config, model.state_dict(), tok, qtype="F32", packed=packed)
+    write_gguf(tmp_path / "g.gguf", model.config, model.state_dict(), tok, qtype="F32", packed=packed)
     ref = type(model)(model.config).eval()
     ref.load_state_dict(sd)
     torch.testing.assert_close(_logits(_load_gguf(tmp_path / "g.gguf"), X), _logits(ref, X), rtol=0, atol=1e-5)

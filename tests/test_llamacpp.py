@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from taylorprune.cli import app
 from taylorprune.evaluate import llamacpp
 from taylorprune.evaluate.perplexity import PerplexityOptions, eval_text
-from taylorprune.export.gguf_writer import write_llama_gguf, write_model_gguf
+from taylorprune.export.gguf_writer import write_gguf, write_model_gguf
 from taylorprune.modeling import loading
 
 from .conftest import DEMO, VALID
@@ -160,7 +160,7 @@ def test_per_layer_widths_load_in_llamacpp(tmp_path, lib):
         mlp.down_proj = nn.Linear(width, old.out_features, bias=False)
         mlp.down_proj.weight.data = old.weight.data[:, :width].clone()
     path = tmp_path / "uneven.gguf"
-    write_llama_gguf(path, model.config, model.state_dict(), loaded.tokenizer, qtype="F32")
+    write_gguf(path, model.config, model.state_dict(), loaded.tokenizer, qtype="F32")
     ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         want = model(input_ids=ids).logits[0].numpy()

@@ -188,7 +188,8 @@ def write_gguf(path, config, state_dict, tokenizer=None, *, qtype="F32", overrid
     writer.add_vocab_size(int(config.vocab_size))
     writer.add_file_type(int(preset.file_type if preset else FILE_TYPES[requested]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if not (tokenizer_source and copy_tokenizer(writer, tokenizer_source, int(config.vocab_size))) and tokenizer:
+    copied = bool(tokenizer_source) and copy_tokenizer(writer, tokenizer_source, int(config.vocab_size))
+    if not copied and tokenizer is not None:
         add_tokenizer(writer, tokenizer, int(config.vocab_size))
 
     report = GGUFReport(path, requested)
@@ -221,9 +222,6 @@ def write_gguf(path, config, state_dict, tokenizer=None, *, qtype="F32", overrid
     writer.write_tensors_to_file()
     writer.close()
     return report
-
-
-write_llama_gguf = write_gguf  # its name from when it wrote llama only
 
 
 def write_model_gguf(path, model, tokenizer=None, **kwargs) -> GGUFReport:

@@ -3,7 +3,7 @@
 Why: an imatrix is what ``llama-quantize --imatrix`` weighs its rounding with (the diagonal of XᵀX, the same
 statistic our Wanda scores and importance-weighted block searches use). Writing ours lets llama.cpp quantize a
 pruned model with the activations of *that* model; reading one (ours, or one made by ``llama-imatrix``) gives our
-own GGUF writer the same weighting (``write_llama_gguf(importance=...)``, ``--imatrix FILE``).
+own GGUF writer the same weighting (``write_gguf(importance=...)``, ``--imatrix FILE``).
 
 Formats, as ``tools/imatrix`` writes and ``common/imatrix-loader`` reads them:
 
