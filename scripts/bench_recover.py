@@ -94,9 +94,15 @@ def second_domain(work: Path) -> tuple[Path, dict]:
 
     body = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
     path = work / "python-reference.txt"
-    path.write_text(body)
+    _write_once(path, body)
     return path, {"python": platform.python_version(), "sha256": hashlib.sha256(body.encode()).hexdigest(),
                   "chars": len(body)}
+
+
+def _write_once(path: Path, body: str) -> None:
+    """Write ``body`` unless ``path`` holds it already: a second process never truncates what another reads."""
+    if not (path.is_file() and path.read_text(encoding="utf-8") == body):
+        path.write_text(body, encoding="utf-8")
 
 
 LICENCES = Path("/usr/share/common-licenses")
@@ -135,7 +141,7 @@ def third_domain(work: Path) -> tuple[Path, dict]:
         parts.append(raw.decode("utf-8").rstrip("\n"))
     body = "\n\n".join(parts)
     path = work / "third-domain.txt"
-    path.write_text(body, encoding="utf-8")
+    _write_once(path, body)
     os_name = platform.freedesktop_os_release().get("PRETTY_NAME") if sys.platform == "linux" else platform.platform()
     return path, {"what": "licence texts", "files": used, "skipped": skipped, "joined_by": "\\n\\n (each file's "
                   "trailing newlines dropped), sorted by name", "os": os_name, "base_files": _base_files(),
@@ -261,8 +267,30 @@ def _same_settings(name: str, row: dict) -> bool:
     return rec["recover_lr"] == lr_of(name) and rec.get("recover_sampling", "random") == "epoch"
 
 
+def _complete(name: str, row: dict) -> bool:
+    """Whether ``--resume`` may keep a measured row: this script's settings, and every domain (the third one
+    included: a row measured before it existed is measured again)."""
+    return _same_settings(name, row) and "ppl_third" in row.get("recovered", {})
+
+
+def _store(changes: dict, superseded: list[dict] = ()) -> dict:
+    """Merge this process's ``changes`` into the JSON as it is on disk now and write it: two processes measuring
+    different rows (e.g. two recoveries of one pruned model, ``--keep-pruned``) never drop each other's rows."""
+    results = json.loads(JSON.read_text()) if JSON.is_file() else {}
+    results |= changes
+    results.setdefault("superseded", []).extend(superseded)
+    if not results["superseded"]:
+        del results["superseded"]
+    JSON.write_text(json.dumps(results, indent=2) + "\n")
+    MD.write_text(table(PLAN, results))
+    return results
+
+
 def main() -> None:
-    args = row_parser(__doc__, "comma-separated row names (and dense)").parse_args()
+    ap = row_parser(__doc__, "comma-separated row names (and dense)")
+    ap.add_argument("--keep-pruned", action="store_true", help="keep every pruned model's weights in --work (another "
+                    "process recovers the same pruned model: start it once the pruned folder is written)")
+    args = ap.parse_args()
     results = json.loads(JSON.read_text()) if JSON.is_file() else {}
     if args.list:
         print("\n".join(f"{'✓' if n in results else '?'} {n}: {w}" for n, (w, _) in {**ROWS, **RECON_ROWS}.items()))
@@ -271,30 +299,26 @@ def main() -> None:
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
         model = dense_folder(work)
-        (second, results["second_domain"]), (third, results["third_domain"]) = second_domain(work), third_domain(work)
+        (second, second_id), (third, third_id) = second_domain(work), third_domain(work)
+        results = _store({"second_domain": second_id, "third_domain": third_id})
         other = Domains(second, third)
         wanted = args.only.split(",") if args.only else ["dense", *ROWS, *RECON_ROWS]
         if "dense" in wanted and not (args.resume and "dense" in results):
-            results["dense"] = measured(model, work, other, args.resume)
-            results["forward_tokens_per_s"] = forward_tokens_per_s(model)
+            results = _store({"dense": measured(model, work, other, args.resume),
+                              "forward_tokens_per_s": forward_tokens_per_s(model)})
         if "dense" in results and "ppl_third" not in results["dense"]:  # measured before the third domain existed:
-            results["dense"]["ppl_third"] = evaluate(model, third, work, False, args.resume)["perplexity"]  # its ratios
+            third_ppl = evaluate(model, third, work, False, args.resume)["perplexity"]  # its ratios need it
+            results = _store({"dense": {**results["dense"], "ppl_third": third_ppl}})
         for name in (n for n in wanted if n in RECON_ROWS and not (args.resume and n in results)):
-            results[name] = measure_recon(name, model, work, other, args.resume)
-            JSON.write_text(json.dumps(results, indent=2) + "\n")
-        todo = [n for n in wanted if n in ROWS and not (args.resume and n in results and _same_settings(n, results[n]))]
+            results = _store({name: measure_recon(name, model, work, other, args.resume)})
+        todo = [n for n in wanted if n in ROWS and not (args.resume and n in results and _complete(n, results[n]))]
         for k, name in enumerate(todo):
-            if name in results and not _same_settings(name, results[name]):
-                results.setdefault("superseded", []).append(results.pop(name))
-            later = {pruned_folder(work, n) for n in todo[k + 1:]}
-            results[name] = measure(name, model, work, other, args.resume, pruned_folder(work, name) in later)
-            JSON.write_text(json.dumps(results, indent=2) + "\n")
-            MD.write_text(table(PLAN, results))
-        JSON.write_text(json.dumps(results, indent=2) + "\n")
+            old = [results[name]] if name in results and not _same_settings(name, results[name]) else []
+            keep = args.keep_pruned or pruned_folder(work, name) in {pruned_folder(work, n) for n in todo[k + 1:]}
+            results = _store({name: measure(name, model, work, other, args.resume, keep)}, old)
     MD.write_text(table(PLAN, results))
     DOC.write_text(render(json.loads(RESULTS.read_text())))
     print(MD.read_text())
-
 
 if __name__ == "__main__":
     main()
