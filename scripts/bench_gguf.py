@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_gguf_files import graft, llama_quantize, tensor_types  # noqa: E402
+from bench_gguf_files import graft, llama_quantize, size_floor, tensor_types  # noqa: E402
 from bench_gguf_table import table  # noqa: E402
 from bench_quality import TEST, row_parser  # noqa: E402
 from bench_quant import splice  # noqa: E402
@@ -223,7 +223,8 @@ def environment(bench: Bench) -> dict:
     params = sum(int(t.n_elements) for t in gguf.GGUFReader(str(bench.file("dense-f32"))).tensors)
     return {"llama_cpp_python": llama_cpp.__version__, "cpu": cpu, "cpu_cores": os.cpu_count(),
             "threads": bench.threads, "python": platform.python_version(), "head": head, "parameters": params,
-            "bf16_bytes": 2 * params, "gptq_nsamples": bench.gptq_n, "imatrix_windows": IMATRIX_WINDOWS}
+            "bf16_bytes": 2 * params, "size_floor": size_floor(bench.file("dense-f32")), "gptq_nsamples": bench.gptq_n,
+            "imatrix_windows": IMATRIX_WINDOWS}
 
 
 def main() -> None:
@@ -253,6 +254,10 @@ def main() -> None:
             results["environment"] = {**environment(bench), "imatrix": bench.imatrix()[1]}
             JSON.write_text(json.dumps(results, indent=2) + "\n")
             MD.write_text(table(results, ROWS, BASELINE))
+    dense = Path(args.work) / "dense-f32" / "model.gguf"
+    if "environment" in results and "size_floor" not in results["environment"] and dense.is_file():
+        results["environment"]["size_floor"] = size_floor(dense)  # rows measured before it existed
+        JSON.write_text(json.dumps(results, indent=2) + "\n")
     MD.write_text(table(results, ROWS, BASELINE))
     splice(MD.read_text())
     print(MD.read_text())

@@ -77,3 +77,34 @@ def tensor_types(path: Path) -> dict:
         role = t.name.split(".")[2] if t.name.startswith("blk.") else t.name.rsplit(".", 1)[0]
         roles.setdefault(role, Counter())[t.tensor_type.name] += 1
     return {role: dict(c) for role, c in sorted(roles.items())}
+
+
+# llama.cpp's weight types by block width: a row splits into whole blocks only (a K-quant on a 576-wide row falls
+# back, see export/gguf_mix.py), so a row width that is no multiple of 256 leaves only the 32-weight types.
+FLOOR_TYPES = {"3-bit K on 256-wide rows": ("Q4_0", "IQ4_NL", "Q3_K", "Q4_K", "IQ4_XS"),
+               "any type llama.cpp has": ("Q4_0", "IQ4_NL", "MXFP4", "Q2_K", "IQ1_S", "IQ2_XXS", "TQ1_0")}
+
+
+def size_floor(path: Path) -> dict:
+    """The fewest bytes a GGUF of the model in ``path`` can have, per set of allowed types (``FLOOR_TYPES``):
+    every 2-D tensor at the smallest type whose block divides its row width, 1-D tensors at F32, metadata not
+    counted. Why: it tells whether a size target is reachable by choosing types at all, or needs fewer weights."""
+    import gguf
+
+    sizes = gguf.GGML_QUANT_SIZES
+    tensors = [(t.name, [int(d) for d in t.shape], int(t.n_elements)) for t in gguf.GGUFReader(str(path)).tensors]
+    out = {}
+    for label, names in FLOOR_TYPES.items():
+        kinds = [gguf.GGMLQuantizationType[n] for n in names if hasattr(gguf.GGMLQuantizationType, n)]
+        total, chosen = 0, Counter()
+        for _name, shape, n in tensors:
+            if len(shape) < 2:
+                total += 4 * n
+                continue
+            fits = [(n // sizes[k][0] * sizes[k][1], i, k.name) for i, k in enumerate(kinds)
+                    if shape[0] % sizes[k][0] == 0]
+            size, _, kind = min(fits)  # equal sizes: the type listed first
+            total += size
+            chosen[kind] += n
+        out[label] = {"bytes": total, "weights_by_type": dict(chosen)}
+    return out

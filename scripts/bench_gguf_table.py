@@ -90,10 +90,26 @@ def targets(results: dict) -> list[str]:
         share = size / env["bf16_bytes"]
         out.append(f"(d) the smallest GGUF with WikiText-2 PPL ≤ 1.30× F32 is ≤ 0.25× the bf16 size "
                    f"({_mb(env['bf16_bytes'])} MB = 2 bytes × {env['parameters']:,} parameters) — {name}, "
-                   f"{_mb(size)} MB = {share:.3f}× ({'met' if share <= 0.25 else 'not met'})")
+                   f"{_mb(size)} MB = {share:.3f}× ({'met' if share <= 0.25 else 'not met'})" + _floor(env))
     else:
         out.append("(d) the smallest GGUF with WikiText-2 PPL ≤ 1.30× F32 is ≤ 0.25× the bf16 size — not measured")
     return out
+
+
+def _floor(env: dict) -> str:
+    """What the types allow at all: the fewest bytes of the dense model's GGUF per set of allowed types."""
+    floors = env.get("size_floor")
+    if not floors:
+        return ""
+    parts = []
+    for label, f in floors.items():
+        kinds = ", ".join(f"{k} {n / 1e6:.1f}M" for k, n in sorted(f["weights_by_type"].items(), key=lambda x: -x[1]))
+        parts.append(f"{label}: {_mb(f['bytes'])} MB = {f['bytes'] / env['bf16_bytes']:.3f}× (weights: {kinds})")
+    return (". Size floor of the dense model, every 2-D tensor at the smallest type whose block divides its rows "
+            "(576-wide rows take 32-weight blocks only: 4.5 bits at least, or MXFP4's 4.25), norms F32 — "
+            + "; ".join(parts) + ". So 0.25× is out of reach of any mix of ≥ 3-bit types; it needs MXFP4 (FP4 with "
+            "power-of-two scales) on every 576-wide tensor and ffn_down at ≤ 2.9 bits, or ffn_down at 1.56 bits "
+            "(IQ1_S), or fewer weights (a compact model)")
 
 
 def _fallbacks(results: dict) -> str:
