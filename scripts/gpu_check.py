@@ -28,6 +28,7 @@ row catches its own errors.
 
     python scripts/gpu_check.py                          # on the GPU machine: docs/GPU.md (a, b, c; d if time)
     python scripts/gpu_check.py --only d                 # second call: the 32-block rows
+    python scripts/gpu_check.py --only g                 # GPTQ on the 7B shape (about 5 minutes)
     python scripts/gpu_check.py --only a,b               # some parts
     python scripts/gpu_check.py --smoke --out /tmp/g.md  # CPU, tiny shapes, seconds (tests/test_gpu_check.py)
 """
@@ -47,6 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules,
 
 from gpu_common import DEMO, ROOT, VALID, Bench, _short, cleanup, make_model, peak_gib, sync, windows  # noqa: E402
 from gpu_official import agreement, official, official_repo  # noqa: E402
+from gpu_quant import gptq  # noqa: E402
+from gpu_quant import render as render_quant  # noqa: E402
 from gpu_ranks import render as render_more  # noqa: E402
 from gpu_ranks import rows as more_rows  # noqa: E402
 from gpu_render import merge_previous, render  # noqa: E402
@@ -155,7 +158,8 @@ def run(args: argparse.Namespace) -> Path:
             bench.row("a-official-sparsegpt", official, bench, repo, small, "sparsegpt", None)
         bench.row("b", gradient_ratio, bench, small)
     made_full = None
-    if any(bench.wanted(x) for x in ("c", "d", "f", "c-gblm", "c-oba-block", "d-wanda", "d-gblm", "d-sparsegpt")):
+    if any(bench.wanted(x) for x in ("c", "d", "f", "g", "c-gblm", "c-oba-block", "d-wanda", "d-gblm",
+                                     "d-sparsegpt")):
         made_full = bench.row("make-full", make_model, full, s, s.full_blocks, bench.device, always=True)
     if made_full is not None and "error" not in made_full and "skipped" not in made_full:
         cap = round(made_full["size_gib"] * s.cap_fraction, 4)
@@ -167,6 +171,7 @@ def run(args: argparse.Namespace) -> Path:
                 row.update(cap_gib=cap, model_gib=made_full["size_gib"])
         for method in ("wanda", "gblm", "sparsegpt"):
             bench.row(f"d-{method}", ours, bench, full, method)
+        bench.row("g-gptq", gptq, bench, full)
     ok_full = made_full is not None and "error" not in made_full and "skipped" not in made_full
     if any(bench.wanted(x) for x in ("e", "f")):
         more_rows(bench, small if ok_small else None, full if ok_full else None)
@@ -176,7 +181,7 @@ def run(args: argparse.Namespace) -> Path:
         bench.notes.append("one GPU: the backward across several GPUs (--device-map balanced) was not measured")
     out = Path(args.out) if args.out else ROOT / "docs" / "GPU.md"
     merge_previous(bench, out.with_suffix(".json"), card)
-    text = render(bench, card, render_more(bench))
+    text = render(bench, card, render_more(bench) + render_quant(bench))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     rows = {k: _short(v) for k, v in bench.results.items()}

@@ -51,7 +51,8 @@ SMOKE = Shapes(hidden=64, inter=128, heads=4, kv_heads=2, vocab=512, small_block
 ESTIMATES = {"warm-up": 15, "make-small": 15, "a-wanda": 10, "a-official-wanda": 25, "a-wanda-stream": 12,
              "a-wanda-devmap": 10, "a-sparsegpt": 45, "a-official-sparsegpt": 55, "b": 40, "make-full": 40,
              "c-gblm": 45, "c-oba-block": 50, "d-wanda": 40, "d-gblm": 80, "d-sparsegpt": 300, "multi-gpu": 30,
-             "e-sparsegpt-1": 60, "e-sparsegpt": 45, "e-gblm-1": 60, "e-gblm": 45, "f-recover-lora": 120}
+             "e-sparsegpt-1": 60, "e-sparsegpt": 45, "e-gblm-1": 60, "e-gblm": 45, "f-recover-lora": 120,
+             "g-gptq": 300}
 
 
 class Bench:

@@ -33,3 +33,5 @@ def test_gpu_benchmark_smoke_mode_fills_every_part(tmp_path):
     assert rows["e-sparsegpt"]["world_size"] == 2 and rows["e-gblm-1"]["world_size"] == 1
     assert rows["e-gblm"]["sparsity"] == pytest.approx(rows["e-gblm-1"]["sparsity"])
     assert rows["f-recover-lora"]["kl_after"] <= rows["f-recover-lora"]["kl_before"]
+    g = rows["g-gptq"]  # GPTQ alone on the full model: every decoder linear quantized, none off its grid
+    assert "## (g)" in text and g["linears"] == 7 * 4 and g["off_grid"] == 0 and g["quantize_s"] > 0
