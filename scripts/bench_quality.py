@@ -89,6 +89,20 @@ def run_dense(model: Path, work: Path) -> dict:
             "eval_s": time.perf_counter() - t0, "windows": ev["windows"]}
 
 
+def splice(section: str) -> None:
+    """Put ``section`` into docs/BENCHMARKS.md: replacing its earlier copy, else right after the page title."""
+    text = DOC.read_text()
+    head = section.split("\n", 1)[0]
+    if head in text:
+        start = text.index(head)
+        nxt = text.find("\n## ", start + len(head))
+        text = text[:start] + section.rstrip() + "\n" + (text[nxt:] if nxt >= 0 else "")
+    else:
+        title, rest = text.split("\n", 1)
+        text = title + "\n\n" + section.rstrip() + "\n" + rest
+    DOC.write_text(text)
+
+
 def row_parser(doc: str | None, only_help: str) -> argparse.ArgumentParser:
     """The arguments every row benchmark shares: --only, --work, --resume, --list, --render."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -42,12 +42,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_quality import TEST, dense_folder, row_parser  # noqa: E402
+from bench_quality import TEST, dense_folder, row_parser, splice  # noqa: E402
 from bench_recover import second_domain  # noqa: E402
 from bench_recover_speed import cli  # noqa: E402
 
 DOCS = ROOT / "docs"
-JSON, MD, BENCH = DOCS / "bench_quant.json", DOCS / "bench_quant.md", DOCS / "BENCHMARKS.md"
+JSON, MD = DOCS / "bench_quant.json", DOCS / "bench_quant.md"
 LLMC_PYTHON = "/work/venvs/llmc/bin/python"
 SEQLEN, EVAL_WINDOWS = 512, 40
 
@@ -83,6 +83,10 @@ ROWS: dict[str, tuple[str, str, int, list[str]]] = {
     "sparsegpt50-gptq-imatrix-w4g64": ("ours: SparseGPT 50% + GPTQ --observer imatrix, one run", "taylorprune", 4,
                                        ["--method", "sparsegpt", "--sparsity", "0.5", "--quantize", "gptq",
                                         "--observer", "imatrix", *_grid(4)]),
+    "sparsegpt50-gptq-imatrix-noact-w4g64": ("ours: SparseGPT 50% + GPTQ --observer imatrix --no-act-order, one run",
+                                             "taylorprune", 4, ["--method", "sparsegpt", "--sparsity", "0.5",
+                                                                "--quantize", "gptq", "--observer", "imatrix",
+                                                                "--no-act-order", *_grid(4)]),
     "sparsegpt50-then-llmc-w4g64": ("SparseGPT 50% (ours), then llm-compressor GPTQModifier", "llmcompressor", 4,
                                     []),
     "sparsegpt50": ("ours: SparseGPT 50%, unquantized", "taylorprune", 16, ["--method", "sparsegpt", "--sparsity",
@@ -376,20 +380,6 @@ def table(results: dict) -> str:
         if name in results:
             lines.append(f"- {name}: `{results[name]['command']}`")
     return "\n".join(lines) + "\n"
-
-
-def splice(section: str) -> None:
-    """Put ``section`` into docs/BENCHMARKS.md: replacing its earlier copy, else right after the page title."""
-    text = BENCH.read_text()
-    head = section.split("\n", 1)[0]
-    if head in text:
-        start = text.index(head)
-        nxt = text.find("\n## ", start + len(head))
-        text = text[:start] + section.rstrip() + "\n" + (text[nxt:] if nxt >= 0 else "")
-    else:
-        title, rest = text.split("\n", 1)
-        text = title + "\n\n" + section.rstrip() + "\n" + rest
-    BENCH.write_text(text)
 
 
 def main() -> None:
