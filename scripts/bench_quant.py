@@ -55,8 +55,14 @@ SEQLEN, EVAL_WINDOWS = 512, 40
 GROUP = 64  # 128 does not divide SmolLM2's width 576 (both tools refuse it); 64 is the largest group that fits
 
 
-def _grid(bits: int) -> list[str]:
-    return ["--wbits", str(bits), "--group-size", str(GROUP)]
+def _grid(bits: int, group: int = GROUP) -> list[str]:
+    return ["--wbits", str(bits), "--group-size", str(group)]
+
+
+def group_of(name: str) -> int:
+    """A row's group size, from its `run` arguments (GROUP for the rows that take no `--group-size`)."""
+    args = ROWS[name][3]
+    return int(args[args.index("--group-size") + 1]) if "--group-size" in args else GROUP
 
 
 # name -> (what, tool, bits, extra `run` arguments); in order of value (the default order of a full run).
@@ -87,6 +93,9 @@ ROWS: dict[str, tuple[str, str, int, list[str]]] = {
                                              "taylorprune", 4, ["--method", "sparsegpt", "--sparsity", "0.5",
                                                                 "--quantize", "gptq", "--observer", "imatrix",
                                                                 "--no-act-order", *_grid(4)]),
+    "sparsegpt50-gptq-imatrix-w4g32": ("ours: SparseGPT 50% + GPTQ --observer imatrix, one run", "taylorprune", 4,
+                                       ["--method", "sparsegpt", "--sparsity", "0.5", "--quantize", "gptq",
+                                        "--observer", "imatrix", *_grid(4, 32)]),
     "sparsegpt50-then-llmc-w4g64": ("SparseGPT 50% (ours), then llm-compressor GPTQModifier", "llmcompressor", 4,
                                     []),
     "sparsegpt50": ("ours: SparseGPT 50%, unquantized", "taylorprune", 16, ["--method", "sparsegpt", "--sparsity",
@@ -293,11 +302,15 @@ def _sparse_verdict(results: dict) -> str:
     rows = [(n, r) for n, r in results.items() if n.startswith("sparsegpt50-gptq")]
     if not (plain and rows):
         return "SparseGPT 50% + W4 g64 in one run ≤ 1.08× the unquantized 50% model's PPL: not measured yet"
-    parts = [f"{r['what'].removeprefix('ours: ')} {r['ppl']:.2f} ({r['ppl'] / plain['ppl']:.3f}×, "
-             f"{100 * r.get('zeros', 0):.1f}% zeros)" for _, r in rows]
-    met = any(r["ppl"] <= 1.08 * plain["ppl"] and r.get("zeros", 0) >= 0.5 for _, r in rows)
-    return (f"SparseGPT 50% + W4 g64 in one run ≤ 1.08× the unquantized 50% model ({plain['ppl']:.2f}) with every "
-            f"zero kept: {'; '.join(parts)} — {'met' if met else 'not met'}")
+    parts, verdicts = [], {}
+    for n, r in rows:
+        ok = r["ppl"] <= 1.08 * plain["ppl"] and r.get("zeros", 0) >= 0.5
+        verdicts.setdefault(group_of(n), []).append(ok)
+        parts.append(f"g{group_of(n)}, {r['what'].removeprefix('ours: ')} {r['ppl']:.2f} "
+                     f"({r['ppl'] / plain['ppl']:.3f}×, {100 * r.get('zeros', 0):.1f}% zeros)")
+    met = "; ".join(f"g{g}: {'met' if any(v) else 'not met'}" for g, v in sorted(verdicts.items(), reverse=True))
+    return (f"SparseGPT 50% + W4 in one run ≤ 1.08× the unquantized 50% model ({plain['ppl']:.2f}) with every "
+            f"zero kept: {'; '.join(parts)} — {met}")
 
 
 def _compact_verdict(results: dict) -> str:
@@ -360,7 +373,7 @@ def table(results: dict) -> str:
         r = results.get(name)
         if not r:
             continue
-        grid = ("fp32" if r["bits"] == 16 else f"W{r['bits']} g{GROUP}") + (" + 50% sparse" if name.startswith(
+        grid = ("fp32" if r["bits"] == 16 else f"W{r['bits']} g{group_of(name)}") + (" + 50% sparse" if name.startswith(
             "sparsegpt") else " + 20% fewer params" if name.startswith("compact20") else "")
         wiki = f"{r['ppl']:.2f}" + (f" ({r['ppl'] / dense['ppl']:.3f})" if dense else "")
         second = f"{r['ppl_second']:.2f}" + (f" ({r['ppl_second'] / dense['ppl_second']:.3f})" if dense else "")
