@@ -26,7 +26,6 @@ from taylorprune.modeling.attention import eager_attention
 from taylorprune.modeling.layout import find_layout
 from taylorprune.options import NoOptions
 from taylorprune.quantize.bits import BIT_ALLOCATIONS, Menu, name_of, parse_choices, stored_bits, use_more_bits
-from taylorprune.quantize.curvature import Curvature
 from taylorprune.quantize.grid import GridSpec
 from taylorprune.quantize.knapsack import brute_force, solve
 from taylorprune.quantize.rtn import rtn
@@ -34,7 +33,6 @@ from taylorprune.quantize.sensitivity import menu_of, predicted_change
 from taylorprune.quantize.stage import GridOptions, QuantizedLinear
 from taylorprune.report import schema
 from taylorprune.stats.gradients import gradient_pass
-from taylorprune.stats.hvp_reference import model_hvp
 
 from .conftest import DEMO, VALID
 
@@ -162,37 +160,6 @@ def test_predicted_loss_change_matches_finite_differences(stories_dir, index):
     assert misses[0] < 0.3 * misses[1]  # ε³: 1/8 expected
 
 
-@pytest.mark.parametrize("index", [0, 6, 27])  # q_proj of the first block, down_proj, a linear of the last block
-def test_curvature_from_the_block_on_equals_the_whole_model_hvp(stories_dir, index):
-    """ΔwᵀHΔw from the linear's block on, one first backward shared by its candidates (``Curvature``), equals the
-    whole-model reverse-over-reverse HVP (``model_hvp``) for each candidate, windows in two chunks."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float64).eval()
-    model.requires_grad_(False)
-    layout = find_layout(model)
-    tokens = AutoTokenizer.from_pretrained(stories_dir)(VALID.read_text()[:20000])["input_ids"]
-    ids = torch.tensor(tokens[: 6 * 64]).reshape(6, 64)
-    target = layout.all_targets[index]
-    block = next(b for b, ts in enumerate(layout.targets) if target in ts)
-    weight = target.module.weight
-    deltas = [rtn(weight, GridSpec(bits, -1)).values - weight for bits in (2, 3, 4)]
-    with eager_attention(model):
-        got = Curvature(model, layout, ids, ids.device, chunk=4).quadratic(target, block, deltas)
-        for delta, value in zip(deltas, got, strict=True):
-            want = sum(float((delta * model_hvp(model, [target], ids[k:k + 4], "double-backward",
-                                                (delta,))[1][0]).sum()) * len(ids[k:k + 4]) for k in (0, 4))
-            assert value == pytest.approx(want, rel=1e-9, abs=1e-12)
-    assert not weight.requires_grad
-
-
-def test_bits_windows_probes_on_the_first_windows_only(tmp_path):
-    state = pipeline.prune(pipeline.RunOptions(**SMALL, output=str(tmp_path / "o"), bits_budget=BUDGET,
-                                               bits_windows=2))
-    plan = state.records["quantize"]["plan"]
-    assert plan["windows"] == 2 and state.records["calibration"]["nsamples"] == 4
-
-
 # ------------------------------------------------------------------------------------------------ stories260K
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, tuple[Path, pipeline.RunState]]:
@@ -253,7 +220,6 @@ def test_the_mixed_precision_folder_loads_in_transformers_with_the_in_run_perple
     (["--bits-budget", "3", "--bits-choices", "2g32,4g32"], "input width 172"),
     (["--bits-budget", "3", "--bits-allocation", "bogus"], "--bits-allocation bogus"),
     (["--bits-choices", "2,4"], "applies with --bits-budget only"),
-    (["--bits-windows", "2"], "applies with --bits-budget only"),
     (["--bits-budget", "3", "--wbits", "4"], "do not go together"),
     (["--bits-budget", "3", "--sparsity", "0.5"], "--bits-budget places bits on the dense weights"),
 ])
