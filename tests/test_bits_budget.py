@@ -160,6 +160,13 @@ def test_predicted_loss_change_matches_finite_differences(stories_dir, index):
     assert misses[0] < 0.3 * misses[1]  # ε³: 1/8 expected
 
 
+def test_bits_windows_probes_on_the_first_windows_only(tmp_path):
+    state = pipeline.prune(pipeline.RunOptions(**SMALL, output=str(tmp_path / "o"), bits_budget=BUDGET,
+                                               bits_windows=2))
+    plan = state.records["quantize"]["plan"]
+    assert plan["windows"] == 2 and state.records["calibration"]["nsamples"] == 4
+
+
 # ------------------------------------------------------------------------------------------------ stories260K
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, tuple[Path, pipeline.RunState]]:
@@ -220,6 +227,7 @@ def test_the_mixed_precision_folder_loads_in_transformers_with_the_in_run_perple
     (["--bits-budget", "3", "--bits-choices", "2g32,4g32"], "input width 172"),
     (["--bits-budget", "3", "--bits-allocation", "bogus"], "--bits-allocation bogus"),
     (["--bits-choices", "2,4"], "applies with --bits-budget only"),
+    (["--bits-windows", "2"], "applies with --bits-budget only"),
     (["--bits-budget", "3", "--wbits", "4"], "do not go together"),
     (["--bits-budget", "3", "--sparsity", "0.5"], "--bits-budget places bits on the dense weights"),
 ])

@@ -75,6 +75,9 @@ def stored_bits(spec: GridSpec, rows: int, cols: int) -> int:
 class ProbeOptions(Options):
     bits_measure: bool = option(True, "Also measure each candidate's calibration loss change with that linear "
                                 "alone quantized (one forward per candidate), reported beside the prediction.")
+    bits_windows: int | None = option(None, "Calibration windows the allocation probes on, the first N (its cost "
+                                      "grows with them; the quantizer still calibrates on all); default: all.",
+                                      minimum=1)
 
 
 @dataclass

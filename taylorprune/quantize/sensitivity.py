@@ -18,7 +18,8 @@ cross-linear curvature is left out (the measured whole-model change is the run's
 
 Cost: one HVP per candidate and window chunk (≈ 3-4 forward passes each), i.e. linears × configurations of them,
 and with ``--bits-measure`` one forward per candidate and chunk more: the measured loss change with that linear
-alone quantized. Fisher-trace scores need only the gradient pass: ½·tr(F)/n_w·‖ΔW‖²/n with F = Σ_windows g_w g_wᵀ.
+alone quantized; ``--bits-windows N`` probes on the first N calibration windows only (the quantizer still
+calibrates on all). Fisher-trace scores need only the gradient pass: ½·tr(F)/n_w·‖ΔW‖²/n with F = Σ_windows g_w g_wᵀ.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def plan_bits(ctx, options, quantize: QuantizeFn, dense: Mapping[str, Mapping[st
     upcast = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
     movable = not getattr(model, "hf_device_map", None)
     with moved(model, ctx.device if movable else None, torch.float32 if upcast else None), eager_attention(model):
-        ids = ctx.calib_ids.to(model.get_input_embeddings().weight.device)
+        ids = ctx.calib_ids[:options.bits_windows].to(model.get_input_embeddings().weight.device)
         probe = Probe(model, ctx.layout, menu, ids, quantize, dense, grad_scale, hessian, options.bits_measure)
         full = len(menu.paths) * (len(menu.specs) if allocation.probes == "predicted" else 1)
         probe.tick = ctx.progress(f"--bits-budget {allocation.name}: candidates probed (HVPs)", full)

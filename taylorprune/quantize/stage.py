@@ -82,7 +82,7 @@ class GridOptions(BitsOptions, ProbeOptions):
                                 f"--bits-choices ({low} bits per weight before scales)")
 
     def check_given(self, given: frozenset[str]) -> None:
-        budget_only = sorted(given & {"bits_choices", "bits_allocation", "bits_measure"})
+        budget_only = sorted(given & {"bits_choices", "bits_allocation", "bits_measure", "bits_windows"})
         if self.bits_budget is None and budget_only:
             raise UserError(f"--{budget_only[0].replace('_', '-')} applies with --bits-budget only")
         if self.bits_budget is not None and "wbits" in given:
