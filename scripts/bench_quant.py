@@ -388,7 +388,10 @@ def table(results: dict) -> str:
              "asymmetric grid of group 32 (at most 16 values per 32-weight block, each block its own scale and "
              "offset). A symmetric 4-bit grid of group 64 is not that grid (each group spans two Q4_1 blocks), and "
              "3 bits is coarser than it, so W4 g64 and above all W3 g64 are fair comparisons; a 4-bit g32 row "
-             "would flatter every method.", ""]
+             "would flatter every method against the dense model. The one g32 row (SparseGPT 50% + W4) is held "
+             "against the same 50% model unquantized, whose kept weights SparseGPT's updates moved off that grid "
+             "(layer 10's up_proj: up to 25 distinct values in a 32-weight block, where the source has at most 16), "
+             "so it compares two roundings of off-grid weights.", ""]
     if dense:
         lines += [f"Dense (fp32): WikiText-2 PPL {dense['ppl']:.2f}, Python-reference PPL {dense['ppl_second']:.2f}, "
                   f"{_mb(dense['file_bytes'])} MB.", ""]
