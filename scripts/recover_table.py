@@ -100,9 +100,8 @@ def _generation(rec: dict) -> str:
     g = rec.get("generated")
     if not g:
         return "—"
-    if g.get("reused"):
-        return f"{g['sampled_tokens']:,} tokens, cached"
-    return f"{g['sampled_tokens']:,} tokens in {g['seconds']:.0f} s = {g['tokens_per_s']:.0f} tok/s"
+    made = f"{g['sampled_tokens']:,} tokens in {g['seconds']:.0f} s = {g['tokens_per_s']:.0f} tok/s"
+    return made + (" (sampled by an earlier run, reused from its cache)" if g.get("reused") else "")
 
 
 def _per_source(rec: dict) -> str:
@@ -149,12 +148,13 @@ def _sources(plan: Plan, results: dict, dense: dict) -> list[str]:
     for base in dict.fromkeys(b for b, _ in plan.sources.values()):
         for n in [base, *(n for n, (b, _) in plan.sources.items() if b == base)]:
             r = results.get(n)
-            if r is None or "ppl_third" not in r["recovered"]:
+            if r is None:
                 continue
             q, rec = r["recovered"], r["recover"]
             source = plan.sources[n][1] if n in plan.sources else "WikiText-2 validation"
+            third = _ratio(q["ppl_third"], dense["ppl_third"]) if "ppl_third" in q else "—"
             out.append(f"| {plan.rows[base][0]} | {source} | {_ratio(q['ppl'], dense['ppl'])} | "
-                       f"{_ratio(q['ppl_second'], dense['ppl_second'])} | {_ratio(q['ppl_third'], dense['ppl_third'])} "
+                       f"{_ratio(q['ppl_second'], dense['ppl_second'])} | {third} "
                        f"| {rec['kl_before']:.3f} → {rec['kl_after']:.3f} | {_per_source(rec)} | {_generation(rec)} |")
     return out + ["", "Targets (issue #38):", "", *_source_targets(plan, results, dense)]
 
