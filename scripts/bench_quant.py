@@ -331,7 +331,7 @@ def _sparse_verdict(results: dict) -> str:
     plain = results.get("sparsegpt50")
     rows = [(n, r) for n, r in results.items() if n.startswith("sparsegpt50-gptq")]
     if not (plain and rows):
-        return "SparseGPT 50% + W4 g64 in one run ≤ 1.08× the unquantized 50% model's PPL: not measured yet"
+        return "SparseGPT 50% + W4 in one run ≤ 1.08× the unquantized 50% model's PPL: not measured yet"
     parts, verdicts = [], {}
     for n, r in rows:
         ok = r["ppl"] <= 1.08 * plain["ppl"] and r.get("zeros", 0) >= 0.5
