@@ -145,7 +145,9 @@ def _sources(plan: Plan, results: dict, dense: dict) -> list[str]:
     if not plan.sources or "ppl_third" not in dense:
         return []
     out = ["", "### Recovery data sources (issue #38)", "",
-           "Each base row's pruned model recovered at the same tokens on each source; × dense after recovery.", "",
+           "Each base row's pruned model recovered at the same tokens on each source; × dense after recovery. The "
+           "held-out KL is on held-out windows of the row's own source, so it compares steps within a row, not "
+           "sources.", "",
            "| pruned model | recovered on | WikiText-2 | Python reference | licence texts | held-out KL | held-out KL "
            "per source | generation |", "| --- | --- | ---: | ---: | ---: | --- | --- | --- |"]
     for base in dict.fromkeys(b for b, _ in plan.sources.values()):
