@@ -265,7 +265,7 @@ def compact_row(name: str, compact: Path, work: Path, other: Path, nsamples: int
 def _qrec(name: str, work: Path, other: Path) -> dict:
     """``taylorprune recover`` of the base row's quantized fp32 folder (the name without ``-qrec``) on its grid."""
     base, out = work / f"quant-{name.removesuffix('-qrec')}-fp32", work / f"quant-{name}-fp32"
-    args = ["recover", "--model", str(base), "--teacher", str(work / "smollm2-135m-dense"), *QREC, "--format",
+    args = ["recover", "--model", str(base), "--teacher", str(dense_folder(work)), *QREC, "--format",
             "compressed-tensors", "--device", "cpu", "--output", str(out), "--overwrite"]
     if not (out / "taylorprune_report.json").is_file():
         cli(*args)
