@@ -110,6 +110,15 @@ ROWS: dict[str, tuple[str, str, int, list[str]]] = {
     "compact20-rec-gptq-imatrix-w4g64": ("ours: 20% fewer parameters, recovered, then GPTQ --observer imatrix, "
                                          "written at bf16", "taylorprune", 4,
                                          ["--quantize", "gptq", "--observer", "imatrix", *_grid(4)]),
+    "compact20-rec-rtn-imatrix-w4g64": ("ours: 20% fewer parameters, recovered, then RTN --observer imatrix, "
+                                        "written at bf16", "taylorprune", 4,
+                                        ["--quantize", "rtn", "--observer", "imatrix", *_grid(4)]),
+    "compact20-rec-rtn-imatrix-w4g32": ("ours: 20% fewer parameters, recovered, then RTN --observer imatrix, "
+                                        "written at bf16", "taylorprune", 4,
+                                        ["--quantize", "rtn", "--observer", "imatrix", *_grid(4, 32)]),
+    "compact20-rec-gptq-imatrix-w4g32": ("ours: 20% fewer parameters, recovered, then GPTQ --observer imatrix, "
+                                         "written at bf16", "taylorprune", 4,
+                                         ["--quantize", "gptq", "--observer", "imatrix", *_grid(4, 32)]),
     "compact20-rec-gptq-imatrix-w4g64-qrec": ("ours: 20% fewer parameters, recovered, GPTQ --observer imatrix, then "
                                               "recovered again on its grid, written at bf16", "taylorprune", 4, []),
 }
@@ -346,7 +355,7 @@ def _sparse_verdict(results: dict) -> str:
 def _compact_verdict(results: dict) -> str:
     """20% fewer parameters + recovery + W4: ≤ 1.40× dense WikiText-2 PPL at ≤ 0.40× the dense bf16 file."""
     dense = results.get("dense")
-    rows = [n for n in ROWS if n.startswith("compact20-rec-gptq") and n in results]
+    rows = [n for n in ROWS if n.startswith("compact20-rec-") and n in results]
     head = "20% fewer parameters + recovery + W4 ≤ 1.40× dense WikiText-2 PPL at ≤ 0.40× the dense bf16 file"
     if not (dense and rows):
         return f"{head}: not measured yet"
@@ -356,7 +365,7 @@ def _compact_verdict(results: dict) -> str:
         r = results[n]
         ratio, share = r["ppl"] / dense["ppl"], r["file_bytes"] / bf16
         met = met or (ratio <= 1.40 and share <= 0.40)
-        parts.append(f"{r['what'].removeprefix('ours: ')}: {r['ppl']:.2f} = {ratio:.3f}× (Python reference "
+        parts.append(f"g{group_of(n)}, {r['what'].removeprefix('ours: ')}: {r['ppl']:.2f} = {ratio:.3f}× (Python reference "
                      f"{r['ppl_second'] / dense['ppl_second']:.3f}×) at {_mb(r['file_bytes'])} MB = {share:.3f}×")
     return f"{head} ({_mb(int(bf16))} MB): {'; '.join(parts)} — {'met' if met else 'not met'}"
 
