@@ -365,7 +365,8 @@ def _compact_verdict(results: dict) -> str:
         r = results[n]
         ratio, share = r["ppl"] / dense["ppl"], r["file_bytes"] / bf16
         met = met or (ratio <= 1.40 and share <= 0.40)
-        parts.append(f"g{group_of(n)}, {r['what'].removeprefix('ours: ')}: {r['ppl']:.2f} = {ratio:.3f}× (Python reference "
+        parts.append(f"g{group_of(n)}, {r['what'].removeprefix('ours: ')}: {r['ppl']:.2f} = {ratio:.3f}× "
+                     f"(Python reference "
                      f"{r['ppl_second'] / dense['ppl_second']:.3f}×) at {_mb(r['file_bytes'])} MB = {share:.3f}×")
     return f"{head} ({_mb(int(bf16))} MB): {'; '.join(parts)} — {'met' if met else 'not met'}"
 
