@@ -65,6 +65,17 @@ def group_of(name: str) -> int:
     return int(args[args.index("--group-size") + 1]) if "--group-size" in args else GROUP
 
 
+# --bits-budget rows (point 4): RTN with the imatrix-weighted grid (the best uniform W4 g64 row), the budget of W4 g64
+# (4.25 bits per weight, fp16 scales counted), a menu of 3-6 bits at group 64; the probe's HVPs on the first 128
+# tokens of one calibration window (840 candidates: about 15 s each on a whole 512-token window on this CPU)
+BUDGET, CHOICES = "4.25", "3g64,4g64,5g64,6g64"
+
+
+def _alloc(allocation: str) -> list[str]:
+    return ["--quantize", "rtn", "--observer", "imatrix", "--group-size", str(GROUP), "--bits-budget", BUDGET,
+            "--bits-choices", CHOICES, "--bits-allocation", allocation, "--bits-windows", "1", "--bits-tokens", "128"]
+
+
 # name -> (what, tool, bits, extra `run` arguments); in order of value (the default order of a full run).
 ROWS: dict[str, tuple[str, str, int, list[str]]] = {
     "gptq-w4g64": ("ours: GPTQ", "taylorprune", 4, ["--quantize", "gptq", *_grid(4)]),
@@ -101,6 +112,8 @@ ROWS: dict[str, tuple[str, str, int, list[str]]] = {
                                 ["--quantize", "gptq", "--observer", "imatrix", *_grid(4)]),
     "rtn-imatrix-w4g64-n128": ("ours: RTN, --observer imatrix", "taylorprune", 4,
                                ["--quantize", "rtn", "--observer", "imatrix", *_grid(4)]),
+    **{f"alloc-{a}-b{BUDGET}": (f"ours: RTN --observer imatrix, --bits-budget {BUDGET} --bits-allocation {a}",
+                                "taylorprune", 4, _alloc(a)) for a in ("sensitivity", "uniform", "llamacpp", "fisher")},
     "sparsegpt50-then-llmc-w4g64": ("SparseGPT 50% (ours), then llm-compressor GPTQModifier", "llmcompressor", 4,
                                     []),
     "sparsegpt50": ("ours: SparseGPT 50%, unquantized", "taylorprune", 16, ["--method", "sparsegpt", "--sparsity",
@@ -249,8 +262,18 @@ def _run(name: str, model: Path, out: Path, work: Path, other: Path, nsamples: i
     return {"what": what, "tool": "taylorprune", "bits": bits, "nsamples": nsamples if calibrated else 0,
             "wall_s": wall,
             "phases_s": report["phases_s"], "run_s": _top_phases(report["phases_s"]),
+            **({"plan": _plan(report)} if "plan" in report.get("quantize", {}) else {}),
             "command": "taylorprune " + shlex.join(args).replace(str(work), "$WORK").replace(str(model), "$MODEL"),
             **measured(out, work, other)}
+
+
+def _plan(report: dict) -> dict:
+    """A --bits-budget run's plan: the report's summary and the configuration of every linear."""
+    plan = {k: v for k, v in report["quantize"]["plan"].items() if k != "measured"}
+    return {**plan, "bits_per_weight": report["quantize"]["bits_per_weight"],
+            "linears": {lin["name"]: {k: lin["quantize"].get(k) for k in ("choice", "predicted_loss_change",
+                                                                           "measured_loss_change")}
+                        for lin in report["linears"]}}
 
 
 def compact_row(name: str, compact: Path, work: Path, other: Path, nsamples: int) -> dict:
@@ -371,6 +394,29 @@ def _compact_verdict(results: dict) -> str:
     return f"{head} ({_mb(int(bf16))} MB): {'; '.join(parts)} — {'met' if met else 'not met'}"
 
 
+def _alloc_verdict(results: dict) -> str:
+    """Sensitivity's PPL increase over dense ≤ 0.75× uniform's at the same bits per weight, and below llama.cpp's
+    rule's (WikiText-2; the Python reference's ratio beside it)."""
+    head = (f"--bits-budget {BUDGET}: the sensitivity allocation's PPL increase over dense ≤ 0.75× uniform's, and "
+            "below llama.cpp's rule")
+    dense = results.get("dense")
+    rows = {a: results.get(f"alloc-{a}-b{BUDGET}") for a in ("sensitivity", "uniform", "llamacpp", "fisher")}
+    if not (dense and rows["sensitivity"] and rows["uniform"]):
+        return f"{head}: not measured yet"
+
+    def rise(r: dict, key: str = "ppl") -> float:
+        return r[key] - dense[key]
+
+    sens, uni, rule = rows["sensitivity"], rows["uniform"], rows["llamacpp"]
+    parts = [f"{a} {r['ppl']:.2f} (+{rise(r):.2f}, Python reference {r['ppl_second']:.2f}, "
+             f"+{rise(r, 'ppl_second'):.2f})" for a, r in rows.items() if r]
+    ratio = rise(sens) / rise(uni)
+    met = ratio <= 0.75 and (rule is None or sens["ppl"] < rule["ppl"])
+    return (f"{head}: {'; '.join(parts)}; sensitivity/uniform increase {ratio:.3f}× (Python reference "
+            f"{rise(sens, 'ppl_second') / rise(uni, 'ppl_second'):.3f}×)"
+            + ("" if rule else ", llama.cpp's rule not measured yet") + f" — {'met' if met else 'not met'}")
+
+
 def table(results: dict) -> str:
     dense = results.get("dense")
     env = results.get("environment", {})
@@ -420,7 +466,8 @@ def table(results: dict) -> str:
         r = results.get(name)
         if not r:
             continue
-        grid = ("fp32" if r["bits"] == 16 else f"W{r['bits']} g{group_of(name)}") + (" + 50% sparse" if name.startswith(
+        grid = ("fp32" if r["bits"] == 16 else f"{BUDGET} b/w of {CHOICES}" if name.startswith("alloc") else
+                f"W{r['bits']} g{group_of(name)}") + (" + 50% sparse" if name.startswith(
             "sparsegpt") else " + 20% fewer params" if name.startswith("compact20") else "")
         wiki = f"{r['ppl']:.2f}" + (f" ({r['ppl'] / dense['ppl']:.3f})" if dense else "")
         second = f"{r['ppl_second']:.2f}" + (f" ({r['ppl_second'] / dense['ppl_second']:.3f})" if dense else "")
@@ -432,7 +479,7 @@ def table(results: dict) -> str:
         lines.append(f"| {grid} | {r['what']} | {calib} | {wiki} | {second} | {zeros} | "
                      f"{_mb(r['file_bytes'])} | {secs} |")
     lines += ["", f"Target ({TARGET}):", "", f"- {_verdict(results, 4)}", f"- {_verdict(results, 3)}",
-              f"- {_sparse_verdict(results)}", f"- {_compact_verdict(results)}", "",
+              f"- {_sparse_verdict(results)}", f"- {_compact_verdict(results)}", f"- {_alloc_verdict(results)}", "",
               "Commands (`$WORK`: the scratch folder; `$WORK/smollm2-135m-dense` the fp32 folder of the GGUF, "
               "`$WORK/calib-N×512.safetensors` our calibration ids; each folder then evaluated by `taylorprune eval "
               "--model FOLDER --text-file TEXT --seqlen 512 --max-windows 40 --dtype float32 --device cpu`):", ""]

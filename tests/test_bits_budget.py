@@ -149,7 +149,7 @@ def test_predicted_loss_change_matches_finite_differences(stories_dir, index):
     with eager_attention(model):
         base = loss64(model, ids)
         for eps in (0.025, 0.05):
-            first, second = predicted_change(model, target, ids, g, eps * delta)
+            first, second = predicted_change(model, target, ids, g / ids.shape[0], eps * delta)
             with torch.no_grad():
                 weight.add_(eps * delta)
                 change = loss64(model, ids) - base
@@ -162,9 +162,28 @@ def test_predicted_loss_change_matches_finite_differences(stories_dir, index):
 
 def test_bits_windows_probes_on_the_first_windows_only(tmp_path):
     state = pipeline.prune(pipeline.RunOptions(**SMALL, output=str(tmp_path / "o"), bits_budget=BUDGET,
-                                               bits_windows=2))
+                                               bits_windows=2, bits_tokens=32))
     plan = state.records["quantize"]["plan"]
-    assert plan["windows"] == 2 and state.records["calibration"]["nsamples"] == 4
+    assert plan["windows"] == 2 and plan["tokens_per_window"] == 32 and state.records["calibration"]["nsamples"] == 4
+
+
+def test_probe_on_fewer_windows_keeps_the_gradient_a_per_window_mean(tmp_path):
+    """The first-order term is gᵀΔw with g the mean over the gradient pass's windows: probing on fewer windows
+    must not scale it by their ratio (it stays within the spread of per-window gradients, not 2× off)."""
+    plans = {}
+    for windows in (4, 2):
+        state = pipeline.prune(pipeline.RunOptions(**SMALL, output=str(tmp_path / f"o{windows}"), bits_budget=BUDGET,
+                                                   bits_windows=windows, bits_allocation="uniform"))
+        plans[windows] = {lin["name"]: lin["quantize"]["first_order"] for lin in state.linears}
+    assert plans[4] == pytest.approx(plans[2], rel=1e-5, abs=1e-9)
+
+
+def test_imatrix_rounding_takes_a_budget(tmp_path):
+    """RTN with ``--observer imatrix`` needs the inputs' Σx², which the probe gathers for its candidates."""
+    state = pipeline.prune(pipeline.RunOptions(**SMALL, output=str(tmp_path / "o"), bits_budget=BUDGET,
+                                               observer="imatrix", bits_windows=2))
+    bits = state.records["quantize"]["plan"]["planned_bits_per_weight"]
+    assert 3.0 < bits <= BUDGET
 
 
 # ------------------------------------------------------------------------------------------------ stories260K

@@ -78,6 +78,9 @@ class ProbeOptions(Options):
     bits_windows: int | None = option(None, "Calibration windows the allocation probes on, the first N (its cost "
                                       "grows with them; the quantizer still calibrates on all); default: all.",
                                       minimum=1)
+    bits_tokens: int | None = option(None, "Tokens of each probed window, the first T (a window's HVP costs about "
+                                     "linearly in them; the quantizer still calibrates on whole windows); "
+                                     "default: the whole window.", minimum=2)
 
 
 @dataclass

@@ -18,8 +18,10 @@ cross-linear curvature is left out (the measured whole-model change is the run's
 
 Cost: one HVP per candidate and window chunk (≈ 3-4 forward passes each), i.e. linears × configurations of them,
 and with ``--bits-measure`` one forward per candidate and chunk more: the measured loss change with that linear
-alone quantized; ``--bits-windows N`` probes on the first N calibration windows only (the quantizer still
-calibrates on all). Fisher-trace scores need only the gradient pass: ½·tr(F)/n_w·‖ΔW‖²/n with F = Σ_windows g_w g_wᵀ.
+alone quantized; ``--bits-windows N`` probes on the first N calibration windows only, ``--bits-tokens T`` on
+their first T tokens (the gradient g, a per-window mean, and the quantizer's statistics still come from every
+calibration window). Fisher-trace scores need only the gradient pass: ½·tr(F)/n_w·‖ΔW‖²/n with
+F = Σ_windows g_w g_wᵀ.
 """
 
 from __future__ import annotations
@@ -67,35 +69,41 @@ def window_losses(model: torch.nn.Module, ids: torch.Tensor) -> float:
 def predicted_change(model: torch.nn.Module, target, ids: torch.Tensor, g: torch.Tensor,
                      delta: torch.Tensor) -> tuple[float, float]:
     """(first-order, second-order) terms of the mean-per-window loss change of ``target``'s weight + ``delta``:
-    gᵀΔw/n and ½ΔwᵀHΔw/n, HΔw by exact HVPs (``g``: the window-summed gradient)."""
+    gᵀΔw and ½ΔwᵀHΔw/n over the n windows of ``ids``, HΔw by exact HVPs (``g``: the mean per-window gradient, which
+    may come from more windows than ``ids``)."""
     delta = delta.to(target.module.weight.device, target.module.weight.dtype)
     quad = 0.0
     for chunk in ids.split(CHUNK):
         _, (hv,) = model_hvp(model, [target], chunk, HVP_MODE, tangents=(delta,))
         quad += float((delta * hv).sum()) * chunk.shape[0]  # the chunk's loss is the mean of its windows
     n = ids.shape[0]
-    return float((g.to(delta) * delta).sum()) / n, 0.5 * quad / n
+    return float((g.to(delta) * delta).sum()), 0.5 * quad / n
 
 
 class Probe:
     """Losses of candidates on demand, cached per (target index, choice index); runs inside ``plan_bits``."""
 
     def __init__(self, model, layout: Layout, menu: Menu, ids: torch.Tensor, quantize: QuantizeFn,
-                 dense: Mapping[str, Mapping[str, torch.Tensor]], grad_scale: float, hessian: bool,
-                 measure: bool) -> None:
+                 dense: Mapping[str, Mapping[str, torch.Tensor]], grad_scale: float, needs: frozenset[str],
+                 measure: bool, calib_ids: torch.Tensor) -> None:
+        """``ids``: the probe's windows; ``calib_ids``: every calibration window, those the gradient pass summed
+        ``dense`` over and those the quantizer's statistics (``needs``: H for GPTQ, Σx² for RTN's imatrix) are
+        taken on, as the engine takes them."""
         self.model, self.menu, self.ids, self.quantize, self.measure = model, menu, ids, quantize, measure
         self.targets = {t.path: t for t in layout.all_targets}
-        self.g = {p: dense[p]["grad_sum"] / grad_scale for p in menu.paths}
-        self.fisher_trace = {p: float((dense[p]["grad_l2"].double() / grad_scale).square().sum()) for p in menu.paths}
-        self.hessian, self._h = hessian, None
+        scale = grad_scale * calib_ids.shape[0]  # per-window means of the gradient pass's sums
+        self.g = {p: dense[p]["grad_sum"] / scale for p in menu.paths}
+        self.fisher_trace = {p: float((dense[p]["grad_l2"].double() / grad_scale).square().sum()) / calib_ids.shape[0]
+                             for p in menu.paths}
+        self.needs, self.calib_ids, self._h = needs, calib_ids, None
         self.base = window_losses(model, ids) if measure else None
         self.results: dict[tuple[int, int], dict] = {}
         self.tick: Callable[[int], None] = lambda done: None  # progress: candidates probed in full so far
 
-    def _hessians(self) -> Mapping[str, Mapping[str, torch.Tensor]]:
+    def _statistics(self) -> Mapping[str, Mapping[str, torch.Tensor]]:
         if self._h is None:
             modules = {p: self.targets[p].module for p in self.menu.paths}
-            self._h = linear_statistics(lambda: window_losses(self.model, self.ids), (modules, frozenset({"hessian"})))
+            self._h = linear_statistics(lambda: window_losses(self.model, self.calib_ids), (modules, self.needs))
         return self._h
 
     def evaluate(self, i: int, j: int, full: bool = True) -> dict:
@@ -108,10 +116,9 @@ class Probe:
         target = self.targets[path]
         weight = target.module.weight
         dense = weight.detach().to(torch.float32).clone()
-        stats = self._hessians()[path] if self.hessian else {}
+        stats = self._statistics()[path] if self.needs else {}
         delta = (self.quantize(dense, stats, spec, path) - dense).to(weight.dtype)
-        n = self.ids.shape[0]
-        out["fisher"] = 0.5 * self.fisher_trace[path] / weight.numel() * float(delta.double().square().sum()) / n
+        out["fisher"] = 0.5 * self.fisher_trace[path] / weight.numel() * float(delta.double().square().sum())
         if not full:
             return out
         out["first_order"], out["second_order"] = predicted_change(self.model, target, self.ids, self.g[path], delta)
@@ -142,7 +149,7 @@ def menu_of(layout: Layout, options) -> Menu:
 
 
 def plan_bits(ctx, options, quantize: QuantizeFn, dense: Mapping[str, Mapping[str, torch.Tensor]],
-              grad_scale: float, hessian: bool) -> tuple[dict[str, Assignment], dict]:
+              grad_scale: float, needs: frozenset[str]) -> tuple[dict[str, Assignment], dict]:
     """({target path: Assignment}, the run-level record) for ``options.bits_budget`` on the dense model of ``ctx``.
 
     Runs with the model on ``ctx.device`` in fp32 and eager attention (both restored afterwards)."""
@@ -154,8 +161,10 @@ def plan_bits(ctx, options, quantize: QuantizeFn, dense: Mapping[str, Mapping[st
     upcast = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
     movable = not getattr(model, "hf_device_map", None)
     with moved(model, ctx.device if movable else None, torch.float32 if upcast else None), eager_attention(model):
-        ids = ctx.calib_ids[:options.bits_windows].to(model.get_input_embeddings().weight.device)
-        probe = Probe(model, ctx.layout, menu, ids, quantize, dense, grad_scale, hessian, options.bits_measure)
+        ids = ctx.calib_ids[:options.bits_windows, :options.bits_tokens]
+        ids = ids.to(model.get_input_embeddings().weight.device)
+        probe = Probe(model, ctx.layout, menu, ids, quantize, dense, grad_scale, needs, options.bits_measure,
+                      ctx.calib_ids.to(ids.device))
         full = len(menu.paths) * (len(menu.specs) if allocation.probes == "predicted" else 1)
         probe.tick = ctx.progress(f"--bits-budget {allocation.name}: candidates probed (HVPs)", full)
         chosen, info = allocation.choose(menu, budget, probe, options)
@@ -178,6 +187,7 @@ def plan_bits(ctx, options, quantize: QuantizeFn, dense: Mapping[str, Mapping[st
                "choices": [name_of(s) for s in menu.specs],
                "planned_bits_per_weight": menu.total(chosen) / menu.weights,
                "configurations": counts, "windows": int(ids.shape[0]),
+               "tokens_per_window": int(ids.shape[1]),
                "predicted_loss_change_sum": sum(r["predicted"] for r in records),
                "measured_loss_change_sum": sum(r["measured"] for r in records) if options.bits_measure else None,
                "measured": "per linear: the calibration loss change with that linear alone quantized (its planned "

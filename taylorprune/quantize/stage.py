@@ -82,7 +82,8 @@ class GridOptions(BitsOptions, ProbeOptions):
                                 f"--bits-choices ({low} bits per weight before scales)")
 
     def check_given(self, given: frozenset[str]) -> None:
-        budget_only = sorted(given & {"bits_choices", "bits_allocation", "bits_measure", "bits_windows"})
+        budget_only = sorted(given & {"bits_choices", "bits_allocation", "bits_measure", "bits_windows",
+                                   "bits_tokens"})
         if self.bits_budget is None and budget_only:
             raise UserError(f"--{budget_only[0].replace('_', '-')} applies with --bits-budget only")
         if self.bits_budget is not None and "wbits" in given:
@@ -249,7 +250,8 @@ def plan_budget(quantizer: Quantizer, options: Options, ctx, dense: Mapping[str,
     the engine (nothing without a budget)."""
     if getattr(options, "bits_budget", None) is None:
         return {}, {}
-    return plan_bits(ctx, options, quantizer.planner(options), dense, grad_scale, "hessian" in quantizer.statistics)
+    return plan_bits(ctx, options, quantizer.planner(options), dense, grad_scale,
+                     quantizer.needs(options) - GRAD_NEEDS)
 
 
 def summarize(linears: list[dict], kind: str = "quantize") -> dict:
