@@ -60,7 +60,10 @@ def _grid(bits: int, group: int = GROUP) -> list[str]:
 
 
 def group_of(name: str) -> int:
-    """A row's group size, from its `run` arguments (GROUP for the rows that take no `--group-size`)."""
+    """A row's group size, from its `run` arguments (GROUP for the rows that take no `--group-size`; a recovery on
+    the grid, its base row's)."""
+    if name.endswith("-qrec"):
+        return group_of(name.removesuffix("-qrec"))
     args = ROWS[name][3]
     return int(args[args.index("--group-size") + 1]) if "--group-size" in args else GROUP
 
@@ -134,6 +137,10 @@ ROWS: dict[str, tuple[str, str, int, list[str]]] = {
                                          ["--quantize", "gptq", "--observer", "imatrix", *_grid(4, 32)]),
     "compact20-rec-gptq-imatrix-w4g64-qrec": ("ours: 20% fewer parameters, recovered, GPTQ --observer imatrix, then "
                                               "recovered again on its grid, written at bf16", "taylorprune", 4, []),
+    **{f"compact20-rec-{q}-imatrix-w4g32-qrec": (f"ours: 20% fewer parameters, recovered, {q.upper()} --observer "
+                                                 "imatrix, then recovered again on its grid, written at bf16",
+                                                 "taylorprune", 4, [])
+       for q in ("gptq", "rtn")},
 }
 ROW_WINDOWS = {"gptq-imatrix-w4g64-n128": 128, "rtn-imatrix-w4g64-n128": 128}  # rows calibrated on their own count
 # The quantized compact model recovered on its grid (straight-through, scales kept): the compact model's recovery
