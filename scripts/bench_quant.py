@@ -408,6 +408,8 @@ def _alloc_verdict(results: dict) -> str:
             "below llama.cpp's rule")
     dense = results.get("dense")
     rows = {a: results.get(f"alloc-{a}-b{BUDGET}") for a in ("sensitivity", "uniform", "llamacpp", "fisher")}
+    # what --bits-allocation uniform places at this budget: every linear at 4g64, the rtn-imatrix-w4g64 row's run
+    rows["uniform"] = rows["uniform"] or results.get("rtn-imatrix-w4g64")
     if not (dense and rows["sensitivity"] and rows["uniform"]):
         return f"{head}: not measured yet"
 
