@@ -132,6 +132,10 @@ ROWS: dict[str, tuple[str, str, int, list[str]]] = {
     "compact20-rec-rtn-imatrix-w4g32": ("ours: 20% fewer parameters, recovered, then RTN --observer imatrix, "
                                         "written at bf16", "taylorprune", 4,
                                         ["--quantize", "rtn", "--observer", "imatrix", *_grid(4, 32)]),
+    **{f"compact20-rec-rtn-imatrix-w4g{g}-asym": ("ours: 20% fewer parameters, recovered, then RTN --observer "
+                                                  "imatrix --no-symmetric, written at bf16", "taylorprune", 4,
+                                                  ["--quantize", "rtn", "--observer", "imatrix", "--no-symmetric",
+                                                   *_grid(4, g)]) for g in (32, 64)},
     "compact20-rec-gptq-imatrix-w4g32": ("ours: 20% fewer parameters, recovered, then GPTQ --observer imatrix, "
                                          "written at bf16", "taylorprune", 4,
                                          ["--quantize", "gptq", "--observer", "imatrix", *_grid(4, 32)]),
@@ -421,9 +425,26 @@ def _alloc_verdict(results: dict) -> str:
              f"+{rise(r, 'ppl_second'):.2f})" for a, r in rows.items() if r]
     ratio = rise(sens) / rise(uni)
     met = ratio <= 0.75 and (rule is None or sens["ppl"] < rule["ppl"])
+    plan = sens["plan"]
     return (f"{head}: {'; '.join(parts)}; sensitivity/uniform increase {ratio:.3f}× (Python reference "
             f"{rise(sens, 'ppl_second') / rise(uni, 'ppl_second'):.3f}×)"
-            + ("" if rule else ", llama.cpp's rule not measured yet") + f" — {'met' if met else 'not met'}")
+            + ("" if rule else "; llama.cpp's rule not run: on this menu at this budget it is uniform (its base "
+               "4g64 fills the budget, nothing is left to promote)") + f" — {'met' if met else 'not met'}. "
+            f"The sensitivity plan: {', '.join(f'{k} ×{v}' for k, v in sorted(plan['configurations'].items()))} "
+            f"({plan['planned_bits_per_weight']:.4f} b/w), probed on {plan['windows']} window × "
+            f"{plan['tokens_per_window']} tokens; summed over the linears the predicted change of the calibration "
+            f"loss is {plan['predicted_loss_change_sum']:+.4f} and the measured one (each linear alone quantized, "
+            f"same tokens) {plan['measured_loss_change_sum']:+.4f}; per linear the two correlate at "
+            f"{_corr(plan['linears']):.2f}")
+
+
+def _corr(linears: dict) -> float:
+    """Pearson correlation of the predicted and measured per-linear loss changes of a plan."""
+    xs = [(v["predicted_loss_change"], v["measured_loss_change"]) for v in linears.values()]
+    n = len(xs)
+    mx, my = sum(x for x, _ in xs) / n, sum(y for _, y in xs) / n
+    cov = sum((x - mx) * (y - my) for x, y in xs)
+    return cov / (sum((x - mx) ** 2 for x, _ in xs) * sum((y - my) ** 2 for _, y in xs)) ** 0.5
 
 
 def table(results: dict) -> str:
