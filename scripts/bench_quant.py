@@ -484,10 +484,12 @@ def table(results: dict) -> str:
              "asymmetric grid of group 32 (at most 16 values per 32-weight block, each block its own scale and "
              "offset). A symmetric 4-bit grid of group 64 is not that grid (each group spans two Q4_1 blocks), and "
              "3 bits is coarser than it, so W4 g64 and above all W3 g64 are fair comparisons; a 4-bit g32 row "
-             "would flatter every method against the dense model. The one g32 row (SparseGPT 50% + W4) is held "
-             "against the same 50% model unquantized, whose kept weights SparseGPT's updates moved off that grid "
-             "(layer 10's up_proj: up to 25 distinct values in a 32-weight block, where the source has at most 16), "
-             "so it compares two roundings of off-grid weights.", ""]
+             "would flatter every method against the dense model. The g32 rows are held against models off that grid: "
+             "SparseGPT 50% + W4 against the same 50% model unquantized, whose kept weights SparseGPT's updates "
+             "moved off it (layer 10's up_proj: up to 25 distinct values in a 32-weight block, where the source has "
+             "at most 16), and the compact rows start from the recovered compact model, whose every weight "
+             "recovery trained (layer 10's up_proj: 28 to 32 distinct values in each 32-weight block of its first 64 "
+             "rows); so they compare roundings of off-grid weights.", ""]
     if dense:
         lines += [f"Dense (fp32): WikiText-2 PPL {dense['ppl']:.2f}, Python-reference PPL {dense['ppl_second']:.2f}, "
                   f"{_mb(dense['file_bytes'])} MB.", ""]
