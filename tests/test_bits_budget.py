@@ -236,6 +236,16 @@ def test_the_mixed_precision_folder_loads_in_transformers_with_the_in_run_perple
 
 
 # ------------------------------------------------------------------------------------------------ bad input
+def test_a_budget_under_a_launcher_is_refused(tmp_path, monkeypatch):
+    """Under torchrun every rank would probe its own windows and plan differently: refused before loading."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "o"
+    res = runner.invoke(app, ["run", *CLI, "--bits-budget", "3", "--output", str(out)])
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert res.exit_code == 2 and len(lines) == 1 and "one process only" in lines[0], res.output
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("args, says", [
     (["--bits-budget", "1.5"], "below the smallest configuration"),
     (["--bits-budget", "2.01"], "below the cheapest configurations"),
