@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -116,7 +117,7 @@ ROWS: dict[str, tuple[str, str, int, list[str]]] = {
     "rtn-imatrix-w4g64-n128": ("ours: RTN, --observer imatrix", "taylorprune", 4,
                                ["--quantize", "rtn", "--observer", "imatrix", *_grid(4)]),
     **{f"alloc-{a}-b{BUDGET}": (f"ours: RTN --observer imatrix, --bits-budget {BUDGET} --bits-allocation {a}",
-                                "taylorprune", 4, _alloc(a)) for a in ("sensitivity", "uniform", "llamacpp", "fisher")},
+                                "taylorprune", 4, _alloc(a)) for a in ("sensitivity", "fisher")},
     "sparsegpt50-then-llmc-w4g64": ("SparseGPT 50% (ours), then llm-compressor GPTQModifier", "llmcompressor", 4,
                                     []),
     "sparsegpt50": ("ours: SparseGPT 50%, unquantized", "taylorprune", 16, ["--method", "sparsegpt", "--sparsity",
@@ -150,7 +151,8 @@ ROW_WINDOWS = {"gptq-imatrix-w4g64-n128": 128, "rtn-imatrix-w4g64-n128": 128}  #
 # The quantized compact model recovered on its grid (straight-through, scales kept): the compact model's recovery
 # text, fewer steps (it starts from a recovered model), lower peak lr.
 QREC = ["--calib-file", str(CALIB), "--seqlen", "512", "--recover-windows", "534", "--recover-heldout", "8",
-        "--recover-steps", "120", "--recover-batch", "4", "--recover-lr", "3e-4"]
+        "--recover-steps", "120", "--recover-batch", "4"]
+QREC_LR = "3e-4"  # a row's own peak lr: its name ends with -lrX
 # How the compact rows' model was made (on the fp32 dense folder; WikiText-2 validation as in bench_recover.py):
 COMPACT = Path("/tmp/tp-q20/recovered")
 COMPACT_MADE = ("taylorprune run --model $DENSE --structure neurons --target-params 0.2 --width-multiple 64 "
@@ -309,9 +311,9 @@ def _qrec(name: str, work: Path, other: Path) -> dict:
     """``taylorprune recover`` of the base row's quantized fp32 folder (the name before ``-qrec``) on its grid, at
     QREC's lr or the one the name ends with (``-lrX``)."""
     base, out = work / f"quant-{name.split('-qrec')[0]}-fp32", work / f"quant-{name}-fp32"
-    qrec = [*QREC[:-1], name.split("-lr")[1]] if "-lr" in name else QREC
-    args = ["recover", "--model", str(base), "--teacher", str(dense_folder(work)), *qrec, "--format",
-            "compressed-tensors", "--device", "cpu", "--output", str(out), "--overwrite"]
+    lr = name.split("-lr")[1] if "-lr" in name else QREC_LR
+    args = ["recover", "--model", str(base), "--teacher", str(dense_folder(work)), *QREC, "--recover-lr", lr,
+            "--format", "compressed-tensors", "--device", "cpu", "--output", str(out), "--overwrite"]
     if not (out / "taylorprune_report.json").is_file():
         cli(*args)
     report = json.loads((out / "taylorprune_report.json").read_text())
@@ -413,40 +415,34 @@ def _alloc_verdict(results: dict) -> str:
     head = (f"--bits-budget {BUDGET}: the sensitivity allocation's PPL increase over dense ≤ 0.75× uniform's, and "
             "below llama.cpp's rule")
     dense = results.get("dense")
-    rows = {a: results.get(f"alloc-{a}-b{BUDGET}") for a in ("sensitivity", "uniform", "llamacpp", "fisher")}
-    # what --bits-allocation uniform places at this budget: every linear at 4g64, the rtn-imatrix-w4g64 row's run
-    rows["uniform"] = rows["uniform"] or results.get("rtn-imatrix-w4g64")
+    # uniform at this budget is every linear at 4g64, the rtn-imatrix-w4g64 row; llama.cpp's rule on this menu is
+    # the same plan (its base 4g64 fills the budget, nothing is left to promote), so neither is a row of its own
+    rows = {"sensitivity": results.get(f"alloc-sensitivity-b{BUDGET}"), "uniform": results.get("rtn-imatrix-w4g64"),
+            "fisher": results.get(f"alloc-fisher-b{BUDGET}")}
     if not (dense and rows["sensitivity"] and rows["uniform"]):
         return f"{head}: not measured yet"
 
     def rise(r: dict, key: str = "ppl") -> float:
         return r[key] - dense[key]
 
-    sens, uni, rule = rows["sensitivity"], rows["uniform"], rows["llamacpp"]
+    sens, uni = rows["sensitivity"], rows["uniform"]
     parts = [f"{a} {r['ppl']:.2f} (+{rise(r):.2f}, Python reference {r['ppl_second']:.2f}, "
              f"+{rise(r, 'ppl_second'):.2f})" for a, r in rows.items() if r]
     ratio = rise(sens) / rise(uni)
-    met = ratio <= 0.75 and (rule is None or sens["ppl"] < rule["ppl"])
+    met = ratio <= 0.75  # below the rule too: the rule's plan is uniform's here
     plan = sens["plan"]
+    predicted, measured = ([v[k] for v in plan["linears"].values()]
+                           for k in ("predicted_loss_change", "measured_loss_change"))
     return (f"{head}: {'; '.join(parts)}; sensitivity/uniform increase {ratio:.3f}× (Python reference "
             f"{rise(sens, 'ppl_second') / rise(uni, 'ppl_second'):.3f}×)"
-            + ("" if rule else "; llama.cpp's rule not run: on this menu at this budget it is uniform (its base "
-               "4g64 fills the budget, nothing is left to promote)") + f" — {'met' if met else 'not met'}. "
+            + "; llama.cpp's rule places the uniform plan on this menu at this budget (its base 4g64 fills the "
+            f"budget, nothing is left to promote) — {'met' if met else 'not met'}. "
             f"The sensitivity plan: {', '.join(f'{k} ×{v}' for k, v in sorted(plan['configurations'].items()))} "
             f"({plan['planned_bits_per_weight']:.4f} b/w), probed on {plan['windows']} window × "
             f"{plan['tokens_per_window']} tokens; summed over the linears the predicted change of the calibration "
             f"loss is {plan['predicted_loss_change_sum']:+.4f} and the measured one (each linear alone quantized, "
             f"same tokens) {plan['measured_loss_change_sum']:+.4f}; per linear the two correlate at "
-            f"{_corr(plan['linears']):.2f}")
-
-
-def _corr(linears: dict) -> float:
-    """Pearson correlation of the predicted and measured per-linear loss changes of a plan."""
-    xs = [(v["predicted_loss_change"], v["measured_loss_change"]) for v in linears.values()]
-    n = len(xs)
-    mx, my = sum(x for x, _ in xs) / n, sum(y for _, y in xs) / n
-    cov = sum((x - mx) * (y - my) for x, y in xs)
-    return cov / (sum((x - mx) ** 2 for x, _ in xs) * sum((y - my) ** 2 for _, y in xs)) ** 0.5
+            f"{statistics.correlation(predicted, measured):.2f}")
 
 
 def table(results: dict) -> str:

@@ -87,9 +87,9 @@ class GridOptions(BitsOptions, ProbeOptions):
                                    "bits_tokens"})
         if self.bits_budget is None and budget_only:
             raise UserError(f"--{budget_only[0].replace('_', '-')} applies with --bits-budget only")
-        if self.bits_budget is not None and distributed.launched():  # each rank would probe its own windows and
+        if self.bits_budget is not None and distributed.launched():
             raise UserError("--bits-budget runs in one process only (its probe is not data-parallel yet: each rank "
-                            "would plan on its own windows); run it without a launcher")  # plan differently
+                            "would plan on its own windows); run it without a launcher")
         if self.bits_budget is not None and "wbits" in given:
             raise UserError("--wbits and --bits-budget do not go together: the budget picks each linear's bits "
                             "from --bits-choices")
